@@ -1,0 +1,17 @@
+"""Config section `evaluation`: how much of the test split to score and how to time generation."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class EvaluationSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_examples: int | None = Field(200, ge=1, description="test rows scored; null = the whole split")
+    max_new_tokens: int = Field(128, ge=1)
+    batch_size: int = Field(16, ge=1)
+    base_few_shot: int = Field(0, ge=0, description="also score the base model with k training examples as "
+                                                    "prior chat turns (0 = zero-shot only)")
+    speed_prompts: int = Field(8, ge=1, description="prompts timed one at a time (batch 1) for tokens/s")
+    speed_max_new_tokens: int = Field(64, ge=1)

@@ -1,0 +1,135 @@
+"""The finetune and retrain configs: one YAML file per adapter, validated on load.
+
+Errors name the file and the dotted field path (`configs/x.yaml: training.batch_size: ...`) so a
+typo is caught before any data is read or any model is loaded.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from lorafleet.evaluation.settings import EvaluationSettings
+from lorafleet.models.embedded import EMBEDDED_MODEL_ID
+from lorafleet.models.lora import LoraSettings
+from lorafleet.models.training_settings import TrainingSettings
+from lorafleet.tasks.data.settings import DataSettings
+from lorafleet.tasks.gate_settings import PromotionSettings
+
+# Usable as an MLflow registered-model name and inside OpenAI `model` strings (`name@alias`).
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file and the field."""
+
+
+class FinetuneConfig(BaseModel):
+    """Everything needed to produce one adapter, recorded verbatim in its manifest and MLflow run."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(description="adapter and registered-model name")
+    base_model: str = EMBEDDED_MODEL_ID
+    method: Literal["lora", "qlora"] = "lora"
+    device: str = "auto"
+    data: DataSettings
+    lora: LoraSettings = LoraSettings()
+    training: TrainingSettings = TrainingSettings()
+    evaluation: EvaluationSettings = EvaluationSettings()
+    promotion: PromotionSettings = PromotionSettings()
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        if not NAME_PATTERN.match(value):
+            raise ValueError("must be 1-64 characters of lowercase letters, digits, '.', '_' or '-', "
+                             "starting with a letter or digit (no '@': it separates aliases)")
+        return value
+
+
+class RetrainConfig(BaseModel):
+    """A list of adapter specs retrained together; each is a path to a finetune config or inline."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    adapters: list[FinetuneConfig] = Field(min_length=1)
+
+    @field_validator("adapters")
+    @classmethod
+    def _unique_names(cls, value: list[FinetuneConfig]) -> list[FinetuneConfig]:
+        names = [spec.name for spec in value]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"adapter names must be unique, repeated: {duplicates}")
+        return value
+
+
+def load_config(path: str | Path) -> FinetuneConfig:
+    path = Path(path)
+    return parse_config(_read_yaml(path), source=str(path), base_dir=path.parent)
+
+
+def parse_config(raw: dict[str, Any], *, source: str = "<config>", base_dir: Path | None = None) -> FinetuneConfig:
+    """Validate a finetune config dict; data file paths are made relative to `base_dir`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping with at least `name` and `data`")
+    raw = _resolve_data_paths(raw, base_dir)
+    try:
+        return FinetuneConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_describe(source, error)) from None
+
+
+def load_retrain_config(path: str | Path) -> RetrainConfig:
+    path = Path(path)
+    raw = _read_yaml(path)
+    adapters = raw.get("adapters") if isinstance(raw, dict) else None
+    if not isinstance(adapters, list) or not adapters:
+        raise ConfigError(f"{path}: adapters: give a non-empty list of config paths or inline configs")
+    specs = []
+    for index, item in enumerate(adapters):
+        if isinstance(item, str):
+            specs.append(load_config(path.parent / item))
+        else:
+            specs.append(parse_config(item, source=f"{path}: adapters.{index}", base_dir=path.parent))
+    try:
+        return RetrainConfig(adapters=specs)
+    except ValidationError as error:
+        raise ConfigError(_describe(str(path), error)) from None
+
+
+def _read_yaml(path: Path) -> Any:
+    if not path.exists():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+
+
+def _resolve_data_paths(raw: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
+    data = raw.get("data")
+    if base_dir is None or not isinstance(data, dict):
+        return raw
+    data = dict(data)
+    for key in ("train_file", "validation_file", "test_file"):
+        value = data.get(key)
+        if isinstance(value, str) and "${" not in value and not Path(value).expanduser().is_absolute():
+            data[key] = str((base_dir / value).resolve())
+    return {**raw, "data": data}
+
+
+def _describe(source: str, error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "<top level>"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown field (check the spelling)"
+        lines.append(f"{source}: {where}: {message}")
+    return "\n".join(lines)

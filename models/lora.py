@@ -1,0 +1,90 @@
+"""LoRA and QLoRA through PEFT: apply to a base model, save as an adapter directory, load back.
+
+PEFT does the adapter math; this module only fixes our defaults, turns PEFT's errors into ones that
+name the config field, and writes the adapter directory atomically with its manifest.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .adapter_dir import AdapterManifest, validate_adapter_dir, write_manifest
+from .cache import atomic_directory
+
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+class LoraSettings(BaseModel):
+    """LoRA hyper-parameters (config section `lora`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    r: int = Field(16, ge=1, le=1024, description="rank")
+    alpha: float = Field(32.0, gt=0, description="scaling numerator: the update is scaled by alpha / r")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("target_modules must name at least one module")
+        return value
+
+
+def apply_lora(model: Any, settings: LoraSettings, *, quantized: bool = False) -> Any:
+    """Wrap `model` in a trainable PEFT LoRA; the base weights stay frozen."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [name for name in settings.target_modules if name not in present]
+    if missing:
+        raise ValueError(
+            f"lora.target_modules: {missing} not found in the base model "
+            f"(linear layers present include {sorted(n for n in present if n.endswith('_proj'))})"
+        )
+    if quantized:
+        # Casts norms to fp32 and enables input grads, which 4-bit bases need for a stable backward.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    config = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+        bias="none",
+    )
+    return get_peft_model(model, config)
+
+
+def count_trainable(model: Any) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def save_adapter(peft_model: Any, target_dir: Path, manifest: AdapterManifest, *,
+                 extra_files: dict[str, bytes] | None = None, overwrite: bool = True) -> Path:
+    """Write the adapter directory in one atomic step: nobody ever sees a half-written adapter."""
+    target_dir = Path(target_dir)
+    with atomic_directory(target_dir, overwrite=overwrite) as staging:
+        if manifest.method != "turbo":
+            peft_model.save_pretrained(str(staging), safe_serialization=True)
+        for name, payload in (extra_files or {}).items():
+            (staging / name).write_bytes(payload)
+        write_manifest(staging, manifest)
+        validate_adapter_dir(staging)
+    return target_dir
+
+
+def load_adapter(base_model: Any, adapter_dir: Path, *, adapter_name: str = "default",
+                 trainable: bool = False) -> Any:
+    """Load an adapter directory onto `base_model` with stock PEFT."""
+    from peft import PeftModel
+
+    validate_adapter_dir(adapter_dir)
+    return PeftModel.from_pretrained(base_model, str(adapter_dir), adapter_name=adapter_name,
+                                     is_trainable=trainable)

@@ -1,0 +1,55 @@
+"""Shared fixtures: one model cache for the whole session, a fresh LORAFLEET_HOME per test."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Nothing in the test suite may reach the network: every model and dataset is local.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+from lorafleet.settings import Settings  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def model_cache() -> Path:
+    """Converted base models are expensive (SmolLM2: ~20 s), so all tests share one cache."""
+    cache = Settings.from_env().model_cache_dir
+    cache.mkdir(parents=True, exist_ok=True)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    root = Settings.from_env().data_root
+    if not (root / "viggo" / "train.csv").exists():
+        raise FileNotFoundError(f"the shared datasets are expected at {root} (set LORAFLEET_DATA)")
+    return root
+
+
+@pytest.fixture
+def settings(tmp_path: Path, model_cache: Path) -> Settings:
+    """A private LORAFLEET_HOME with its own SQLite MLflow store; only the model cache is shared."""
+    return Settings.for_home(tmp_path / "home", model_cache_dir=model_cache,
+                             data_root=Settings.from_env().data_root).ensure()
+
+
+@pytest.fixture
+def tiny_model(model_cache: Path):
+    """A fresh tiny random Llama (fresh because tests wrap it in LoRA and train it)."""
+    from lorafleet.models.base import load_base_model
+
+    return load_base_model("tiny-random-llama", model_cache)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(model_cache: Path):
+    from lorafleet.models.base import load_tokenizer, resolve_base_model
+
+    return load_tokenizer(resolve_base_model("tiny-random-llama", model_cache))
