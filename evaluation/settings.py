@@ -15,3 +15,5 @@ class EvaluationSettings(BaseModel):
                                                     "prior chat turns (0 = zero-shot only)")
     speed_prompts: int = Field(8, ge=1, description="prompts timed one at a time (batch 1) for tokens/s")
     speed_max_new_tokens: int = Field(64, ge=1)
+    speed_warmup: int = Field(1, ge=0, description="untimed requests before timing starts (allocator, "
+                                                   "kernel and lazy-init costs are not per-token costs)")

@@ -23,7 +23,7 @@ class Settings:
     model_cache_dir: Path
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> "Settings":
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
         home = Path(env.get("LORAFLEET_HOME") or DEFAULT_HOME).expanduser().resolve()
         tracking_uri = env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
@@ -33,7 +33,7 @@ class Settings:
 
     @classmethod
     def for_home(cls, home: Path, *, data_root: Path | None = None,
-                 model_cache_dir: Path | None = None) -> "Settings":
+                 model_cache_dir: Path | None = None) -> Settings:
         """Settings rooted at `home` with the default SQLite store there (tests, demos)."""
         home = Path(home).resolve()
         return cls(home=home, tracking_uri=f"sqlite:///{home / 'mlflow.db'}",
@@ -66,7 +66,7 @@ class Settings:
         """A SQLite/file store needs an explicit artifact root, or MLflow writes ./mlruns in the cwd."""
         return not self.tracking_uri.startswith(("http://", "https://", "databricks"))
 
-    def ensure(self) -> "Settings":
+    def ensure(self) -> Settings:
         for path in (self.home, self.model_cache_dir, self.prepared_data_dir, self.adapters_dir,
                      self.checkpoints_dir, self.mlflow_artifacts_dir, self.adapter_download_dir):
             path.mkdir(parents=True, exist_ok=True)

@@ -65,7 +65,7 @@ class AdapterManifest(BaseModel):
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     lorafleet_version: str = ""
 
-    def with_metrics(self, metrics: dict[str, float]) -> "AdapterManifest":
+    def with_metrics(self, metrics: dict[str, float]) -> AdapterManifest:
         return self.model_copy(update={"metrics": {**self.metrics, **metrics}})
 
 

@@ -78,7 +78,7 @@ def _resolve_hub(name: str) -> ResolvedModel:
     try:
         path = Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
                                                              "*.jinja"]))
-    except Exception as error:  # noqa: BLE001 - hub errors come in many types
+    except Exception as error:
         raise ValueError(
             f"base model {name!r} is neither a built-in name ({EMBEDDED_MODEL_ID}, {TINY_MODEL_ID}), "
             f"a local folder, nor a reachable Hugging Face id: {error}"
@@ -94,7 +94,7 @@ def pick_device(device: str = "auto"):
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def pick_dtype(dtype: DType, device) -> "Any":
+def pick_dtype(dtype: DType, device) -> Any:
     """fp32 on CPU (bf16 matmuls are faster there but HF generation is dispatch-bound, and fp32 keeps
     outputs comparable across paths); bf16 on CUDA when the card supports it."""
     import torch

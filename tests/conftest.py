@@ -14,7 +14,7 @@ os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
-from lorafleet.settings import Settings  # noqa: E402
+from lorafleet.settings import Settings
 
 
 @pytest.fixture(scope="session")

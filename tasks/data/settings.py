@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lorafleet.models.adapter_dir import OutputFormat
 
@@ -20,7 +20,7 @@ class ColumnMapping(BaseModel):
     messages: str | None = None
 
     @model_validator(mode="after")
-    def _one_shape(self) -> "ColumnMapping":
+    def _one_shape(self) -> ColumnMapping:
         if self.messages is None and (self.prompt is None or self.completion is None):
             raise ValueError("columns: give both `prompt` and `completion`, or `messages`")
         return self
@@ -30,8 +30,8 @@ class DataSettings(BaseModel):
     """Where the data comes from (a preset or files) and how prompts are built.
 
     A preset (`extraction`: the built-in generated task; `viggo`: ViGGO text -> meaning representation
-    read from `$LORAFLEET_DATA/viggo`) supplies files, columns, template, system prompt and output
-    format; any field set explicitly in the config wins over the preset.
+    read from `<data_root>/viggo`) supplies files, columns, template, system prompt and output
+    format; any field set explicitly in the config wins over the preset (see `presets.py`).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -54,8 +54,24 @@ class DataSettings(BaseModel):
     generated_size: int = Field(4000, ge=30, description="number of examples of the generated task")
     seed: int = 0
 
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str | None) -> str | None:
+        if value is not None:
+            from .presets import get_preset  # presets import this module
+
+            get_preset(value)
+        return value
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _has_placeholder(cls, value: str | None) -> str | None:
+        if value is not None and "{prompt}" not in value:
+            raise ValueError("must contain {prompt}, where the input goes (other braces are kept as they are)")
+        return value
+
     @model_validator(mode="after")
-    def _has_source(self) -> "DataSettings":
+    def _has_source(self) -> DataSettings:
         if self.preset is None and self.train_file is None:
             raise ValueError("data: set `preset` or `train_file`")
         return self

@@ -1,0 +1,175 @@
+"""The `lorafleet` command line (Typer).
+
+This is an entry point: it reads the environment once (`Settings.from_env`) and hands explicit
+settings to everything below it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="lorafleet: fine-tune, evaluate, register, promote and serve LoRA adapters.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+console = Console()
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# Everything runs offline; Prefect's temporary server would otherwise try to send analytics.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def _settings():
+    from lorafleet.settings import Settings
+
+    return Settings.from_env().ensure()
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def demo(
+    config: Annotated[Path, typer.Option(help="finetune config for the demo adapter")] = REPO_ROOT / "configs/demo.yaml",
+    port: Annotated[int | None, typer.Option(help="port for the demo server (default: a free one)")] = None,
+) -> None:
+    """Train, evaluate, register and promote an adapter of the embedded SmolLM2, then serve it and ask it."""
+    from lorafleet.flows.demo import run_demo
+
+    run_demo(config, _settings(), port=port, console=console)
+
+
+@app.command()
+def finetune(
+    config: Annotated[Path, typer.Argument(help="finetune config YAML")],
+    promote: Annotated[bool, typer.Option(help="move `champion` when the gate passes")] = True,
+) -> None:
+    """Run the finetune flow: prepare data → train → evaluate → register → gate/promote."""
+    from lorafleet.config import ConfigError, load_config
+
+    try:
+        load_config(config)  # fail fast, before Prefect starts, with the field named
+    except ConfigError as error:
+        _fail(str(error))
+    from lorafleet.flows.finetune import finetune as finetune_flow
+
+    summary = finetune_flow(config=str(config.resolve()), promote=promote)
+    _print_summary(summary)
+
+
+@app.command()
+def retrain(
+    config: Annotated[Path, typer.Argument(help="retrain config YAML (a list of adapter specs)")],
+    force: Annotated[bool, typer.Option(help="retrain even when the data is unchanged")] = False,
+) -> None:
+    """Run the retrain flow: re-run finetune for adapters whose data fingerprint changed."""
+    from lorafleet.config import ConfigError, load_retrain_config
+
+    try:
+        load_retrain_config(config)
+    except ConfigError as error:
+        _fail(str(error))
+    from lorafleet.flows.retrain import retrain as retrain_flow
+
+    for row in retrain_flow(config=str(config.resolve()), force=force):
+        console.print(row)
+
+
+@app.command()
+def serve(
+    port: Annotated[int, typer.Option(help="HTTP port")] = 3000,
+    host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
+) -> None:
+    """Serve the base model and every champion adapter (OpenAI-compatible API under /v1)."""
+    from lorafleet.serving.launcher import serve_foreground
+
+    raise typer.Exit(serve_foreground(_settings(), port=port, host=host))
+
+
+@app.command()
+def schedule(
+    retrain_config: Annotated[Path, typer.Option(help="retrain config")] = REPO_ROOT / "configs/retrain.yaml",
+    finetune_config: Annotated[Path, typer.Option(help="default finetune config")] = REPO_ROOT / "configs/demo.yaml",
+    cron: Annotated[str, typer.Option(help="retrain schedule (cron, UTC)")] = "0 2 * * *",
+) -> None:
+    """Serve the flows with the nightly retrain schedule from this process (flow.serve, no worker needed)."""
+    from lorafleet.flows.schedules import serve_schedules
+
+    serve_schedules(retrain_config, finetune_config, cron=cron)
+
+
+@app.command()
+def models(as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
+    """List registered adapters: versions, aliases and key metrics."""
+    from lorafleet.tasks import registry, tracking
+
+    rows = registry.list_adapters(tracking.mlflow_client(_settings()))
+    if as_json:
+        print(json.dumps([row.as_dict() for row in rows], indent=2))
+        return
+    if not rows:
+        console.print("no adapters registered yet: run `lorafleet finetune CONFIG` (or `make demo`)")
+        return
+    table = Table(title="registered adapters")
+    for column in ("name", "version", "aliases", "method", "base model", "field_f1", "exact_match", "tokens/s"):
+        table.add_column(column)
+    for row in rows:
+        for version in row.versions:
+            metrics = version.metrics
+            table.add_row(row.name, str(version.version), ", ".join(version.aliases), version.method,
+                          row.base_model, _fmt(metrics.get("field_f1")), _fmt(metrics.get("exact_match")),
+                          _fmt(metrics.get("tokens_per_s")))
+    console.print(table)
+
+
+@app.command()
+def promote(name: str, version: str) -> None:
+    """Make VERSION of adapter NAME the champion (by hand; the gate is not applied)."""
+    from lorafleet.tasks import registry, tracking
+
+    try:
+        registry.promote(tracking.mlflow_client(_settings()), name, version, reason="promoted by hand (CLI)")
+    except (ValueError, LookupError) as error:
+        _fail(str(error))
+    console.print(f"{name}: champion is now version {version}")
+
+
+@app.command()
+def rollback(name: str) -> None:
+    """Move NAME's champion back to the previous champion version."""
+    from lorafleet.tasks import registry, tracking
+
+    try:
+        before, after = registry.rollback(tracking.mlflow_client(_settings()), name)
+    except (ValueError, LookupError) as error:
+        _fail(str(error))
+    console.print(f"{name}: champion rolled back from version {before} to version {after}")
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
+
+
+def _print_summary(summary: dict) -> None:
+    from lorafleet.evaluation.report import comparison_markdown
+
+    console.print(f"[bold]{summary['name']}[/] version {summary['version']}: "
+                  + ("[green]promoted to champion[/]" if summary["promoted"] else "[yellow]not promoted[/]"))
+    for reason in summary["gate_reasons"]:
+        console.print(f"  - {reason}")
+    rows = [(summary["labels"][k], v) for k, v in summary["metrics"].items()]
+    console.print(comparison_markdown(rows))
+    console.print(f"adapter: {summary['adapter_dir']}   MLflow run: {summary['run_id']}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,82 @@
+"""`lorafleet demo`: the whole pipeline once, on the embedded default, with visible progress.
+
+finetune flow (prepare → train → evaluate → register → promote) → `bentoml serve` in the background
+→ the same chat questions to the base model and to the new champion over HTTP → answers side by side
+and the evaluation table → server stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
+from lorafleet.config import load_config
+from lorafleet.evaluation.report import comparison_markdown
+from lorafleet.settings import Settings
+from lorafleet.tasks.data.prepare import PreparedData
+
+N_QUESTIONS = 3
+
+
+def run_demo(config_path: Path, settings: Settings, *, port: int | None, console: Console) -> dict:
+    from lorafleet.flows.finetune import finetune
+    from lorafleet.serving.launcher import start_server
+
+    started = time.perf_counter()
+    spec = load_config(config_path)
+    console.rule(f"[bold]1/3 finetune flow: {spec.name} ({spec.method}) on {spec.base_model}")
+    summary = finetune(config=str(Path(config_path).resolve()))
+    console.print(Panel(comparison_markdown([(summary["labels"][k], v) for k, v in summary["metrics"].items()]),
+                        title=f"evaluation on {summary['n_test_examples']} test rows"))
+    console.print(f"version {summary['version']}: "
+                  + ("[green]promoted to champion[/]" if summary["promoted"] else "[yellow]not promoted[/]")
+                  + "".join(f"\n  - {r}" for r in summary["gate_reasons"]))
+
+    console.rule("[bold]2/3 serving: bentoml serve with every champion adapter")
+    questions = _questions(Path(summary["adapter_dir"]), settings, spec.name)
+    with start_server(settings, port=port, log_file=settings.home / "demo-server.log") as server:
+        console.print(f"server up at {server.url} (log: {settings.home / 'demo-server.log'})")
+        models = httpx.get(f"{server.url}/v1/models", timeout=30).json()
+        base_id = next(m["id"] for m in models["data"] if m.get("owned_by") == "base" or m["id"] == spec.base_model)
+        console.print("models served: " + ", ".join(m["id"] for m in models["data"]))
+        console.rule("[bold]3/3 the same questions to the base model and to the adapter (chat completions)")
+        answers = Table(show_lines=True)
+        answers.add_column("input")
+        answers.add_column("reference")
+        answers.add_column(f"base: {base_id}")
+        answers.add_column(f"adapter: {spec.name}")
+        for question in questions:
+            row = [question["input"], question["reference"]]
+            for model in (base_id, spec.name):
+                row.append(_ask(server.url, model, question["messages"], spec.evaluation.max_new_tokens))
+            answers.add_row(*row)
+        console.print(answers)
+    console.print(f"[bold green]demo finished in {time.perf_counter() - started:.0f} s[/]; "
+                  f"state under {settings.home} (MLflow: {settings.tracking_uri})")
+    return summary
+
+
+def _questions(adapter_dir: Path, settings: Settings, name: str) -> list[dict[str, str]]:
+    """A few held-out test inputs (never seen in training) from the prepared data of this run."""
+    from lorafleet.models.adapter_dir import read_manifest
+
+    fingerprint = read_manifest(adapter_dir).data_fingerprint or ""
+    prepared = PreparedData.from_dir(settings.prepared_data_dir / name / fingerprint[:16])
+    rows = prepared.records("test")[-N_QUESTIONS:]
+    return [{"messages": row["messages"], "input": row["messages"][-1]["content"], "reference": row["completion"]}
+            for row in rows]
+
+
+def _ask(url: str, model: str, messages: list[dict[str, str]], max_tokens: int) -> str:
+    """One chat request with the task's own prompt (system + user), the same for base and adapter."""
+    response = httpx.post(f"{url}/v1/chat/completions", timeout=300, json={
+        "model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0})
+    body = response.json()
+    if response.status_code != 200:
+        return f"[error {response.status_code}] {body.get('error', {}).get('message')}"
+    return body["choices"][0]["message"]["content"]

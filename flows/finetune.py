@@ -1,0 +1,75 @@
+"""The `finetune` flow: prepare data → train → evaluate → register → gate/promote.
+
+Each arrow is a file or registry hand-off, so any stage can be re-run alone. A failure anywhere marks
+the MLflow run FAILED and never moves `champion`; an interrupted training leaves its checkpoints and
+its MLflow run open, and re-running the same config continues both.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from lorafleet.config import FinetuneConfig, load_config, parse_config
+from lorafleet.settings import Settings
+from lorafleet.tasks import steps, tracking
+from lorafleet.tasks.train import training_key
+
+
+def _config_from(config: str | Path | dict[str, Any] | FinetuneConfig) -> FinetuneConfig:
+    if isinstance(config, FinetuneConfig):
+        return config
+    if isinstance(config, dict):
+        return parse_config(config)
+    return load_config(config)
+
+
+@flow(name="finetune")
+def finetune(config: str | dict[str, Any], promote: bool = True) -> dict[str, Any]:
+    """Fine-tune one adapter from a config file path (or an inline config dict).
+
+    Returns a summary: run id, registered version, gate decision, headline metrics.
+    """
+    settings = Settings.from_env().ensure()
+    spec = _config_from(config)
+    if not promote:
+        spec = spec.model_copy(update={"promotion": spec.promotion.model_copy(update={"auto_promote": False})})
+    return run_finetune(spec, settings)
+
+
+def run_finetune(spec: FinetuneConfig, settings: Settings) -> dict[str, Any]:
+    """The flow body, callable from other flows (retrain) with already-validated config and settings."""
+    logger = get_run_logger()
+    prepared = steps.prepare_data(spec, settings)
+    if not prepared.path.exists():  # the Prefect cache points at a folder someone deleted
+        prepared = steps.prepare_data.with_options(refresh_cache=True)(spec, settings)
+    key = training_key(spec, prepared, settings)
+    run_id = steps.start_tracking(spec, settings, prepared, key)
+    client = tracking.mlflow_client(settings)
+    try:
+        trained = steps.train(spec, prepared, settings, key, run_id)
+        outcome = steps.evaluate(spec, prepared, trained, settings, run_id)
+        version = steps.register(spec, trained, outcome, settings, run_id, prepared.fingerprint)
+        decision = steps.gate(spec, version, outcome, settings, run_id)
+    except KeyboardInterrupt:
+        tracking.RunLogger(client, run_id).finish("KILLED")  # resumable: rerun the same config
+        raise
+    except BaseException:
+        tracking.RunLogger(client, run_id).finish("FAILED")
+        raise
+    tracking.RunLogger(client, run_id).finish("FINISHED")
+    summary = {
+        "name": spec.name, "run_id": run_id, "version": version,
+        "promoted": bool(decision.promote and spec.promotion.auto_promote),
+        "gate_reasons": decision.reasons, "adapter_dir": str(trained.adapter_dir),
+        "data_fingerprint": prepared.fingerprint, "n_test_examples": outcome.n_examples,
+        "metrics": outcome.variants, "labels": outcome.labels,
+        "train": {"steps": trained.steps, "best_val_loss": trained.best_val_loss,
+                  "stopped_early": trained.stopped_early, "resumed_from_step": trained.resumed_from_step,
+                  "seconds": trained.train_seconds},
+    }
+    logger.info("finetune %s done: version %s, %s", spec.name, version,
+                "promoted to champion" if summary["promoted"] else "not promoted")
+    return summary

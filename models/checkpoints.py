@@ -1,0 +1,123 @@
+"""Training checkpoints: enough state to continue a killed run exactly where it left off.
+
+Layout under a run's checkpoint folder:
+  step-00000050/  trainable.safetensors, optimizer.pt, scheduler.pt, rng.pt, state.json
+  best/           trainable.safetensors, state.json   (weights with the best validation loss)
+  DONE            written when training finished; a rerun then returns the stored result
+
+Each entry is written atomically, so the newest complete checkpoint is always loadable. Optimizer
+and RNG state are our own files (never an adapter) and are read with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .cache import atomic_directory, atomic_write_text
+
+DONE_MARKER = "DONE"
+
+
+@dataclass
+class TrainerState:
+    """Everything about the loop's progress that is not a tensor."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    stopped_early: bool = False
+    train_history: list[tuple[int, float]] = field(default_factory=list)
+    val_history: list[tuple[int, float]] = field(default_factory=list)
+    tokens_seen: int = 0
+    train_seconds: float = 0.0
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainerState:
+        raw = json.loads(text)
+        raw["train_history"] = [tuple(item) for item in raw.get("train_history", [])]
+        raw["val_history"] = [tuple(item) for item in raw.get("val_history", [])]
+        return cls(**raw)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    missing = [name for name, p in params.items() if p.requires_grad and name not in tensors]
+    if missing:
+        raise ValueError(f"checkpoint lacks trainable parameters {missing[:3]}… (different model or config)")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+
+
+def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any,
+                    state: TrainerState, *, keep: int) -> Path:
+    target = Path(folder) / f"step-{state.step:08d}"
+    with atomic_directory(target, overwrite=True) as staging:
+        save_file(trainable_state(model), str(staging / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+        torch.save({"torch": torch.get_rng_state()}, staging / "rng.pt")
+        (staging / "state.json").write_text(state.to_json())
+    for old in list_checkpoints(folder)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a folder without state.json is ignored)."""
+    folder = Path(folder)
+    if not folder.exists():
+        return []
+    return sorted(p for p in folder.glob("step-*") if (p / "state.json").exists())
+
+
+def restore_latest(folder: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> TrainerState | None:
+    found = list_checkpoints(folder)
+    if not found:
+        return None
+    latest = found[-1]
+    load_trainable_state(model, load_file(str(latest / "trainable.safetensors")))
+    optimizer.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(latest / "scheduler.pt", weights_only=True))
+    torch.set_rng_state(torch.load(latest / "rng.pt", weights_only=True)["torch"])
+    return TrainerState.from_json((latest / "state.json").read_text())
+
+
+def save_best(folder: Path, model: torch.nn.Module, state: TrainerState) -> None:
+    with atomic_directory(Path(folder) / "best", overwrite=True) as staging:
+        save_file(trainable_state(model), str(staging / "trainable.safetensors"))
+        (staging / "state.json").write_text(state.to_json())
+
+
+def restore_best(folder: Path, model: torch.nn.Module) -> bool:
+    best = Path(folder) / "best" / "trainable.safetensors"
+    if not best.exists():
+        return False
+    load_trainable_state(model, load_file(str(best)))
+    return True
+
+
+def mark_done(folder: Path, state: TrainerState) -> None:
+    atomic_write_text(Path(folder) / DONE_MARKER, state.to_json())
+
+
+def finished_state(folder: Path) -> TrainerState | None:
+    marker = Path(folder) / DONE_MARKER
+    return TrainerState.from_json(marker.read_text()) if marker.exists() else None

@@ -1,0 +1,229 @@
+"""The adapter training loop: PEFT model in, trained weights + history out, resumable at any checkpoint.
+
+Our own loop rather than HF `Trainer` because we need three things it makes awkward: the LM head only
+on completion positions (`loss.completion_loss`, ~20% of a CPU step), bf16 autocast on CPU, and
+exact resume of a killed run (batch order replayed from (seed, epoch), see `batching`). Logging is a
+duck-typed callback so this module stays free of MLflow and Prefect.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from .batching import IGNORE_INDEX, collate, length_grouped_batches
+from .checkpoints import (
+    TrainerState,
+    finished_state,
+    mark_done,
+    restore_best,
+    restore_latest,
+    save_best,
+    save_checkpoint,
+)
+from .loss import completion_loss
+from .training_settings import TrainingSettings
+
+
+class TrainingCallback(Protocol):
+    def on_train_step(self, step: int, metrics: dict[str, float]) -> None: ...
+
+    def on_validation(self, step: int, metrics: dict[str, float]) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    state: TrainerState
+    total_steps: int
+    precision: str
+    resumed_from_step: int | None = None
+    already_finished: bool = False
+
+    @property
+    def best_val_loss(self) -> float | None:
+        return self.state.best_val_loss
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bf16 matmul (AVX512-BF16 or AMX): there bf16 is ~3.5x fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(setting: str, device: torch.device) -> str:
+    if setting != "auto":
+        return setting
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_supports_bf16() else "fp32"
+
+
+def autocast(precision: str, device: torch.device):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def total_optimizer_steps(n_rows: int, settings: TrainingSettings) -> int:
+    if settings.max_steps is not None:
+        return settings.max_steps
+    per_epoch = math.ceil(math.ceil(n_rows / settings.batch_size) / settings.grad_accum)
+    return max(1, math.ceil(settings.epochs * per_epoch))
+
+
+@torch.no_grad()
+def validation_loss(model: Any, rows: Sequence[dict], *, batch_size: int, pad_token_id: int,
+                    precision: str, progress: bool = False) -> float:
+    """Token-weighted mean completion loss over `rows` (dropout off)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+    total, count = 0.0, 0
+    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for chunk in tqdm(chunks, desc="validation", leave=False, disable=not progress):
+        batch = {k: v.to(device) for k, v in collate([rows[i] for i in chunk], pad_token_id).items()}
+        with autocast(precision, device):
+            loss, n = completion_loss(model, batch)
+        total += float(loss) * n
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def train_adapter(
+    model: Any,
+    train_rows: Sequence[dict],
+    val_rows: Sequence[dict],
+    settings: TrainingSettings,
+    *,
+    checkpoint_dir: Path,
+    pad_token_id: int,
+    callbacks: Sequence[TrainingCallback] = (),
+    progress: bool = True,
+) -> TrainResult:
+    """Train the trainable parameters of `model` (a PEFT model) on tokenized rows.
+
+    Rows carry `input_ids` and `labels` (-100 where no loss). Resumes from the newest checkpoint in
+    `checkpoint_dir`; if that folder says training already finished, loads the best weights and
+    returns at once. On return the model holds the weights with the best validation loss.
+    """
+    from transformers import get_scheduler
+
+    if not train_rows:
+        raise ValueError("training needs at least one training row")
+    checkpoint_dir = Path(checkpoint_dir)
+    device = next(model.parameters()).device
+    precision = resolve_precision(settings.precision, device)
+    total_steps = total_optimizer_steps(len(train_rows), settings)
+
+    done = finished_state(checkpoint_dir)
+    if done is not None:
+        restore_best(checkpoint_dir, model)
+        return TrainResult(done, total_steps, precision, already_finished=True)
+
+    torch.manual_seed(settings.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    schedule = "constant_with_warmup" if settings.lr_schedule == "constant" else settings.lr_schedule
+    scheduler = get_scheduler(schedule, optimizer,
+                              num_warmup_steps=round(settings.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    state = restore_latest(checkpoint_dir, model, optimizer, scheduler)
+    resumed_from = state.step if state else None
+    state = state or TrainerState()
+    val_subset = list(val_rows[: settings.eval_examples] if settings.eval_examples else val_rows)
+    lengths = [len(row["input_ids"]) for row in train_rows]
+    batches_per_epoch = math.ceil(len(train_rows) / settings.batch_size)
+
+    model.train()
+    bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step", disable=not progress)
+    while state.step < total_steps and not state.stopped_early:
+        order = length_grouped_batches(lengths, settings.batch_size, seed=settings.seed, epoch=state.epoch)
+        while state.batch_in_epoch < len(order) and state.step < total_steps and not state.stopped_early:
+            group = order[state.batch_in_epoch: state.batch_in_epoch + settings.grad_accum]
+            metrics = _optimizer_step(model, [[train_rows[i] for i in b] for b in group], optimizer, scheduler,
+                                      settings, pad_token_id, precision, device)
+            state.step += 1
+            state.batch_in_epoch += len(group)
+            state.tokens_seen += int(metrics.pop("_tokens"))
+            state.train_seconds += metrics["train/step_seconds"]
+            metrics["train/epoch"] = state.epoch + state.batch_in_epoch / batches_per_epoch
+            state.train_history.append((state.step, metrics["train/loss"]))
+            if state.step % settings.log_every == 0 or state.step == total_steps:
+                for callback in callbacks:
+                    callback.on_train_step(state.step, metrics)
+            if state.step % settings.eval_every == 0 or state.step == total_steps:
+                _validate(model, val_subset, settings, state, checkpoint_dir, pad_token_id, precision, callbacks)
+            if state.step % settings.checkpoint_every == 0 and state.step < total_steps:
+                save_checkpoint(checkpoint_dir, model, optimizer, scheduler, state, keep=settings.keep_checkpoints)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['train/loss']:.3f}",
+                            val=f"{state.best_val_loss:.3f}" if state.best_val_loss is not None else "-")
+        if state.batch_in_epoch >= len(order):
+            state.epoch += 1
+            state.batch_in_epoch = 0
+    bar.close()
+    restore_best(checkpoint_dir, model)
+    mark_done(checkpoint_dir, state)
+    return TrainResult(state, total_steps, precision, resumed_from_step=resumed_from)
+
+
+def _optimizer_step(model: Any, micro_batches: list[list[dict]], optimizer: Any, scheduler: Any,
+                    settings: TrainingSettings, pad_token_id: int, precision: str,
+                    device: torch.device) -> dict[str, float]:
+    """One optimizer step over `grad_accum` micro-batches, weighting each by its target tokens."""
+    started = time.perf_counter()
+    batches = [collate(rows, pad_token_id) for rows in micro_batches]
+    n_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    n_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    loss_sum = 0.0
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast(precision, device):
+            loss, n = completion_loss(model, batch)
+        (loss * (n / max(n_targets, 1))).backward()
+        loss_sum += float(loss.detach()) * n
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = (torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+                 if settings.max_grad_norm else torch.tensor(0.0))
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - started
+    return {"train/loss": loss_sum / max(n_targets, 1), "train/lr": lr, "train/grad_norm": float(grad_norm),
+            "train/tokens_per_s": n_tokens / seconds, "train/step_seconds": seconds, "_tokens": n_tokens}
+
+
+def _validate(model: Any, rows: list[dict], settings: TrainingSettings, state: TrainerState,
+              checkpoint_dir: Path, pad_token_id: int, precision: str,
+              callbacks: Sequence[TrainingCallback]) -> None:
+    """Validation pass + early-stopping bookkeeping; the best weights are saved as they appear."""
+    if not rows:
+        return
+    loss = validation_loss(model, rows, batch_size=settings.batch_size, pad_token_id=pad_token_id,
+                           precision=precision)
+    state.val_history.append((state.step, loss))
+    improved = state.best_val_loss is None or loss < state.best_val_loss - settings.early_stopping_min_delta
+    if improved:
+        state.best_val_loss, state.best_step = loss, state.step
+        state.evals_without_improvement = 0
+        save_best(checkpoint_dir, model, state)
+    else:
+        state.evals_without_improvement += 1
+        patience = settings.early_stopping_patience
+        state.stopped_early = patience is not None and state.evals_without_improvement >= patience
+    for callback in callbacks:
+        callback.on_validation(state.step, {"val/loss": loss, "val/best_loss": state.best_val_loss})

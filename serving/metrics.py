@@ -1,0 +1,53 @@
+"""lorafleet's own Prometheus metrics, exported next to BentoML's on `/metrics`.
+
+BentoML 1.4 serves whatever `prometheus_client` collects; its workers set `PROMETHEUS_MULTIPROC_DIR`
+only after importing the service module, so `prometheus_client` is imported here lazily, when the
+service instance builds its metrics, never at module import.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+REQUESTS = "lorafleet_requests"
+GENERATED_TOKENS = "lorafleet_generated_tokens"
+REQUEST_SECONDS = "lorafleet_request_duration_seconds"
+BATCH_SIZE = "lorafleet_batch_size"
+
+
+class ServingMetrics:
+    """Requests by model/endpoint/status, generated tokens by model, latency by endpoint, batch sizes."""
+
+    def __init__(self, registry: Any = None) -> None:
+        from prometheus_client import REGISTRY, Counter, Histogram
+
+        self.registry = REGISTRY if registry is None else registry
+        registry = self.registry
+        self.requests = Counter(
+            REQUESTS,
+            "OpenAI API requests by served model, endpoint and HTTP status",
+            ["model", "endpoint", "status"],
+            registry=registry,
+        )
+        self.generated_tokens = Counter(
+            GENERATED_TOKENS, "completion tokens generated, by served model", ["model"], registry=registry
+        )
+        self.request_seconds = Histogram(
+            REQUEST_SECONDS,
+            "wall time of OpenAI API requests (until the last token is sent)",
+            ["endpoint"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            BATCH_SIZE, "requests per generation batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=registry
+        )
+
+    def observe(self, *, model: str, endpoint: str, status: int, tokens: int, seconds: float) -> None:
+        self.requests.labels(model=model, endpoint=endpoint, status=str(status)).inc()
+        if tokens:
+            self.generated_tokens.labels(model=model).inc(tokens)
+        self.request_seconds.labels(endpoint=endpoint).observe(seconds)
+
+    def observe_batch(self, rows: int) -> None:
+        self.batch_size.observe(rows)

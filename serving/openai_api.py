@@ -1,0 +1,311 @@
+"""The OpenAI-compatible HTTP API (FastAPI): chat and text completions, model listing, errors.
+
+Every error is OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`, with a real status:
+unknown model 404, invalid parameters or malformed JSON 400, a full queue 503, a failed generation
+500. Nothing a client sends can stop the server.
+
+Chat prompts: when a request for an adapter carries no system message, the adapter's own system
+prompt (from its manifest's `TaskInfo`) is prepended, so the adapter sees prompts shaped like its
+training data. Send a system message to override it. The prompt template and few-shot examples of
+the task are NOT applied: the client sends the user turn as it wants the model to see it.
+
+The app is created without a backend; the service sets `app.state.backend` once the model is loaded
+(until then requests get 503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from lorafleet.models.prompting import encode_prompt
+from lorafleet.serving.adapters import AdapterIncompatible, ModelNotFound, ServedModel
+from lorafleet.serving.backend import ServingBackend
+from lorafleet.serving.completions import Job, Outcome, cancel_on_disconnect, complete, start, stream_events
+from lorafleet.serving.generation import GenerationFailed, GeneratorBusy, SamplingParams
+from lorafleet.serving.openai_schema import ChatCompletionRequest, CompletionRequest
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+
+
+def error_body(
+    message: str, *, type: str = "server_error", param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def _error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse(
+        error_body(error.message, type=error.type, param=error.param, code=error.code),
+        status_code=error.status,
+    )
+
+
+def create_app(backend: ServingBackend | None = None) -> FastAPI:
+    app = FastAPI(title="lorafleet", summary="OpenAI-compatible API over a base model and its LoRA adapters")
+    app.state.backend = backend
+    _install_error_handlers(app)
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> dict[str, Any]:
+        models = _backend(request).catalogue.models()
+        return {"object": "list", "data": [_model_card(model) for model in models]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await _run(request, "chat", body)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        return await _run(request, "text", body)
+
+    return app
+
+
+def _backend(request: Request) -> ServingBackend:
+    backend = request.app.state.backend
+    if backend is None:
+        raise ApiError(503, "the service is still starting", code="not_ready")
+    return backend
+
+
+def _model_card(model: ServedModel) -> dict[str, Any]:
+    return {
+        "id": model.id,
+        "object": "model",
+        "created": model.created,
+        "owned_by": "lorafleet",
+        "root": model.parent or model.id,
+        "parent": model.parent,
+    }
+
+
+async def _run(request: Request, kind: str, body: ChatCompletionRequest | CompletionRequest):
+    backend = _backend(request)
+    started = time.monotonic()
+    outcome = Outcome()
+    label = "unknown"
+    endpoint = "chat.completions" if kind == "chat" else "completions"
+    try:
+        served = await _resolve(backend, body.model)
+        label = served.name or served.id
+        job = _prepare(backend, kind, body, served)
+        try:
+            stream = start(backend, job)
+        except GeneratorBusy as error:
+            raise ApiError(
+                503, f"the server is busy, retry later: {error}", code="server_busy", type="server_overloaded"
+            ) from None
+        if body.stream:
+            return StreamingResponse(
+                _observed_stream(request, backend, job, stream, outcome, started),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
+        watcher = asyncio.create_task(cancel_on_disconnect(request, stream, outcome))
+        try:
+            result = await complete(backend, job, stream, outcome)
+        except GenerationFailed as error:
+            raise ApiError(500, str(error), code="generation_failed") from None
+        finally:
+            watcher.cancel()
+        _observe(backend, label, endpoint, outcome.status, outcome.completion_tokens, started)
+        return JSONResponse(result)
+    except ApiError as error:
+        _observe(backend, label, endpoint, error.status, outcome.completion_tokens, started)
+        raise
+
+
+async def _observed_stream(
+    request: Request, backend: ServingBackend, job: Job, stream, outcome: Outcome, started: float
+):
+    watcher = asyncio.create_task(cancel_on_disconnect(request, stream, outcome))
+    try:
+        async for event in stream_events(
+            backend, job, stream, outcome, lambda message: error_body(message, code="generation_failed")
+        ):
+            yield event
+    finally:
+        watcher.cancel()
+        _observe(backend, job.metrics_model, job.endpoint, outcome.status, outcome.completion_tokens, started)
+
+
+def _observe(
+    backend: ServingBackend, model: str, endpoint: str, status: int, tokens: int, started: float
+) -> None:
+    if backend.metrics is not None:
+        backend.metrics.observe(
+            model=model, endpoint=endpoint, status=status, tokens=tokens, seconds=time.monotonic() - started
+        )
+
+
+async def _resolve(backend: ServingBackend, model: str) -> ServedModel:
+    try:
+        # Blocking: may download from the registry and wait for the generator to load the adapter.
+        return await asyncio.to_thread(backend.catalogue.resolve, model)
+    except ModelNotFound as error:
+        raise ApiError(404, str(error), param="model", code="model_not_found") from None
+    except AdapterIncompatible as error:
+        raise ApiError(400, str(error), param="model", code="model_incompatible") from None
+
+
+def _prepare(
+    backend: ServingBackend, kind: str, body: ChatCompletionRequest | CompletionRequest, served: ServedModel
+) -> Job:
+    if isinstance(body, ChatCompletionRequest):
+        prompt_ids, prompt_param = _chat_prompt(backend, body, served), "messages"
+    else:
+        prompt_ids, prompt_param = _text_prompt(backend, body), "prompt"
+    return Job(
+        kind=kind,
+        model=body.model,
+        served=served,
+        prompt_ids=prompt_ids,
+        params=_sampling(backend, body, len(prompt_ids), prompt_param),
+        stop=body.stop_strings(),
+        include_usage=body.include_usage_chunk(),
+        return_token_ids=body.return_token_ids,
+    )
+
+
+def _chat_prompt(backend: ServingBackend, body: ChatCompletionRequest, served: ServedModel) -> list[int]:
+    messages = [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages
+    ]
+    if served.system_prompt and not any(m["role"] == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": served.system_prompt})
+    try:
+        return encode_prompt(backend.tokenizer, messages)
+    except Exception as error:  # noqa: BLE001 - chat templates raise jinja errors for shapes they reject
+        raise ApiError(
+            400, f"messages could not be formatted with the model's chat template: {error}", param="messages"
+        ) from None
+
+
+def _text_prompt(backend: ServingBackend, body: CompletionRequest) -> list[int]:
+    prompt = body.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+        vocab = len(backend.tokenizer)
+        bad = [token for token in prompt if not 0 <= token < vocab]
+        if bad:
+            raise ApiError(400, f"prompt token ids must be in [0, {vocab}), got {bad[:5]}", param="prompt")
+        return list(prompt)
+    text = prompt[0] if isinstance(prompt, list) else prompt
+    return [int(token) for token in backend.tokenizer(text)["input_ids"]]
+
+
+def _sampling(
+    backend: ServingBackend,
+    body: ChatCompletionRequest | CompletionRequest,
+    prompt_tokens: int,
+    prompt_param: str,
+) -> SamplingParams:
+    settings, context = backend.settings, backend.context_length
+    room = context - prompt_tokens
+    if room < 1:
+        raise ApiError(
+            400,
+            f"this model's maximum context length is {context} tokens, but the prompt "
+            f"({prompt_param}) is {prompt_tokens} tokens long: no room is left for the completion",
+            param=prompt_param,
+            code="context_length_exceeded",
+        )
+    requested = body.requested_max_tokens()
+    param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+    if requested is None:
+        max_tokens = min(settings.default_max_tokens, room)
+    elif requested > settings.max_tokens_limit:
+        raise ApiError(
+            400,
+            f"{param} is {requested}, but this server allows at most {settings.max_tokens_limit}",
+            param=param,
+        )
+    elif requested > room:
+        raise ApiError(
+            400,
+            f"this model's maximum context length is {context} tokens, but {prompt_tokens} "
+            f"prompt tokens + {param}={requested} exceed it",
+            param=param,
+            code="context_length_exceeded",
+        )
+    else:
+        max_tokens = requested
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        seed=body.seed,
+        stop_token_ids=backend.eos_token_ids,
+    )
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, error: ApiError) -> JSONResponse:
+        return _error_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, error: RequestValidationError) -> JSONResponse:
+        return _error_response(_describe_validation(error))
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, error: HTTPException) -> JSONResponse:
+        return _error_response(
+            ApiError(
+                error.status_code, str(error.detail), code="not_found" if error.status_code == 404 else None
+            )
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, error: Exception) -> JSONResponse:
+        log.exception("unhandled error in the OpenAI API")
+        return _error_response(ApiError(500, f"internal error: {type(error).__name__}: {error}"))
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none"})
+_TYPE_TAG_PREFIXES = ("list[", "dict[", "function-", "literal[")
+
+
+def _describe_validation(error: RequestValidationError) -> ApiError:
+    """The first problem, with `param` as OpenAI names it (`temperature`, `messages.0.role`)."""
+    problems = error.errors()
+    if not problems:
+        return ApiError(400, "invalid request")
+    first = problems[0]
+    if first.get("type") == "json_invalid":
+        detail = (first.get("ctx") or {}).get("error", "")
+        where = [part for part in first.get("loc", ()) if isinstance(part, int)]
+        at = f" at character {where[0]}" if where else ""
+        return ApiError(
+            400, f"the request body is not valid JSON{at}: {detail}".rstrip(": "), code="invalid_json"
+        )
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    # Union types add the member type to the location (`prompt.str`, `content.list[TextPart]`): drop those.
+    loc = [part for part in loc if part not in _TYPE_TAGS and not part.startswith(_TYPE_TAG_PREFIXES)]
+    param = ".".join(loc) or None
+    message = str(first.get("msg", "invalid value"))
+    message = message.removeprefix("Value error, ")
+    extra = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+    return ApiError(400, f"{param or 'request body'}: {message}{extra}", param=param, code="invalid_value")

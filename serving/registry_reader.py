@@ -1,0 +1,108 @@
+"""Read-only access to the MLflow Model Registry for serving: find versions, download adapters.
+
+Serving never writes to the registry (promotion is the pipeline's job). A version is downloaded once
+to `<download_dir>/<name>/v<version>/`, built in a staging folder and renamed into place, so a crash or
+a second server process never sees (or trusts) a half-downloaded adapter.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorafleet.models.adapter_dir import AdapterManifest, validate_adapter_dir
+from lorafleet.models.cache import atomic_directory, file_lock
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+_DOWNLOADING = ".downloading"
+
+
+class VersionNotFound(LookupError):
+    """The registry has no such model, version or alias."""
+
+
+@dataclass(frozen=True)
+class FetchedAdapter:
+    """A registry version on local disk, with its validated manifest."""
+
+    name: str
+    version: int
+    path: Path
+    manifest: AdapterManifest
+
+
+class RegistryReader:
+    def __init__(self, tracking_uri: str, download_dir: Path) -> None:
+        from mlflow import MlflowClient
+
+        self._tracking_uri = tracking_uri
+        self._client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        self._download_dir = Path(download_dir)
+
+    def champions(self) -> dict[str, int]:
+        """name -> version for every registered model that has a `champion` alias."""
+        found: dict[str, int] = {}
+        for model in _all_pages(self._client.search_registered_models):
+            version = (model.aliases or {}).get(CHAMPION)
+            if version is not None:
+                found[model.name] = int(version)
+        return found
+
+    def version_for_alias(self, name: str, alias: str) -> int:
+        try:
+            return int(self._client.get_model_version_by_alias(name, alias).version)
+        except Exception as error:
+            _raise_unless_missing(error)
+            raise VersionNotFound(f"registered model {name!r} has no alias {alias!r}") from error
+
+    def _download_uri(self, name: str, version: int) -> str:
+        try:
+            return self._client.get_model_version_download_uri(name, str(version))
+        except Exception as error:
+            _raise_unless_missing(error)
+            raise VersionNotFound(f"registered model {name!r} has no version {version}") from error
+
+    def fetch(self, name: str, version: int) -> FetchedAdapter:
+        """The version's adapter directory on local disk (downloaded on first use), validated."""
+        import mlflow
+
+        target = self._download_dir / name / f"v{version}"
+        with file_lock(self._download_dir / name / f".v{version}.lock"):
+            if not target.exists():
+                source = self._download_uri(name, version)
+                with atomic_directory(target) as staging:
+                    # Not `models:/name/version`: that resolves against MLflow's *default* registry URI,
+                    # which is ./mlflow.db unless set globally; the version's own source needs no registry.
+                    landed = Path(
+                        mlflow.artifacts.download_artifacts(
+                            artifact_uri=source,
+                            dst_path=str(staging / _DOWNLOADING),
+                            tracking_uri=self._tracking_uri,
+                        )
+                    )
+                    for item in landed.iterdir():  # `runs:/id/adapter` lands in <dst>/adapter/: flatten
+                        shutil.move(str(item), str(staging / item.name))
+                    shutil.rmtree(staging / _DOWNLOADING)
+                    validate_adapter_dir(staging)
+                log.info("downloaded %s version %s to %s", name, version, target)
+        return FetchedAdapter(name=name, version=version, path=target, manifest=validate_adapter_dir(target))
+
+
+def _all_pages(search):
+    token = None
+    while True:
+        page = search(max_results=100, page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+def _raise_unless_missing(error: Exception) -> None:
+    """Re-raise anything but a plain 'does not exist': a broken store must not look like a 404."""
+    if getattr(error, "error_code", "") not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+        raise error

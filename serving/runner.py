@@ -1,0 +1,356 @@
+"""Batched multi-adapter generation with PEFT + Hugging Face `generate`, on one worker thread.
+
+Why a single thread owns the model: PEFT mutates the module tree when an adapter is loaded, and
+`generate` is not re-entrant, so every touch of the model (generation and adapter loading) runs on
+the worker, between batches. The event loop only queues requests and reads token streams.
+
+Batching policy (request-level, not continuous: that is `serving/engine/`'s job): the worker takes
+the oldest waiting request, waits up to `batch_wait_s` for company, and runs it together with every
+waiting request whose sampling is compatible (all greedy, or the same temperature/top_p; a request
+with a seed runs alone so its sample is reproducible). Rows of one batch may use different
+adapters: PEFT's `adapter_names=` applies each row's LoRA (or none, `__base__`) in one forward.
+
+Per-row limits are enforced by a streamer plus a stopping criterion that apply the same rule
+(`_Row.decide`): a row ends at one of its stop ids (not emitted), at its own `max_tokens`, or when
+cancelled; `generate` keeps stepping until every row has ended, and tokens a finished row still
+receives (padding) are dropped.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lorafleet.serving.generation import FinishReason, GenerationRequest, GeneratorBusy, TokenStream
+
+log = logging.getLogger(__name__)
+
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in `adapter_names=`
+_ids = itertools.count()
+
+
+@dataclass
+class RunnerStats:
+    """Counters for tests and logs (written by the worker thread only)."""
+
+    batches: int = 0
+    rows: int = 0
+    decode_steps: int = 0
+    failed_batches: int = 0
+    largest_batch: int = 0
+
+
+@dataclass(eq=False)
+class _Row:
+    request: GenerationRequest
+    stream: TokenStream
+    stop_ids: frozenset[int]
+    arrived: float
+    key: tuple = ()
+    done: bool = False
+
+    def decide(self, token: int, position: int) -> FinishReason | None:
+        """Why the row ends at its `position`-th generated token (1-based), or None to go on."""
+        if self.stream.cancelled:
+            return "cancelled"
+        if token in self.stop_ids:
+            return "stop"
+        if position >= self.request.params.max_tokens:
+            return "length"
+        return None
+
+
+def _batch_key(row: _Row) -> tuple:
+    params = row.request.params
+    if params.greedy:
+        return ("greedy",)
+    if params.seed is not None:
+        return ("seeded", next(_ids))  # alone: a shared RNG would make its sample depend on neighbours
+    return ("sample", params.temperature, params.top_p)
+
+
+def _make_streamer(rows: list[_Row]):
+    from transformers.generation.streamers import BaseStreamer
+
+    class RowStreamer(BaseStreamer):
+        """Routes column `i` of each decoding step to row `i`'s stream."""
+
+        def __init__(self) -> None:
+            self.position = 0
+            self.seen_prompt = False
+
+        def put(self, value) -> None:
+            if not self.seen_prompt:  # generate() first hands over the prompt itself
+                self.seen_prompt = True
+                return
+            self.position += 1
+            for row, token in zip(rows, value.reshape(-1).tolist(), strict=True):
+                if row.done:
+                    continue
+                reason = row.decide(token, self.position)
+                if reason in (None, "length") and not row.stream.push_threadsafe(token):
+                    reason = "cancelled"
+                if reason is not None:
+                    row.done = True
+                    row.stream.finish_threadsafe(reason)
+
+        def end(self) -> None:
+            for row in rows:
+                if not row.done:
+                    row.done = True
+                    row.stream.finish_threadsafe("length")
+
+    return RowStreamer()
+
+
+def _make_stopping(rows: list[_Row], prompt_width: int):
+    import torch
+    from transformers import StoppingCriteria
+
+    class RowStopping(StoppingCriteria):
+        """Tells `generate` which rows are finished, so it stops once all are (e.g. all cancelled)."""
+
+        def __init__(self) -> None:
+            self.finished = [False] * len(rows)
+
+        def __call__(self, input_ids, scores, **kwargs):
+            position = input_ids.shape[1] - prompt_width
+            last = input_ids[:, -1].tolist()
+            for index, row in enumerate(rows):
+                if not self.finished[index]:
+                    self.finished[index] = row.decide(last[index], position) is not None
+            return torch.tensor(self.finished, dtype=torch.bool, device=input_ids.device)
+
+    return RowStopping()
+
+
+class GenerationRunner:
+    """Implements `serving.generation.TokenGenerator` over a (PEFT-wrapped) Hugging Face causal LM."""
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        pad_token_id: int,
+        max_batch_size: int = 8,
+        batch_wait_s: float = 0.005,
+        max_queue: int = 256,
+        device: Any = None,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        if max_batch_size < 1 or max_queue < 1 or batch_wait_s < 0:
+            raise ValueError("max_batch_size and max_queue must be >= 1 and batch_wait_s >= 0")
+        self._model = model
+        self._device = device if device is not None else next(model.parameters()).device
+        self._pad_token_id = int(pad_token_id)
+        self._eos_ids = _eos_ids(model)
+        self._max_batch_size = max_batch_size
+        self._batch_wait_s = batch_wait_s
+        self._max_queue = max_queue
+        self._on_batch = on_batch  # told each batch's size (metrics), on the worker thread
+        self._adapters: frozenset[str] = frozenset(getattr(model, "peft_config", {}) or ())
+        self._pending: collections.deque[_Row] = collections.deque()
+        self._calls: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self.stats = RunnerStats()
+        self._thread = threading.Thread(target=self._work, name="lorafleet-generation", daemon=True)
+        self._thread.start()
+
+    # -- public API (event loop / any thread) ----------------------------------------------------
+
+    @property
+    def adapters(self) -> frozenset[str]:
+        return self._adapters
+
+    def submit(self, request: GenerationRequest) -> TokenStream:
+        import asyncio
+
+        if request.adapter is not None and request.adapter not in self._adapters:
+            raise ValueError(f"adapter {request.adapter!r} is not loaded (loaded: {sorted(self._adapters)})")
+        stream = TokenStream(loop=asyncio.get_running_loop())
+        row = _Row(
+            request=request,
+            stream=stream,
+            arrived=time.monotonic(),
+            stop_ids=self._eos_ids | frozenset(request.params.stop_token_ids),
+        )
+        row.key = _batch_key(row)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the generation runner is closed")
+            if len(self._pending) >= self._max_queue:
+                raise GeneratorBusy(
+                    f"{len(self._pending)} requests are already waiting (limit {self._max_queue})"
+                )
+            self._pending.append(row)
+            self._cond.notify_all()
+        return stream
+
+    def load_adapter(self, name: str, adapter_dir: Path) -> None:
+        """Load a PEFT adapter directory under `name`; blocks until the worker has done it."""
+        if not name or "." in name or name == BASE_ADAPTER:
+            raise ValueError(f"adapter name {name!r} is not usable by PEFT (no '.', not {BASE_ADAPTER!r})")
+        self._call(lambda: self._load_adapter(name, Path(adapter_dir)))
+
+    def close(self, timeout: float = 30.0) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    # -- worker thread -------------------------------------------------------------------------
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        if threading.current_thread() is self._thread:
+            return fn()
+        future: Future = Future()
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the generation runner is closed")
+            self._calls.append((fn, future))
+            self._cond.notify_all()
+        return future.result()
+
+    def _load_adapter(self, name: str, adapter_dir: Path) -> None:
+        from peft import PeftModel
+
+        if name in self._adapters:
+            return
+        if isinstance(self._model, PeftModel):
+            self._model.load_adapter(str(adapter_dir), adapter_name=name)
+        else:
+            self._model = PeftModel.from_pretrained(self._model, str(adapter_dir), adapter_name=name)
+        self._model.eval()
+        self._adapters = self._adapters | {name}
+        log.info("loaded adapter %s from %s", name, adapter_dir)
+
+    def _work(self) -> None:
+        while True:
+            work = self._take_work()
+            if work is None:
+                break
+            if isinstance(work, tuple):
+                fn, future = work
+                try:
+                    future.set_result(fn())
+                except BaseException as error:  # noqa: BLE001 - handed to the caller
+                    future.set_exception(error)
+            else:
+                self._run_batch(work)
+        self._fail_leftovers()
+
+    def _take_work(self) -> list[_Row] | tuple | None:
+        with self._cond:
+            while True:
+                if self._calls:
+                    return self._calls.popleft()
+                if self._closed:  # waiting requests are failed by _fail_leftovers, not generated
+                    return None
+                self._drop_cancelled()
+                if self._pending:
+                    break
+                self._cond.wait()
+            # Give requests that arrive together a moment to share the batch.
+            deadline = self._pending[0].arrived + self._batch_wait_s
+            while len(self._pending) < self._max_batch_size and not self._closed and not self._calls:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            self._drop_cancelled()
+            if not self._pending:
+                return []
+            key = self._pending[0].key
+            batch = [row for row in self._pending if row.key == key][: self._max_batch_size]
+            for row in batch:
+                self._pending.remove(row)
+            return batch
+
+    def _drop_cancelled(self) -> None:
+        for row in [row for row in self._pending if row.stream.cancelled]:
+            self._pending.remove(row)
+
+    def _run_batch(self, rows: list[_Row]) -> None:
+        if not rows:
+            return
+        self.stats.batches += 1
+        self.stats.rows += len(rows)
+        self.stats.largest_batch = max(self.stats.largest_batch, len(rows))
+        if self._on_batch is not None:
+            try:
+                self._on_batch(len(rows))
+            except Exception:  # a metrics hook must not stop generation
+                log.exception("the on_batch hook failed")
+        try:
+            self._generate(rows)
+        except Exception as error:
+            self.stats.failed_batches += 1
+            log.exception("a generation batch of %d request(s) failed", len(rows))
+            message = f"generation failed: {type(error).__name__}: {error}"
+            for row in rows:
+                if not row.done:
+                    row.done = True
+                    row.stream.fail_threadsafe(message)
+        finally:
+            for row in rows:  # generate() returned without ending a row: it hit the length limit
+                if not row.done:
+                    row.done = True
+                    row.stream.finish_threadsafe("length")
+
+    def _generate(self, rows: list[_Row]) -> None:
+        import torch
+        from transformers import StoppingCriteriaList
+
+        width = max(len(row.request.prompt_ids) for row in rows)
+        ids = [
+            [self._pad_token_id] * (width - len(r.request.prompt_ids)) + list(r.request.prompt_ids)
+            for r in rows
+        ]
+        mask = [[0] * (width - len(r.request.prompt_ids)) + [1] * len(r.request.prompt_ids) for r in rows]
+        params = rows[0].request.params  # the batch key makes these equal for every row
+        kwargs: dict[str, Any] = {
+            "input_ids": torch.tensor(ids, dtype=torch.long, device=self._device),  # (B, T) left-padded
+            "attention_mask": torch.tensor(mask, dtype=torch.long, device=self._device),  # (B, T)
+            "max_new_tokens": max(row.request.params.max_tokens for row in rows),
+            "streamer": _make_streamer(rows),
+            "stopping_criteria": StoppingCriteriaList([_make_stopping(rows, width)]),
+            "pad_token_id": self._pad_token_id,
+        }
+        if params.greedy:
+            kwargs["do_sample"] = False
+        else:
+            # top_k=0: OpenAI sampling has no top-k, but transformers' default would apply 50.
+            kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+        if self._adapters:
+            kwargs["adapter_names"] = [row.request.adapter or BASE_ADAPTER for row in rows]
+        with torch.inference_mode():
+            output = self._model.generate(**kwargs)
+        self.stats.decode_steps += int(output.shape[1]) - width
+
+    def _fail_leftovers(self) -> None:
+        with self._cond:
+            rows, self._pending = list(self._pending), collections.deque()
+            calls, self._calls = list(self._calls), collections.deque()
+        for row in rows:
+            row.stream.fail_threadsafe("the server is shutting down")
+        for _, future in calls:
+            future.set_exception(RuntimeError("the generation runner is closed"))
+
+
+def _eos_ids(model: Any) -> frozenset[int]:
+    """The ids at which `generate` itself ends a row (it always applies generation_config.eos_token_id)."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        return frozenset()
+    return frozenset([int(eos)] if isinstance(eos, int) else [int(token) for token in eos])

@@ -1,0 +1,120 @@
+"""Evaluation stage: an adapter directory + the prepared test split in, a base-vs-adapter comparison out.
+
+Quality and speed are measured in the same process on the same prompts, for the base model (zero-
+and optionally few-shot, with the adapter's own prompt) and for the adapter, so every ratio in the
+report compares like with like. The adapter is evaluated on the full-precision base, as it is served.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lorafleet.config import FinetuneConfig
+from lorafleet.evaluation.quality import QualityReport, evaluate_quality, few_shot_from_examples
+from lorafleet.evaluation.report import comparison_markdown
+from lorafleet.evaluation.speed import SpeedReport, measure_speed
+from lorafleet.models.adapter_dir import read_manifest, write_manifest
+from lorafleet.models.base import load_base_model
+from lorafleet.models.lora import load_adapter
+from lorafleet.models.prompting import encode_prompt
+from lorafleet.settings import Settings
+from lorafleet.tasks.data.prepare import PreparedData
+
+log = logging.getLogger(__name__)
+
+ADAPTER = "adapter"
+BASE = "base"
+QUALITY_COLUMNS = ["exact_match", "field_f1", "field_precision", "field_recall", "set_match", "rouge_l",
+                   "parse_rate"]
+SPEED_COLUMNS = ["tokens_per_s", "latency_p50_ms", "latency_p95_ms"]
+
+
+@dataclass(frozen=True)
+class EvaluationOutcome:
+    """Metrics per variant (`adapter`, `base`, `base_3shot`…), flattened for MLflow and the gate."""
+
+    variants: dict[str, dict[str, float]]
+    labels: dict[str, str]
+    n_examples: int
+    samples: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def adapter(self) -> dict[str, float]:
+        return self.variants[ADAPTER]
+
+    def best_base(self, metric: str) -> dict[str, float]:
+        """The strongest base variant on `metric`: the gate must beat the base at its best."""
+        bases = [v for k, v in self.variants.items() if k.startswith(BASE)]
+        return max(bases, key=lambda m: m.get(metric, float("-inf")))
+
+    def flat_metrics(self) -> dict[str, float]:
+        return {f"eval/{variant}/{name}": value
+                for variant, metrics in self.variants.items() for name, value in metrics.items()}
+
+    def markdown(self) -> str:
+        rows = [(self.labels[k], v) for k, v in self.variants.items()]
+        return comparison_markdown(rows, columns=[c for c in QUALITY_COLUMNS + SPEED_COLUMNS
+                                                  if any(c in v for v in self.variants.values())])
+
+
+def evaluate_adapter(config: FinetuneConfig, prepared: PreparedData, adapter_dir: Path,
+                     settings: Settings, *, progress: bool = True) -> EvaluationOutcome:
+    loaded = load_base_model(config.base_model, settings.model_cache_dir, device=config.device)
+    tokenizer = loaded.tokenizer
+    model = load_adapter(loaded.model, adapter_dir)
+    model.eval()
+    opts = config.evaluation
+    test = prepared.records("test")
+    if opts.max_examples is not None:
+        test = test[: opts.max_examples]
+    task = prepared.task
+
+    quality: dict[str, QualityReport] = {}
+    labels = {ADAPTER: f"{config.name} ({config.method})", BASE: "base (zero-shot)"}
+    with model.disable_adapter():
+        quality[BASE] = evaluate_quality(model, tokenizer, test, task, opts, label=labels[BASE], progress=progress)
+        if opts.base_few_shot:
+            shots = few_shot_from_examples(prepared.records("train"), opts.base_few_shot)
+            key = f"{BASE}_{opts.base_few_shot}shot"
+            labels[key] = f"base ({opts.base_few_shot}-shot)"
+            quality[key] = evaluate_quality(model, tokenizer, test, task, opts, few_shot=shots, label=labels[key],
+                                            progress=progress)
+    quality[ADAPTER] = evaluate_quality(model, tokenizer, test, task, opts, label=labels[ADAPTER],
+                                        progress=progress)
+
+    prompts = [encode_prompt(tokenizer, row["messages"]) for row in test[: opts.speed_prompts]]
+    timing = {"max_new_tokens": opts.speed_max_new_tokens, "warmup": opts.speed_warmup, "progress": progress}
+    with model.disable_adapter():
+        base_speed = measure_speed(model, tokenizer, prompts, label="base", **timing)
+    adapter_speed = measure_speed(model, tokenizer, prompts, label="adapter", **timing)
+
+    variants = {key: {**report.metrics, **_speed_metrics(adapter_speed if key == ADAPTER else base_speed)}
+                for key, report in quality.items()}
+    samples = _samples(test, quality, n=5)
+    outcome = EvaluationOutcome(variants=variants, labels=labels, n_examples=len(test), samples=samples)
+    _record_in_manifest(adapter_dir, outcome)
+    return outcome
+
+
+def _speed_metrics(speed: SpeedReport) -> dict[str, float]:
+    return {"tokens_per_s": speed.tokens_per_s, "latency_p50_ms": speed.latency_p50_ms,
+            "latency_p95_ms": speed.latency_p95_ms}
+
+
+def _samples(test: list[dict[str, Any]], quality: dict[str, QualityReport], n: int) -> list[dict[str, str]]:
+    rows = []
+    for i, row in enumerate(test[:n]):
+        sample = {"input": row["messages"][-1]["content"], "reference": row["completion"]}
+        sample.update({key: report.predictions[i] for key, report in quality.items()})
+        rows.append(sample)
+    return rows
+
+
+def _record_in_manifest(adapter_dir: Path, outcome: EvaluationOutcome) -> None:
+    """Headline metrics travel with the adapter (its manifest), not only in MLflow."""
+    manifest = read_manifest(adapter_dir)
+    write_manifest(adapter_dir, manifest.with_metrics(
+        {name: value for name, value in outcome.adapter.items()}))

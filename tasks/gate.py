@@ -1,0 +1,157 @@
+"""The promotion gate: may the challenger replace the champion?
+
+Pure functions over metric dicts, so the rule can be tested as a table and re-run by hand on the
+numbers shown in MLflow. The decision is a list of checks that must all pass; each check explains
+itself in a sentence. New criteria (for example a minimum speculative speed-up) are new entries in
+`CHECKS` plus a field in `PromotionSettings`, without touching the quality rule.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+
+from lorafleet.tasks.gate_settings import PromotionSettings
+
+# Metrics are averages over a few hundred rows; two values this close are the same result, and
+# `champion + margin` must not fail on float rounding (0.8 + 0.1 != 0.9).
+_TOLERANCE = 1e-9
+
+
+@dataclass(frozen=True)
+class GateInputs:
+    challenger: Mapping[str, float]
+    base: Mapping[str, float]
+    champion: Mapping[str, float] | None
+    champion_version: str | None
+
+    @property
+    def has_champion(self) -> bool:
+        # A champion version without metrics still counts: comparing with the base instead would
+        # let a worse adapter replace a good one whose numbers were lost.
+        return self.champion is not None or self.champion_version is not None
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    passed: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """What the gate decided and why; `reasons` holds one sentence per check, in order."""
+
+    promote: bool
+    metric: str
+    challenger_value: float | None
+    reference_label: str
+    reference_value: float | None
+    required: float | None
+    reasons: list[str] = field(default_factory=list)
+    checks: list[CheckResult] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+Check = Callable[[PromotionSettings, GateInputs], CheckResult]
+
+
+def decide(settings: PromotionSettings, *, challenger: Mapping[str, float], base: Mapping[str, float],
+           champion: Mapping[str, float] | None, champion_version: str | None) -> GateDecision:
+    """Promote only when every check passes.
+
+    First version (no champion): the challenger must beat the base model by more than the margin
+    (strictly better when the margin is 0), since an adapter that does not beat the bare model
+    should not be served. Later versions: challenger >= champion + margin, so an equally good
+    retrain on fresh data may replace the champion when the margin is 0.
+    """
+    inputs = GateInputs(challenger=challenger, base=base, champion=champion,
+                        champion_version=None if champion_version is None else str(champion_version))
+    results = [check(settings, inputs) for check in CHECKS]
+    label, reference = _reference(inputs, settings.metric)
+    challenger_value = _value(challenger, settings.metric)
+    return GateDecision(
+        promote=all(result.passed for result in results),
+        metric=settings.metric,
+        challenger_value=challenger_value,
+        reference_label=label,
+        reference_value=reference,
+        required=None if reference is None else reference + settings.margin,
+        reasons=[result.reason for result in results],
+        checks=results,
+    )
+
+
+def render_markdown(decision: GateDecision, *, name: str, version: str | int, promoted: bool) -> str:
+    """The gate report for MLflow and Prefect; `promoted` is False on a pass when auto-promotion is off."""
+    if promoted:
+        outcome = f"**promoted**: `{name}@champion` is now v{version}"
+    elif decision.promote:
+        outcome = "**passed, not promoted** (`promotion.auto_promote` is off; use `lorafleet promote`)"
+    else:
+        outcome = f"**held**: v{version} stays `{name}@challenger`"
+    lines = [f"# Promotion gate: {name} v{version}", "", outcome, "",
+             (f"Metric `{decision.metric}`: challenger {_fmt(decision.challenger_value)}, "
+              f"{decision.reference_label} {_fmt(decision.reference_value)}, "
+              f"required {_fmt(decision.required)}."),
+             "", "| check | result | reason |", "|---|---|---|"]
+    for check in decision.checks:
+        reason = check.reason.replace("|", "\\|")
+        lines.append(f"| {check.name} | {'pass' if check.passed else 'fail'} | {reason} |")
+    return "\n".join(lines) + "\n"
+
+
+def quality_check(settings: PromotionSettings, inputs: GateInputs) -> CheckResult:
+    metric, margin = settings.metric, settings.margin
+    name = f"quality ({metric})"
+    value = _value(inputs.challenger, metric)
+    label, reference = _reference(inputs, metric)
+    if value is None:
+        return CheckResult(name, False, f"The challenger has no {metric} result, so it cannot be compared "
+                                        f"with the {label}; not promoting.")
+    if reference is None:
+        hint = " Promote by hand with `lorafleet promote` if intended." if inputs.has_champion else ""
+        return CheckResult(name, False, f"The {label} has no {metric} result to compare with; "
+                                        f"not promoting.{hint}")
+    required = reference + margin
+    if inputs.has_champion:
+        passed = value >= required or math.isclose(value, required, rel_tol=_TOLERANCE, abs_tol=_TOLERANCE)
+        relation = "reaches" if passed else "falls short of"
+        outcome = "promoting" if passed else f"keeping the {label}"
+        return CheckResult(name, passed, f"Challenger {metric} {value:.4f} {relation} the {label}'s "
+                                         f"{reference:.4f} + margin {margin:.4f} = {required:.4f}; "
+                                         f"{outcome}.")
+    passed = value > required and not math.isclose(value, required, rel_tol=_TOLERANCE, abs_tol=_TOLERANCE)
+    relation = "beats" if passed else "does not beat"
+    outcome = "promoting the first version" if passed else "not promoting"
+    return CheckResult(name, passed, f"First version: challenger {metric} {value:.4f} {relation} the "
+                                     f"{label}'s {reference:.4f} by more than the margin {margin:.4f}; "
+                                     f"{outcome}.")
+
+
+# Every check runs (so the report lists all failures at once); promotion needs all to pass.
+CHECKS: tuple[Check, ...] = (quality_check,)
+
+
+def _reference(inputs: GateInputs, metric: str) -> tuple[str, float | None]:
+    if inputs.has_champion:
+        label = f"champion v{inputs.champion_version}" if inputs.champion_version else "champion"
+        return label, _value(inputs.champion or {}, metric)
+    return "base model", _value(inputs.base, metric)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _value(metrics: Mapping[str, float], metric: str) -> float | None:
+    """A NaN or a missing entry both mean "not measured"."""
+    raw = metrics.get(metric)
+    if raw is None:
+        return None
+    value = float(raw)
+    return value if math.isfinite(value) else None

@@ -1,0 +1,181 @@
+"""The finetune stages as Prefect tasks: thin wrappers that log, track and hand off files.
+
+Retries are reserved for I/O (reading data files, MLflow calls), and only for errors that can be
+transient: a bad config or a data error fails at once. Data preparation is cached on a key made of
+the source files' bytes, the data settings, the tokenizer and this module's source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from lorafleet.config import FinetuneConfig
+from lorafleet.evaluation.report import plot_loss_curve, plot_metric_comparison
+from lorafleet.models.base import load_tokenizer, resolve_base_model
+from lorafleet.settings import Settings
+from lorafleet.tasks import gate as gate_logic
+from lorafleet.tasks import registry, tracking
+from lorafleet.tasks.data.prepare import PreparedData, prepare_dataset, source_key
+from lorafleet.tasks.evaluate import EvaluationOutcome, evaluate_adapter
+from lorafleet.tasks.train import (
+    TrainedAdapter,
+    checkpoint_dir,
+    record_run_id,
+    recorded_run_id,
+    train_from_config,
+)
+
+TRANSIENT_ERRORS = (OSError, ConnectionError, TimeoutError)
+
+
+def retry_on_io_error(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry only when the failure looks transient (I/O), never on bad input."""
+    error = state.result(raise_on_failure=False)
+    return isinstance(error, TRANSIENT_ERRORS) and not isinstance(error, (FileNotFoundError, PermissionError))
+
+
+def artifact_key(*parts: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return "-".join("".join(c if c.isalnum() else "-" for c in part.lower()) for part in parts)
+
+
+def _prepare_cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    config: FinetuneConfig = parameters["config"]
+    settings: Settings = parameters["settings"]
+    resolved = resolve_base_model(config.base_model, settings.model_cache_dir)
+    return hashlib.sha256("|".join([
+        source_key(config.data, settings.data_root), config.name, resolved.revision,
+        hashlib.sha256(inspect.getsource(prepare_dataset).encode()).hexdigest(),
+    ]).encode()).hexdigest()
+
+
+@task(name="prepare-data", cache_key_fn=_prepare_cache_key, persist_result=True, retries=2,
+      retry_delay_seconds=2, retry_condition_fn=retry_on_io_error)
+def prepare_data(config: FinetuneConfig, settings: Settings) -> PreparedData:
+    logger = get_run_logger()
+    tokenizer = load_tokenizer(resolve_base_model(config.base_model, settings.model_cache_dir))
+    prepared = prepare_dataset(config.data, tokenizer, name=config.name, out_root=settings.prepared_data_dir,
+                               data_root=settings.data_root)
+    logger.info("prepared %s: %s rows, dropped %s, fingerprint %s", config.name, prepared.counts,
+                prepared.dropped, prepared.fingerprint[:16])
+    return prepared
+
+
+@task(name="start-tracking", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_on_io_error)
+def start_tracking(config: FinetuneConfig, settings: Settings, prepared: PreparedData, key: str) -> str:
+    """Open the MLflow run, or re-open the one an interrupted training of the same key was using."""
+    client = tracking.mlflow_client(settings)
+    experiment_id = tracking.ensure_experiment(client, config.name, settings)
+    folder = checkpoint_dir(config, key, settings)
+    run_id = tracking.resume_or_start_run(
+        client, experiment_id, run_name=f"{config.name}-{config.method}",
+        tags={"lorafleet.adapter": config.name, "lorafleet.method": config.method,
+              "lorafleet.training_key": key, "lorafleet.data_fingerprint": prepared.fingerprint},
+        resume_run_id=recorded_run_id(folder))
+    folder.mkdir(parents=True, exist_ok=True)
+    record_run_id(folder, run_id)
+    run = tracking.RunLogger(client, run_id)
+    run.log_params({"config": config.model_dump(mode="json"), "data": {
+        "fingerprint": prepared.fingerprint, "counts": prepared.counts, "sources": prepared.sources}})
+    run.log_dict({"system": tracking.system_info(), "dropped": prepared.dropped}, "run_info.json")
+    get_run_logger().info("MLflow run %s (experiment %s)", run_id, experiment_id)
+    return run_id
+
+
+class _PrefectProgress:
+    """Training progress into the Prefect log every `every` steps (the tqdm bar covers the console)."""
+
+    def __init__(self, every: int) -> None:
+        self.logger = get_run_logger()
+        self.every = every
+
+    def on_train_step(self, step: int, metrics: dict[str, float]) -> None:
+        if step % self.every == 0:
+            self.logger.info("step %d: loss %.4f, lr %.2e, %.0f tokens/s", step, metrics["train/loss"],
+                             metrics["train/lr"], metrics["train/tokens_per_s"])
+
+    def on_validation(self, step: int, metrics: dict[str, float]) -> None:
+        self.logger.info("step %d: validation loss %.4f (best %.4f)", step, metrics["val/loss"],
+                         metrics["val/best_loss"])
+
+
+@task(name="train")
+def train(config: FinetuneConfig, prepared: PreparedData, settings: Settings, key: str,
+          run_id: str) -> TrainedAdapter:
+    run = tracking.RunLogger(tracking.mlflow_client(settings), run_id)
+    every = max(config.training.eval_every // 2, 1)
+    trained = train_from_config(config, prepared, settings, key=key, callbacks=[run, _PrefectProgress(every)])
+    if trained.already_finished:
+        get_run_logger().info("training for key %s had already finished: reusing its weights", key)
+    run.log_metrics(trained.summary_metrics())
+    run.log_figure(plot_loss_curve(trained.train_history, trained.val_history), "plots/loss_curve.png")
+    return trained
+
+
+@task(name="evaluate")
+def evaluate(config: FinetuneConfig, prepared: PreparedData, trained: TrainedAdapter, settings: Settings,
+             run_id: str) -> EvaluationOutcome:
+    outcome = evaluate_adapter(config, prepared, trained.adapter_dir, settings)
+    run = tracking.RunLogger(tracking.mlflow_client(settings), run_id)
+    run.log_metrics(outcome.flat_metrics())
+    markdown = outcome.markdown()
+    run.log_text(markdown, "evaluation/comparison.md")
+    run.log_dict({"variants": outcome.variants, "n_examples": outcome.n_examples, "samples": outcome.samples},
+                 "evaluation/results.json")
+    run.log_figure(plot_metric_comparison([(outcome.labels[k], v) for k, v in outcome.variants.items()]),
+                   "plots/quality_comparison.png")
+    create_markdown_artifact(
+        markdown=f"# {config.name}: base vs adapter ({outcome.n_examples} test rows)\n\n{markdown}",
+        key=artifact_key(config.name, "evaluation"), description="quality and speed, same run")
+    create_table_artifact(outcome.samples, key=artifact_key(config.name, "samples"),
+                          description="first test rows: reference and each variant's output")
+    get_run_logger().info("evaluation of %s on %d rows:\n%s", config.name, outcome.n_examples, markdown)
+    return outcome
+
+
+@task(name="register", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_on_io_error)
+def register(config: FinetuneConfig, trained: TrainedAdapter, outcome: EvaluationOutcome, settings: Settings,
+             run_id: str, data_fingerprint: str) -> str:
+    """Upload the adapter directory to the run and register it as a version with alias `challenger`."""
+    client = tracking.mlflow_client(settings)
+    run = tracking.RunLogger(client, run_id)
+    run.log_artifacts(trained.adapter_dir, registry.ADAPTER_ARTIFACT_PATH)
+    resolved = resolve_base_model(config.base_model, settings.model_cache_dir)
+    tags = {"base_model": resolved.model_id, "base_model_revision": resolved.revision,
+            "method": config.method, "data_fingerprint": data_fingerprint}
+    tags.update({f"metric.{k}": f"{v:.6g}" for k, v in outcome.adapter.items()})
+    # The best base variant's metrics too, so a later `promote` flow can re-run the gate from tags alone.
+    tags.update({f"base_metric.{k}": f"{v:.6g}" for k, v in outcome.best_base(config.promotion.metric).items()})
+    version = registry.register_adapter(client, name=config.name, run_id=run_id, tags=tags,
+                                        description=f"{config.method} adapter of {resolved.model_id}")
+    get_run_logger().info("registered %s version %s (alias challenger)", config.name, version.version)
+    return str(version.version)
+
+
+@task(name="gate")
+def gate(config: FinetuneConfig, version: str, outcome: EvaluationOutcome, settings: Settings,
+         run_id: str) -> gate_logic.GateDecision:
+    """Decide promotion against the champion (or the base model for a first version) and act on it."""
+    client = tracking.mlflow_client(settings)
+    champion = registry.get_champion(client, config.name)
+    champion_metrics = registry.version_metrics(champion) if champion is not None else None
+    decision = gate_logic.decide(config.promotion, challenger=outcome.adapter,
+                                 base=outcome.best_base(config.promotion.metric), champion=champion_metrics,
+                                 champion_version=champion.version if champion is not None else None)
+    promoted = decision.promote and config.promotion.auto_promote
+    if promoted:
+        registry.set_champion(client, config.name, version, reason="; ".join(decision.reasons))
+    run = tracking.RunLogger(client, run_id)
+    run.set_tags({"lorafleet.gate": "promoted" if promoted else "held",
+                  "lorafleet.registered_version": version})
+    report = gate_logic.render_markdown(decision, name=config.name, version=version, promoted=promoted)
+    run.log_text(report, "evaluation/gate.md")
+    create_markdown_artifact(markdown=report, key=artifact_key(config.name, "gate"),
+                             description="promotion decision")
+    get_run_logger().info("gate for %s v%s: %s", config.name, version, " ".join(decision.reasons))
+    return decision

@@ -1,0 +1,105 @@
+"""The promotion gate as a decision table (pure: no MLflow). Runs in well under a second."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from lorafleet.tasks.gate import CHECKS, GateDecision, decide, render_markdown
+from lorafleet.tasks.gate_settings import PromotionSettings
+
+M = "field_f1"
+
+# (id, margin, challenger, base, champion, champion_version, promote, reference_label, required)
+CASES = [
+    ("first-beats-base", 0.0, 0.60, 0.40, None, None, True, "base model", 0.40),
+    ("first-ties-base", 0.0, 0.40, 0.40, None, None, False, "base model", 0.40),
+    ("first-below-base", 0.0, 0.30, 0.40, None, None, False, "base model", 0.40),
+    ("first-beats-by-margin", 0.05, 0.46, 0.40, None, None, True, "base model", 0.45),
+    ("first-exactly-margin", 0.05, 0.45, 0.40, None, None, False, "base model", 0.45),
+    ("first-inside-margin", 0.05, 0.44, 0.40, None, None, False, "base model", 0.45),
+    ("champ-better", 0.0, 0.80, 0.40, 0.70, "2", True, "champion v2", 0.70),
+    ("champ-tie-no-margin", 0.0, 0.70, 0.40, 0.70, "2", True, "champion v2", 0.70),
+    ("champ-worse", 0.0, 0.69, 0.40, 0.70, "2", False, "champion v2", 0.70),
+    ("champ-reaches-margin-float", 0.1, 0.9, 0.40, 0.8, "3", True, "champion v3", 0.9),
+    ("champ-inside-margin", 0.02, 0.71, 0.40, 0.70, "2", False, "champion v2", 0.72),
+    # a champion is judged against itself, never against the (lower) base model
+    ("champ-below-but-above-base", 0.0, 0.50, 0.40, 0.70, "2", False, "champion v2", 0.70),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case[0] for case in CASES])
+def test_decision_table(case: tuple) -> None:
+    _, margin, challenger, base, champion, version, promote, label, required = case
+    decision = decide(PromotionSettings(metric=M, margin=margin), challenger={M: challenger}, base={M: base},
+                      champion=None if champion is None else {M: champion}, champion_version=version)
+    assert decision.promote is promote
+    assert decision.metric == M
+    assert decision.challenger_value == challenger
+    assert decision.reference_label == label
+    assert decision.required == pytest.approx(required)
+    assert len(decision.reasons) == len(CHECKS)
+    # the sentence carries the numbers a person needs to check the decision
+    assert f"{challenger:.4f}" in decision.reasons[0]
+    assert label in decision.reasons[0]
+    refused = "not promoting" in decision.reasons[0] or "keeping the" in decision.reasons[0]
+    assert refused is not promote
+    assert decision.reasons[0].endswith(".")
+
+
+def test_missing_challenger_metric_is_not_promoted() -> None:
+    decision = decide(PromotionSettings(metric=M), challenger={"exact_match": 0.9}, base={M: 0.1},
+                      champion=None, champion_version=None)
+    assert decision.promote is False
+    assert decision.challenger_value is None
+    assert "challenger has no field_f1" in decision.reasons[0]
+
+
+def test_nan_challenger_metric_counts_as_missing() -> None:
+    decision = decide(PromotionSettings(metric=M), challenger={M: math.nan}, base={M: 0.1},
+                      champion={M: 0.2}, champion_version="1")
+    assert decision.promote is False
+    assert "challenger has no field_f1" in decision.reasons[0]
+
+
+def test_missing_base_metric_blocks_the_first_version() -> None:
+    decision = decide(PromotionSettings(metric=M), challenger={M: 0.9}, base={}, champion=None,
+                      champion_version=None)
+    assert decision.promote is False
+    assert decision.reference_value is None and decision.required is None
+    assert "base model has no field_f1" in decision.reasons[0]
+
+
+def test_champion_without_metrics_is_not_replaced_by_comparing_with_base() -> None:
+    decision = decide(PromotionSettings(metric=M), challenger={M: 0.9}, base={M: 0.1}, champion=None,
+                      champion_version="4")
+    assert decision.promote is False
+    assert decision.reference_label == "champion v4"
+    assert "lorafleet promote" in decision.reasons[0]
+
+
+def test_other_metric_selected_by_settings() -> None:
+    decision = decide(PromotionSettings(metric="exact_match", margin=0.0),
+                      challenger={M: 0.1, "exact_match": 0.5}, base={M: 0.9, "exact_match": 0.2},
+                      champion=None, champion_version=None)
+    assert decision.promote is True
+    assert decision.metric == "exact_match" and decision.reference_value == 0.2
+
+
+def test_decision_serialises_for_mlflow_and_prefect() -> None:
+    decision = decide(PromotionSettings(metric=M), challenger={M: 0.8}, base={M: 0.4}, champion={M: 0.9},
+                      champion_version="2")
+    assert isinstance(decision, GateDecision)
+    as_dict = decision.to_dict()
+    assert as_dict["promote"] is False and as_dict["checks"][0]["passed"] is False
+    report = render_markdown(decision, name="viggo", version="3", promoted=False)
+    assert "**held**" in report and "| fail |" in report and "challenger 0.8000, champion v2 0.9000" in report
+
+
+def test_report_distinguishes_promoted_from_passed_but_held() -> None:
+    decision = decide(PromotionSettings(metric=M), challenger={M: 0.8}, base={M: 0.4}, champion=None,
+                      champion_version=None)
+    assert decision.promote is True
+    assert "now v1" in render_markdown(decision, name="viggo", version=1, promoted=True)
+    assert "auto_promote` is off" in render_markdown(decision, name="viggo", version=1, promoted=False)

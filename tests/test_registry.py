@@ -1,0 +1,314 @@
+"""The MLflow Model Registry flow on a real SQLite store in tmp_path (no mocks). Runs in ~6 s.
+
+Adapters here are fake folders with a valid `lorafleet.json` and a stand-in weights file: the
+registry only moves folders, so a real PEFT save would add seconds and test nothing more.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from lorafleet.models.adapter_dir import AdapterManifest, BaseModelRef, TaskInfo, write_manifest
+from lorafleet.settings import Settings
+from lorafleet.tasks.registry import (
+    CHALLENGER,
+    CHAMPION,
+    AdapterNotFound,
+    InvalidRegistration,
+    NoPreviousChampion,
+    champion_history,
+    download_adapter,
+    get_champion,
+    get_version,
+    latest_version,
+    list_adapters,
+    promote,
+    register_adapter,
+    rollback,
+    set_champion,
+    version_metrics,
+)
+from lorafleet.tasks.tracking import RunLogger, ensure_experiment, mlflow_client, start_run
+
+
+@pytest.fixture(autouse=True)
+def empty_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Every test runs in an empty folder that must stay empty (no ./mlruns, no ./mlflow.db)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    yield cwd
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+    assert sorted(p.name for p in cwd.iterdir()) == []
+
+
+@pytest.fixture(scope="session")
+def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty, fully migrated MLflow SQLite file: creating one costs ~1 s of alembic per test."""
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def client(settings: Settings, migrated_db: Path) -> MlflowClient:
+    shutil.copyfile(migrated_db, settings.home / "mlflow.db")
+    return mlflow_client(settings)
+
+
+def make_adapter(folder: Path, name: str, *, f1: float = 0.5, weights: str = "w") -> Path:
+    folder.mkdir(parents=True)
+    write_manifest(folder, AdapterManifest(
+        name=name, method="lora", base_model=BaseModelRef(id="tiny-random-llama", revision="rev123"),
+        tokenizer_hash="tok", task=TaskInfo(name=name, output_format="json"), data_fingerprint="fp" + name,
+        metrics={"field_f1": f1}))
+    (folder / "adapter_model.safetensors").write_text(weights)
+    return folder
+
+
+def logged_run(client: MlflowClient, settings: Settings, name: str, *, f1: float = 0.5,
+               weights: str = "w", with_adapter: bool = True) -> str:
+    run_id = start_run(client, ensure_experiment(client, name, settings), run_name="finetune", tags={})
+    logger = RunLogger(client, run_id)
+    if with_adapter:
+        src = make_adapter(settings.home / "src" / run_id, name, f1=f1, weights=weights)
+        logger.log_artifacts(src, "adapter")
+    logger.finish()
+    return run_id
+
+
+def register(client: MlflowClient, settings: Settings, name: str = "viggo", **kwargs) -> str:
+    run_id = logged_run(client, settings, name, **kwargs)
+    return str(register_adapter(client, name=name, run_id=run_id, tags={}).version)
+
+
+def versions_of(client: MlflowClient, name: str) -> list[str]:
+    return sorted(str(v.version) for v in client.search_model_versions(f"name='{name}'"))
+
+
+def test_register_sets_source_tags_and_challenger(client: MlflowClient, settings: Settings) -> None:
+    run_id = logged_run(client, settings, "viggo", f1=0.61)
+    version = register_adapter(client, name="viggo", run_id=run_id, description="first try",
+                               tags={"metric.exact_match": "0.4", "flow": "x"})
+    assert str(version.version) == "1"
+    assert version.source == f"runs:/{run_id}/adapter" and version.run_id == run_id
+    assert version.description == "first try" and version.status == "READY"
+    assert version.tags == {"base_model": "tiny-random-llama", "base_model_revision": "rev123",
+                            "method": "lora", "task": "viggo", "data_fingerprint": "fpviggo",
+                            "metric.field_f1": "0.61", "metric.exact_match": "0.4", "flow": "x"}
+    assert client.get_registered_model("viggo").aliases == {CHALLENGER: 1}
+
+    second = register(client, settings, f1=0.7)
+    assert second == "2"
+    assert str(client.get_model_version_by_alias("viggo", CHALLENGER).version) == "2"
+    assert get_champion(client, "viggo") is None
+
+
+def test_run_without_adapter_artifact_is_refused_and_leaves_nothing(client: MlflowClient,
+                                                                     settings: Settings) -> None:
+    run_id = logged_run(client, settings, "viggo", with_adapter=False)
+    with pytest.raises(InvalidRegistration, match="no `adapter/lorafleet.json` artifact"):
+        register_adapter(client, name="viggo", run_id=run_id, tags={})
+    assert client.search_registered_models() == []
+    with pytest.raises(InvalidRegistration, match="no such MLflow run"):
+        register_adapter(client, name="viggo", run_id="0" * 32, tags={})
+
+
+def test_invalid_manifest_is_refused(client: MlflowClient, settings: Settings, tmp_path: Path) -> None:
+    run_id = start_run(client, ensure_experiment(client, "viggo", settings), run_name="bad", tags={})
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "lorafleet.json").write_text('{"name": "viggo"}')
+    RunLogger(client, run_id).log_artifacts(bad, "adapter")
+    with pytest.raises(InvalidRegistration, match="not a valid manifest"):
+        register_adapter(client, name="viggo", run_id=run_id, tags={})
+    assert client.search_model_versions("name='viggo'") == []
+
+
+def test_invalid_name_is_refused(client: MlflowClient, settings: Settings) -> None:
+    run_id = logged_run(client, settings, "viggo")
+    with pytest.raises(ValueError, match="'Viggo@2' is not valid"):
+        register_adapter(client, name="Viggo@2", run_id=run_id, tags={})
+
+
+class AliasFailsClient(MlflowClient):
+    """A real client whose alias call fails, as a server error after the version exists would."""
+
+    def set_registered_model_alias(self, name: str, alias: str, version: str) -> None:
+        raise MlflowException("injected: alias service unavailable")
+
+
+def test_failure_after_version_is_created_deletes_it(client: MlflowClient, settings: Settings) -> None:
+    assert register(client, settings) == "1"
+    failing = AliasFailsClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+    run_id = logged_run(client, settings, "viggo")
+    with pytest.raises(MlflowException, match="injected"):
+        register_adapter(failing, name="viggo", run_id=run_id, tags={})
+    assert versions_of(client, "viggo") == ["1"]
+    assert client.get_registered_model("viggo").aliases == {CHALLENGER: 1}
+
+    # a bad tag key fails after the version exists too
+    with pytest.raises(MlflowException, match="key"):
+        register_adapter(client, name="viggo", run_id=run_id, tags={"": "empty key"})
+    assert versions_of(client, "viggo") == ["1"]
+    # MLflow never reuses a deleted version number
+    assert str(register_adapter(client, name="viggo", run_id=run_id, tags={}).version) == "4"
+    assert versions_of(client, "viggo") == ["1", "4"]
+
+
+def test_failed_first_registration_removes_the_new_registered_model(client: MlflowClient,
+                                                                    settings: Settings) -> None:
+    failing = AliasFailsClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+    run_id = logged_run(client, settings, "fresh")
+    with pytest.raises(MlflowException, match="injected"):
+        register_adapter(failing, name="fresh", run_id=run_id, tags={})
+    assert [m.name for m in client.search_registered_models()] == []
+
+
+def test_champion_moves_with_history_and_rollback(client: MlflowClient, settings: Settings) -> None:
+    for _ in range(3):
+        register(client, settings)
+    set_champion(client, "viggo", "1", reason="first version beats base")
+    set_champion(client, "viggo", 2, reason="gate passed")
+    set_champion(client, "viggo", "3", reason="gate passed again")
+    set_champion(client, "viggo", "3", reason="repeat is a no-op")
+    assert champion_history(client, "viggo") == ["1", "2", "3"]
+    champion = get_champion(client, "viggo")
+    assert champion is not None and str(champion.version) == "3"
+    assert champion.tags["promotion_reason"] == "gate passed again" and "promoted_at" in champion.tags
+
+    assert rollback(client, "viggo") == ("3", "2")
+    assert str(get_champion(client, "viggo").version) == "2"
+    assert client.get_model_version("viggo", "2").tags["promotion_reason"] == "rollback from v3"
+    assert "rolled_back_at" in client.get_model_version("viggo", "3").tags
+    assert rollback(client, "viggo") == ("2", "1")
+    with pytest.raises(NoPreviousChampion, match="no earlier champion"):
+        rollback(client, "viggo")
+    assert str(get_champion(client, "viggo").version) == "1"
+
+
+def test_rollback_needs_a_champion(client: MlflowClient, settings: Settings) -> None:
+    register(client, settings)
+    with pytest.raises(NoPreviousChampion, match="has no champion"):
+        rollback(client, "viggo")
+    with pytest.raises(AdapterNotFound, match="no registered adapter named 'nope'"):
+        rollback(client, "nope")
+
+
+def test_rollback_survives_hand_moved_alias_and_deleted_versions(client: MlflowClient,
+                                                                 settings: Settings) -> None:
+    for _ in range(4):
+        register(client, settings)
+    set_champion(client, "viggo", "1", reason="a")
+    set_champion(client, "viggo", "2", reason="b")
+    set_champion(client, "viggo", "3", reason="c")
+    client.delete_model_version("viggo", "2")
+    client.set_registered_model_alias("viggo", CHAMPION, "4")  # moved in the MLflow UI
+    assert rollback(client, "viggo") == ("4", "3")
+    assert rollback(client, "viggo") == ("3", "1")  # v2 is gone
+
+
+def test_set_champion_and_promote_validate_the_version(client: MlflowClient, settings: Settings) -> None:
+    register(client, settings)
+    register(client, settings)
+    with pytest.raises(AdapterNotFound, match="has no version 9"):
+        promote(client, "viggo", "9", "manual")
+    with pytest.raises(AdapterNotFound, match="no registered adapter named 'nope'"):
+        set_champion(client, "nope", "1", reason="x")
+    with pytest.raises(ValueError, match="needs a reason"):
+        set_champion(client, "viggo", "1", reason=" ")
+    promoted = promote(client, "viggo", "challenger", "manual: looks good")
+    assert str(promoted.version) == "2" and promoted.tags["promotion_reason"] == "manual: looks good"
+    assert str(get_champion(client, "viggo").version) == "2"
+
+
+def test_get_version_resolves_numbers_aliases_and_latest(client: MlflowClient, settings: Settings) -> None:
+    register(client, settings)
+    register(client, settings)
+    set_champion(client, "viggo", "1", reason="x")
+    assert str(get_version(client, "viggo", 1).version) == "1"
+    assert str(get_version(client, "viggo", "champion").version) == "1"
+    assert str(get_version(client, "viggo", "challenger").version) == "2"
+    assert str(get_version(client, "viggo", "latest").version) == "2"
+    with pytest.raises(AdapterNotFound, match=r"no alias 'staging' \(aliases: challenger=v2, champion=v1\)"):
+        get_version(client, "viggo", "staging")
+    with pytest.raises(AdapterNotFound, match="no registered adapter named 'other'"):
+        get_version(client, "other", "1")
+    assert get_champion(client, "other") is None
+    assert latest_version(client, "other") is None
+    assert str(latest_version(client, "viggo").version) == "2"
+
+
+def test_version_metrics_read_tag_prefixes(client: MlflowClient, settings: Settings) -> None:
+    run_id = logged_run(client, settings, "viggo", f1=0.6)
+    version = register_adapter(client, name="viggo", run_id=run_id,
+                               tags={"base_metric.field_f1": "0.25", "metric.broken": "n/a"})
+    assert version_metrics(version) == {"field_f1": 0.6}  # the non-number is skipped with a warning
+    assert version_metrics(version, prefix="base_metric.") == {"field_f1": 0.25}
+
+
+def test_list_adapters(client: MlflowClient, settings: Settings) -> None:
+    register(client, settings, "viggo", f1=0.4)
+    register(client, settings, "viggo", f1=0.6)
+    register(client, settings, "conll", f1=0.8)
+    set_champion(client, "viggo", "1", reason="x")
+    client.create_registered_model("not-lorafleet")  # someone else's model in a shared registry
+
+    summaries = list_adapters(client)
+    assert [s.name for s in summaries] == ["conll", "viggo"]
+    conll, viggo = summaries
+    assert (conll.latest_version, conll.champion, conll.challenger) == ("1", None, "1")
+    assert conll.metrics == {"field_f1": 0.8}
+    assert (viggo.latest_version, viggo.champion, viggo.challenger) == ("2", "1", "2")
+    assert viggo.metrics == {"field_f1": 0.4}  # the champion's numbers head the row
+    assert viggo.base_model == "tiny-random-llama" and viggo.method == "lora"
+    assert [(v.version, v.aliases, v.metrics["field_f1"]) for v in viggo.versions] == [
+        ("2", ("challenger",), 0.6), ("1", ("champion",), 0.4)]
+    as_json = json.loads(json.dumps([summary.as_dict() for summary in summaries]))
+    assert as_json[1]["versions"][1]["aliases"] == ["champion"] and as_json[1]["champion"] == "1"
+
+
+def test_models_uris_download_the_adapter_folder(client: MlflowClient, settings: Settings,
+                                                 tmp_path: Path) -> None:
+    register(client, settings, weights="one")
+    register(client, settings, weights="two")
+    set_champion(client, "viggo", "1", reason="x")
+    for uri, weights in (("models:/viggo@champion", "one"), ("models:/viggo/2", "two"),
+                         ("models:/viggo@challenger", "two")):
+        local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / uri.replace("/", "_"))))
+        assert sorted(p.name for p in local.iterdir()) == ["adapter_model.safetensors", "lorafleet.json"]
+        assert (local / "adapter_model.safetensors").read_text() == weights
+        assert json.loads((local / "lorafleet.json").read_text())["name"] == "viggo"
+
+
+def test_download_adapter_resolves_alias_and_reuses_folder(client: MlflowClient, settings: Settings) -> None:
+    register(client, settings, weights="one")
+    register(client, settings, weights="two")
+    set_champion(client, "viggo", "1", reason="x")
+    root = settings.adapter_download_dir
+
+    path = download_adapter(client, "viggo", "champion", root)
+    assert path == root / "viggo" / "v1"
+    assert (path / "adapter_model.safetensors").read_text() == "one"
+    (path / "marker").write_text("kept")
+    assert download_adapter(client, "viggo", 1, root) == path
+    assert (path / "marker").exists()  # reused, not downloaded again
+
+    set_champion(client, "viggo", "2", reason="y")
+    moved = download_adapter(client, "viggo", "champion", root)
+    assert moved == root / "viggo" / "v2" and (moved / "adapter_model.safetensors").read_text() == "two"
+    assert sorted(p.name for p in (root / "viggo").iterdir() if not p.name.startswith(".")) == ["v1", "v2"]
+    assert not [p for p in (root / "viggo").iterdir() if p.name.endswith(".partial")]
+    with pytest.raises(AdapterNotFound):
+        download_adapter(client, "viggo", "7", root)
+    assert not (root / "viggo" / "v7").exists()
