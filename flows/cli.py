@@ -166,6 +166,9 @@ def _print_summary(summary: dict) -> None:
                   + ("[green]promoted to champion[/]" if summary["promoted"] else "[yellow]not promoted[/]"))
     for reason in summary["gate_reasons"]:
         console.print(f"  - {reason}")
+    train = summary["train"]
+    resumed = f", resumed from step {train['resumed_from_step']}" if train["resumed_from_step"] else ""
+    console.print(f"training: {train['steps']} steps{resumed}, best validation loss {train['best_val_loss']:.4f}")
     rows = [(summary["labels"][k], v) for k, v in summary["metrics"].items()]
     console.print(comparison_markdown(rows))
     console.print(f"adapter: {summary['adapter_dir']}   MLflow run: {summary['run_id']}")

@@ -38,7 +38,7 @@ def run_demo(config_path: Path, settings: Settings, *, port: int | None, console
                   + "".join(f"\n  - {r}" for r in summary["gate_reasons"]))
 
     console.rule("[bold]2/3 serving: bentoml serve with every champion adapter")
-    questions = _questions(Path(summary["adapter_dir"]), settings, spec.name)
+    questions = _questions(Path(summary["prepared_dir"]))
     with start_server(settings, port=port, log_file=settings.home / "demo-server.log") as server:
         console.print(f"server up at {server.url} (log: {settings.home / 'demo-server.log'})")
         models = httpx.get(f"{server.url}/v1/models", timeout=30).json()
@@ -61,13 +61,9 @@ def run_demo(config_path: Path, settings: Settings, *, port: int | None, console
     return summary
 
 
-def _questions(adapter_dir: Path, settings: Settings, name: str) -> list[dict[str, str]]:
+def _questions(prepared_dir: Path) -> list[dict[str, str]]:
     """A few held-out test inputs (never seen in training) from the prepared data of this run."""
-    from lorafleet.models.adapter_dir import read_manifest
-
-    fingerprint = read_manifest(adapter_dir).data_fingerprint or ""
-    prepared = PreparedData.from_dir(settings.prepared_data_dir / name / fingerprint[:16])
-    rows = prepared.records("test")[-N_QUESTIONS:]
+    rows = PreparedData.from_dir(prepared_dir).records("test")[-N_QUESTIONS:]
     return [{"messages": row["messages"], "input": row["messages"][-1]["content"], "reference": row["completion"]}
             for row in rows]
 

@@ -49,7 +49,9 @@ def _prepare_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     settings: Settings = parameters["settings"]
     resolved = resolve_base_model(config.base_model, settings.model_cache_dir)
     return hashlib.sha256("|".join([
-        source_key(config.data, settings.data_root), config.name, resolved.revision,
+        # The output folder is part of the key: another LORAFLEET_HOME must get its own prepared copy.
+        str(settings.prepared_data_dir), source_key(config.data, settings.data_root), config.name,
+        resolved.revision,
         hashlib.sha256(inspect.getsource(prepare_dataset).encode()).hexdigest(),
     ]).encode()).hexdigest()
 

@@ -128,3 +128,16 @@ def test_retrain_only_retrains_adapters_whose_data_changed(home, tmp_path):
     with get_client(sync_client=True) as prefect:
         runs = prefect.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="prepare-data")))
     assert any(run.state.name == "Cached" for run in runs)
+
+
+def test_each_lorafleet_home_gets_its_own_prepared_data(home, tmp_path, monkeypatch):
+    """The data-prep cache is keyed on the output folder: a second home must not reuse the first's."""
+    from lorafleet.flows.finetune import finetune
+
+    config = copy_task_config(write_copy_task(tmp_path / "copy.jsonl", n=80), name="homed", steps=4)
+    first = finetune(config=config)
+    monkeypatch.setenv("LORAFLEET_HOME", str(tmp_path / "other-home"))
+    second = finetune(config=config)
+    assert Path(first["prepared_dir"]).is_relative_to(home.home)
+    assert Path(second["prepared_dir"]).is_relative_to(tmp_path / "other-home")
+    assert first["data_fingerprint"] == second["data_fingerprint"]
