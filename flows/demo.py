@@ -45,17 +45,17 @@ def run_demo(config_path: Path, settings: Settings, *, port: int | None, console
         base_id = next(m["id"] for m in models["data"] if m.get("owned_by") == "base" or m["id"] == spec.base_model)
         console.print("models served: " + ", ".join(m["id"] for m in models["data"]))
         console.rule("[bold]3/3 the same questions to the base model and to the adapter (chat completions)")
-        answers = Table(show_lines=True)
-        answers.add_column("input")
-        answers.add_column("reference")
-        answers.add_column(f"base: {base_id}")
-        answers.add_column(f"adapter: {spec.name}")
-        for question in questions:
-            row = [question["input"], question["reference"]]
-            for model in (base_id, spec.name):
-                row.append(_ask(server.url, model, question["messages"], spec.evaluation.max_new_tokens))
-            answers.add_row(*row)
-        console.print(answers)
+        for number, question in enumerate(questions, 1):
+            answers = Table.grid(padding=(0, 2))
+            answers.add_column(style="bold", no_wrap=True)
+            answers.add_column(overflow="fold")
+            answers.add_row("input", question["input"])
+            answers.add_row("reference", question["reference"])
+            for label, model in ((f"base ({base_id})", base_id), (f"adapter ({spec.name})", spec.name)):
+                answer = _ask(server.url, model, question["messages"], spec.evaluation.max_new_tokens)
+                verdict = "[green]= reference[/]" if answer.strip() == question["reference"].strip() else ""
+                answers.add_row(label, _clip(answer) + (f"  {verdict}" if verdict else ""))
+            console.print(Panel(answers, title=f"question {number}", title_align="left"))
     console.print(f"[bold green]demo finished in {time.perf_counter() - started:.0f} s[/]; "
                   f"state under {settings.home} (MLflow: {settings.tracking_uri})")
     return summary
@@ -66,6 +66,12 @@ def _questions(prepared_dir: Path) -> list[dict[str, str]]:
     rows = PreparedData.from_dir(prepared_dir).records("test")[-N_QUESTIONS:]
     return [{"messages": row["messages"], "input": row["messages"][-1]["content"], "reference": row["completion"]}
             for row in rows]
+
+
+def _clip(text: str, limit: int = 240) -> str:
+    """Base models ramble to max_tokens; keep the table readable."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[:limit] + " …"
 
 
 def _ask(url: str, model: str, messages: list[dict[str, str]], max_tokens: int) -> str:

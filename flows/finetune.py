@@ -51,7 +51,7 @@ def run_finetune(spec: FinetuneConfig, settings: Settings) -> dict[str, Any]:
     try:
         trained = steps.train(spec, prepared, settings, key, run_id)
         outcome = steps.evaluate(spec, prepared, trained, settings, run_id)
-        version = steps.register(spec, trained, outcome, settings, run_id, prepared.fingerprint)
+        version = steps.register(spec, trained, outcome, settings, run_id)
         decision = steps.gate(spec, version, outcome, settings, run_id)
     except KeyboardInterrupt:
         tracking.RunLogger(client, run_id).finish("KILLED")  # resumable: rerun the same config

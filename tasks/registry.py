@@ -109,9 +109,13 @@ def version_tags(manifest: AdapterManifest) -> dict[str, str]:
     }
     if manifest.data_fingerprint:
         tags["data_fingerprint"] = manifest.data_fingerprint
-    for metric, value in manifest.metrics.items():
-        tags[f"{METRIC_TAG_PREFIX}{metric}"] = repr(float(value))
+    tags.update(metric_tags(manifest.metrics))
     return tags
+
+
+def metric_tags(metrics: Mapping[str, float], prefix: str = METRIC_TAG_PREFIX) -> dict[str, str]:
+    """Metrics as version tags, written exactly (`repr`): the gate compares values read back from them."""
+    return {f"{prefix}{name}": repr(float(value)) for name, value in metrics.items()}
 
 
 def read_run_manifest(client: MlflowClient, run_id: str) -> AdapterManifest:

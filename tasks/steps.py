@@ -142,19 +142,16 @@ def evaluate(config: FinetuneConfig, prepared: PreparedData, trained: TrainedAda
 
 @task(name="register", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_on_io_error)
 def register(config: FinetuneConfig, trained: TrainedAdapter, outcome: EvaluationOutcome, settings: Settings,
-             run_id: str, data_fingerprint: str) -> str:
+             run_id: str) -> str:
     """Upload the adapter directory to the run and register it as a version with alias `challenger`."""
     client = tracking.mlflow_client(settings)
     run = tracking.RunLogger(client, run_id)
     run.log_artifacts(trained.adapter_dir, registry.ADAPTER_ARTIFACT_PATH)
-    resolved = resolve_base_model(config.base_model, settings.model_cache_dir)
-    tags = {"base_model": resolved.model_id, "base_model_revision": resolved.revision,
-            "method": config.method, "data_fingerprint": data_fingerprint}
-    tags.update({f"metric.{k}": f"{v:.6g}" for k, v in outcome.adapter.items()})
-    # The best base variant's metrics too, so a later `promote` flow can re-run the gate from tags alone.
-    tags.update({f"base_metric.{k}": f"{v:.6g}" for k, v in outcome.best_base(config.promotion.metric).items()})
+    # Base model, method, fingerprint and the adapter's metrics come from its manifest (registry.version_tags);
+    # the best base variant's metrics are added so a later `promote` flow can re-run the gate from tags alone.
+    tags = registry.metric_tags(outcome.best_base(config.promotion.metric), prefix="base_metric.")
     version = registry.register_adapter(client, name=config.name, run_id=run_id, tags=tags,
-                                        description=f"{config.method} adapter of {resolved.model_id}")
+                                        description=f"{config.method} adapter of {config.base_model}")
     get_run_logger().info("registered %s version %s (alias challenger)", config.name, version.version)
     return str(version.version)
 

@@ -15,9 +15,10 @@ import yaml
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from flow_helpers import copy_task_config, write_copy_task
 from lorafleet.flows.cli import app
 from lorafleet.settings import Settings
+
+from flow_helpers import copy_task_config, write_copy_task
 
 LORAFLEET = [sys.executable, "-m", "lorafleet.flows.cli"]
 
@@ -37,7 +38,7 @@ def cli_env(tmp_path: Path, model_cache: Path, monkeypatch: pytest.MonkeyPatch) 
 
 
 def run_cli(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(LORAFLEET + args, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(LORAFLEET + args, check=False, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_killed_finetune_resumes_into_the_same_mlflow_run(tmp_path, cli_env):

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from flow_helpers import copy_task_config, write_copy_task
 from mlflow import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 
 from lorafleet.settings import Settings
 from lorafleet.tasks import registry
+
+from flow_helpers import copy_task_config, write_copy_task
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -81,6 +82,13 @@ def test_finetune_registers_promotes_then_holds_a_worse_challenger(home, tmp_pat
     assert second["version"] == "2" and not second["promoted"]
     assert aliases(client, "copy") == {"champion": "1", "challenger": "2"}
     assert "champion" in " ".join(second["gate_reasons"])
+
+    # Re-running the first config reuses its finished training: equal metrics reach champion + 0.
+    third = finetune(config=copy_task_config(data))
+    quality = ("field_f1", "exact_match", "rouge_l")
+    assert [third["metrics"]["adapter"][k] for k in quality] == [first["metrics"]["adapter"][k] for k in quality]
+    assert third["promoted"], third["gate_reasons"]
+    assert aliases(client, "copy") == {"champion": "3", "challenger": "3"}
 
 
 def test_bad_data_fails_before_training_and_registers_nothing(home, tmp_path):

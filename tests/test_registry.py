@@ -29,6 +29,7 @@ from lorafleet.tasks.registry import (
     get_version,
     latest_version,
     list_adapters,
+    metric_tags,
     promote,
     register_adapter,
     rollback,
@@ -255,6 +256,17 @@ def test_version_metrics_read_tag_prefixes(client: MlflowClient, settings: Setti
                                tags={"base_metric.field_f1": "0.25", "metric.broken": "n/a"})
     assert version_metrics(version) == {"field_f1": 0.6}  # the non-number is skipped with a warning
     assert version_metrics(version, prefix="base_metric.") == {"field_f1": 0.25}
+
+
+def test_metrics_survive_the_tag_round_trip_exactly(client: MlflowClient, settings: Settings) -> None:
+    """The gate compares a challenger's in-memory metrics with the champion's read back from tags:
+    any rounding on the way (e.g. `:.6g`) would make an equal challenger fall short."""
+    awkward = {"field_f1": 119 / 120, "exact_match": 1 / 3, "rouge_l": 0.1 + 0.2}
+    run_id = logged_run(client, settings, "viggo", f1=awkward["field_f1"])
+    version = register_adapter(client, name="viggo", run_id=run_id,
+                               tags=metric_tags(awkward, prefix="base_metric."))
+    assert version_metrics(version)["field_f1"] == awkward["field_f1"]
+    assert version_metrics(version, prefix="base_metric.") == awkward
 
 
 def test_list_adapters(client: MlflowClient, settings: Settings) -> None:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from serving_helpers import BASE, make_adapter
 
 from lorafleet.models.adapter_dir import read_manifest
 from lorafleet.models.base import load_base_model
@@ -22,6 +21,8 @@ from lorafleet.serving.runner import GenerationRunner
 from lorafleet.serving.settings import ServiceSettings
 from lorafleet.serving.text_stream import TextAssembler
 from lorafleet.settings import Settings
+
+from serving_helpers import BASE, make_adapter
 
 CONTEXT = 256  # small on purpose: over-long prompts stay cheap
 LIMIT = 512  # above CONTEXT, so prompt + max_tokens can overflow the context

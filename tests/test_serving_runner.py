@@ -10,7 +10,6 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from serving_helpers import make_adapter, reference_greedy
 
 from lorafleet.models.base import load_base_model
 from lorafleet.serving.generation import (
@@ -20,6 +19,8 @@ from lorafleet.serving.generation import (
     SamplingParams,
 )
 from lorafleet.serving.runner import GenerationRunner
+
+from serving_helpers import make_adapter, reference_greedy
 
 PROMPTS = {"alpha": "hello there", "beta": "a much longer prompt for the beta adapter", None: "x"}
 

@@ -18,7 +18,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from serving_helpers import BASE, make_adapter, reference_greedy, register_adapter
 
 from lorafleet.models.base import load_tokenizer, resolve_base_model
 from lorafleet.models.embedded import EMBEDDED_MODEL_ID
@@ -33,6 +32,8 @@ from lorafleet.serving.adapters import (
 from lorafleet.serving.launcher import ServerStartError, start_server
 from lorafleet.serving.registry_reader import RegistryReader
 from lorafleet.settings import Settings
+
+from serving_helpers import BASE, make_adapter, reference_greedy, register_adapter
 
 SYSTEM = {"alpha": "You are alpha.", "beta": "You are beta."}
 

@@ -82,3 +82,15 @@ def test_models_and_evaluation_do_not_import_tasks():
     for folder in ("models", "evaluation"):
         for path in python_files(folder):
             assert "lorafleet.tasks" not in imported_roots(path), path
+
+
+def test_ruff_is_clean():
+    """Lint runs with the tests so CI (which runs `make test`) keeps the tree clean."""
+    import shutil
+    import subprocess
+    import sys
+
+    ruff = shutil.which("ruff", path=str(Path(sys.executable).parent))
+    assert ruff, "ruff is a dev dependency: run `make install`"
+    result = subprocess.run([ruff, "check", str(ROOT)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout
