@@ -114,6 +114,46 @@ def plot_metric_comparison(rows: Sequence[Row], columns: Sequence[str] | None = 
     return figure
 
 
+def plot_acceptance_histogram(histogram: Sequence[int], *, title: str = "accepted drafts per step") -> Figure:
+    """Share of verification steps that accepted 0, 1, …, K drafted tokens (τ = 1 + the mean)."""
+    if not histogram or sum(histogram) == 0:
+        raise ValueError("plot_acceptance_histogram: no verification steps")
+    total = sum(histogram)
+    mean = sum(k * n for k, n in enumerate(histogram)) / total
+    figure = _figure((6, 4))
+    axes = figure.add_subplot()
+    axes.bar(range(len(histogram)), [n / total for n in histogram], color="tab:blue")
+    axes.axvline(mean, color="tab:red", linestyle="--", label=f"mean {mean:.2f} (τ = {1 + mean:.2f})")
+    axes.set_xticks(range(len(histogram)))
+    axes.set_xlabel("drafted tokens accepted in one step")
+    axes.set_ylabel("share of steps")
+    axes.set_title(title)
+    axes.legend()
+    axes.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+def plot_throughput(rates: Mapping[str, float], *, baseline: str | None = None,
+                    title: str = "tokens/s, batch 1, greedy") -> Figure:
+    """One bar per decoder; with `baseline`, each bar is labelled with its ratio to that decoder."""
+    if not rates:
+        raise ValueError("plot_throughput: no decoders")
+    figure = _figure((max(6.0, 1.6 * len(rates)), 4))
+    axes = figure.add_subplot()
+    names = list(rates)
+    bars = axes.bar(names, [rates[n] for n in names], color="tab:green")
+    if baseline is not None:
+        for bar, name in zip(bars, names, strict=True):
+            axes.annotate(f"{rates[name] / rates[baseline]:.2f}x", (bar.get_x() + bar.get_width() / 2,
+                                                                   bar.get_height()), ha="center", va="bottom")
+    axes.set_ylabel("tokens/s")
+    axes.set_title(title)
+    axes.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
 def _figure(size: tuple[float, float]) -> Figure:
     figure = Figure(figsize=size, dpi=100)
     FigureCanvasAgg(figure)  # attaches itself: savefig/print_png work without pyplot

@@ -17,3 +17,7 @@ class EvaluationSettings(BaseModel):
     speed_max_new_tokens: int = Field(64, ge=1)
     speed_warmup: int = Field(1, ge=0, description="untimed requests before timing starts (allocator, "
                                                    "kernel and lazy-init costs are not per-token costs)")
+    speculative_prompts: int = Field(24, ge=1, description="Turbo adapters: test prompts run through plain, "
+                                                          "speculative, HF generate and HF prompt lookup")
+    speculative_max_new_tokens: int = Field(96, ge=1)
+    prompt_lookup_num_tokens: int = Field(10, ge=1, description="the HF prompt-lookup baseline's draft length")

@@ -18,6 +18,9 @@ from rich.table import Table
 app = typer.Typer(help="lorafleet: fine-tune, evaluate, register, promote and serve LoRA adapters.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 console = Console()
+bench_app = typer.Typer(help="Benchmarks: print a table and write JSON, baselines measured in the same run.",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -153,6 +156,28 @@ def rollback(name: str) -> None:
     except (ValueError, LookupError) as error:
         _fail(str(error))
     console.print(f"{name}: champion rolled back from version {before} to version {after}")
+
+
+@bench_app.command("speculative")
+def bench_speculative(
+    model: Annotated[str, typer.Option(help="adapter with Turbo heads: a folder, NAME, NAME@ALIAS, NAME@VERSION")],
+    json_out: Annotated[Path, typer.Option("--json", help="where to write the JSON report")],
+    data: Annotated[str | None, typer.Option(help="data preset for prompts (default: the adapter's own)")] = None,
+    n: Annotated[int, typer.Option(help="number of test prompts")] = 100,
+    max_new_tokens: Annotated[int, typer.Option(help="new tokens per prompt")] = 96,
+    prompt_lookup: Annotated[int, typer.Option(help="HF prompt-lookup draft length")] = 10,
+) -> None:
+    """Speculative decoding vs plain decoding, HF generate and HF prompt lookup, on the same prompts."""
+    from lorafleet.flows.bench import print_speculative, speculative_bench, write_json
+
+    try:
+        report = speculative_bench(model, _settings(), data=data, n=n, max_new_tokens=max_new_tokens,
+                                   prompt_lookup_num_tokens=prompt_lookup, console=console)
+    except (ValueError, LookupError, FileNotFoundError) as error:
+        _fail(str(error))
+    print_speculative(report, console)
+    write_json(report, json_out)
+    console.print(f"wrote {json_out}")
 
 
 def _fmt(value: float | None) -> str:

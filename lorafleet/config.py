@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lorafleet.evaluation.settings import EvaluationSettings
 from lorafleet.models.embedded import EMBEDDED_MODEL_ID
 from lorafleet.models.lora import LoraSettings
 from lorafleet.models.training_settings import TrainingSettings
+from lorafleet.models.turbo_settings import TurboSettings
 from lorafleet.tasks.data.settings import DataSettings
 from lorafleet.tasks.gate_settings import PromotionSettings
 
@@ -35,11 +36,12 @@ class FinetuneConfig(BaseModel):
 
     name: str = Field(description="adapter and registered-model name")
     base_model: str = EMBEDDED_MODEL_ID
-    method: Literal["lora", "qlora"] = "lora"
+    method: Literal["lora", "qlora", "turbo_lora", "turbo"] = "lora"
     device: str = "auto"
     data: DataSettings
     lora: LoraSettings = LoraSettings()
     training: TrainingSettings = TrainingSettings()
+    turbo: TurboSettings = TurboSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
     promotion: PromotionSettings = PromotionSettings()
 
@@ -50,6 +52,16 @@ class FinetuneConfig(BaseModel):
             raise ValueError("must be 1-64 characters of lowercase letters, digits, '.', '_' or '-', "
                              "starting with a letter or digit (no '@': it separates aliases)")
         return value
+
+    @model_validator(mode="after")
+    def _turbo_fields_fit_the_method(self) -> FinetuneConfig:
+        if self.turbo.base_adapter is not None and self.method != "turbo":
+            raise ValueError("turbo.base_adapter only applies to method 'turbo' (heads on an existing LoRA)")
+        return self
+
+    @property
+    def has_heads(self) -> bool:
+        return self.method in ("turbo_lora", "turbo")
 
 
 class RetrainConfig(BaseModel):

@@ -60,6 +60,7 @@ class AdapterManifest(BaseModel):
     chat_template: str | None = None
     task: TaskInfo
     data_fingerprint: str | None = None
+    base_adapter: str | None = None  # turbo: the LoRA adapter the heads were trained on (its files are copied here)
     training_config: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, float] = Field(default_factory=dict)
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
@@ -83,16 +84,23 @@ def read_manifest(adapter_dir: Path) -> AdapterManifest:
         raise InvalidAdapterDir(f"{path} is not a valid manifest: {error}") from error
 
 
+def has_lora(adapter_dir: Path) -> bool:
+    """Whether the folder carries PEFT LoRA weights (every method but a bare-base `turbo`)."""
+    return (Path(adapter_dir) / PEFT_WEIGHTS_FILE).exists()
+
+
 def validate_adapter_dir(adapter_dir: Path) -> AdapterManifest:
     """Check the files the contract requires for the manifest's method; return the manifest."""
     adapter_dir = Path(adapter_dir)
     manifest = read_manifest(adapter_dir)
     required = []
-    if manifest.method in ("lora", "qlora", "turbo_lora"):
+    if manifest.method in ("lora", "qlora", "turbo_lora") or manifest.base_adapter:
         required += [PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE]
     if manifest.method in ("turbo_lora", "turbo"):
         required += [TURBO_CONFIG_FILE, TURBO_WEIGHTS_FILE]
     missing = [name for name in required if not (adapter_dir / name).exists()]
+    if manifest.method == "turbo" and not manifest.base_adapter and (adapter_dir / PEFT_WEIGHTS_FILE).exists():
+        raise InvalidAdapterDir(f"{adapter_dir}: a turbo adapter with LoRA files must name its base_adapter")
     if missing:
         raise InvalidAdapterDir(f"{adapter_dir} ({manifest.method}) is missing {', '.join(missing)}")
     pickled = [p.name for p in adapter_dir.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".pkl"}]

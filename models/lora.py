@@ -68,15 +68,21 @@ def count_trainable(model: Any) -> tuple[int, int]:
     return trainable, total
 
 
-def save_adapter(peft_model: Any, target_dir: Path, manifest: AdapterManifest, *,
-                 extra_files: dict[str, bytes] | None = None, overwrite: bool = True) -> Path:
-    """Write the adapter directory in one atomic step: nobody ever sees a half-written adapter."""
+def save_adapter(peft_model: Any | None, target_dir: Path, manifest: AdapterManifest, *,
+                 heads: Any | None = None, overwrite: bool = True) -> Path:
+    """Write the adapter directory in one atomic step: nobody ever sees a half-written adapter.
+
+    `peft_model` is None for a Turbo adapter on the bare base (heads only); `heads` adds the
+    speculative heads (`turbo_config.json`, `turbo_heads.safetensors`).
+    """
+    from .turbo_heads import save_heads
+
     target_dir = Path(target_dir)
     with atomic_directory(target_dir, overwrite=overwrite) as staging:
-        if manifest.method != "turbo":
+        if peft_model is not None:
             peft_model.save_pretrained(str(staging), safe_serialization=True)
-        for name, payload in (extra_files or {}).items():
-            (staging / name).write_bytes(payload)
+        if heads is not None:
+            save_heads(heads, staging)
         write_manifest(staging, manifest)
         validate_adapter_dir(staging)
     return target_dir

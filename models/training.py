@@ -29,8 +29,9 @@ from .checkpoints import (
     save_best,
     save_checkpoint,
 )
-from .loss import completion_loss
+from .loss import CompletionObjective, TurboObjective, summarize
 from .training_settings import TrainingSettings
+from .turbo_settings import TurboSettings
 
 
 class TrainingCallback(Protocol):
@@ -83,23 +84,31 @@ def total_optimizer_steps(n_rows: int, settings: TrainingSettings) -> int:
 
 
 @torch.no_grad()
-def validation_loss(model: Any, rows: Sequence[dict], *, batch_size: int, pad_token_id: int,
-                    precision: str, progress: bool = False) -> float:
-    """Token-weighted mean completion loss over `rows` (dropout off)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
+def validation_metrics(objective: Any, module: torch.nn.Module, rows: Sequence[dict], *, batch_size: int,
+                       pad_token_id: int, precision: str, progress: bool = False) -> dict[str, float]:
+    """The objective's token-weighted means over `rows` (dropout off): `loss`, and for Turbo
+    `lm_loss`, `headK_loss`, `headK_acc` (top-1 accuracy of head K)."""
+    was_training = module.training
+    module.eval()
+    device = next(module.parameters()).device
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
-    total, count = 0.0, 0
+    sums: dict[str, float] = {}
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     for chunk in tqdm(chunks, desc="validation", leave=False, disable=not progress):
         batch = {k: v.to(device) for k, v in collate([rows[i] for i in chunk], pad_token_id).items()}
         with autocast(precision, device):
-            loss, n = completion_loss(model, batch)
-        total += float(loss) * n
-        count += n
-    model.train(was_training)
-    return total / max(count, 1)
+            out = objective(batch)
+        for key, value in out.sums.items():
+            sums[key] = sums.get(key, 0.0) + value
+    module.train(was_training)
+    return summarize(sums)
+
+
+def validation_loss(model: Any, rows: Sequence[dict], *, batch_size: int, pad_token_id: int,
+                    precision: str, progress: bool = False) -> float:
+    """Token-weighted mean completion loss over `rows` (dropout off)."""
+    return validation_metrics(CompletionObjective(model), model, rows, batch_size=batch_size,
+                              pad_token_id=pad_token_id, precision=precision, progress=progress)["loss"]
 
 
 def train_adapter(
@@ -112,12 +121,16 @@ def train_adapter(
     pad_token_id: int,
     callbacks: Sequence[TrainingCallback] = (),
     progress: bool = True,
+    heads: torch.nn.Module | None = None,
+    turbo: TurboSettings | None = None,
+    train_lm: bool = True,
 ) -> TrainResult:
-    """Train the trainable parameters of `model` (a PEFT model) on tokenized rows.
+    """Train the trainable parameters of `model` (a PEFT model) — and Turbo `heads` if given — on rows.
 
-    Rows carry `input_ids` and `labels` (-100 where no loss). Resumes from the newest checkpoint in
-    `checkpoint_dir`; if that folder says training already finished, loads the best weights and
-    returns at once. On return the model holds the weights with the best validation loss.
+    Rows carry `input_ids` and `labels` (-100 where no loss). With heads, the objective is the LM loss
+    (if `train_lm`) plus each head's weighted loss; heads get their own learning rate. Resumes from the
+    newest checkpoint in `checkpoint_dir`; if that folder says training already finished, loads the
+    best weights and returns at once. On return the weights with the best validation loss are loaded.
     """
     from transformers import get_scheduler
 
@@ -130,31 +143,31 @@ def train_adapter(
 
     done = finished_state(checkpoint_dir)
     if done is not None:
-        restore_best(checkpoint_dir, model)
+        restore_best(checkpoint_dir, _trainable_module(model, heads))
         return TrainResult(done, total_steps, precision, already_finished=True)
 
     torch.manual_seed(settings.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    objective, trainable, groups = _training_setup(model, heads, turbo, settings, train_lm)
+    optimizer = torch.optim.AdamW(groups, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     schedule = "constant_with_warmup" if settings.lr_schedule == "constant" else settings.lr_schedule
     scheduler = get_scheduler(schedule, optimizer,
                               num_warmup_steps=round(settings.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
-    state = restore_latest(checkpoint_dir, model, optimizer, scheduler)
+    state = restore_latest(checkpoint_dir, trainable, optimizer, scheduler)
     resumed_from = state.step if state else None
     state = state or TrainerState()
     val_subset = list(val_rows[: settings.eval_examples] if settings.eval_examples else val_rows)
     lengths = [len(row["input_ids"]) for row in train_rows]
     batches_per_epoch = math.ceil(len(train_rows) / settings.batch_size)
 
-    model.train()
+    trainable.train()
     bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step", disable=not progress)
     while state.step < total_steps and not state.stopped_early:
         order = length_grouped_batches(lengths, settings.batch_size, seed=settings.seed, epoch=state.epoch)
         while state.batch_in_epoch < len(order) and state.step < total_steps and not state.stopped_early:
             group = order[state.batch_in_epoch: state.batch_in_epoch + settings.grad_accum]
-            metrics = _optimizer_step(model, [[train_rows[i] for i in b] for b in group], optimizer, scheduler,
-                                      settings, pad_token_id, precision, device)
+            metrics = _optimizer_step(objective, trainable, [[train_rows[i] for i in b] for b in group],
+                                      optimizer, scheduler, settings, pad_token_id, precision, device)
             state.step += 1
             state.batch_in_epoch += len(group)
             state.tokens_seen += int(metrics.pop("_tokens"))
@@ -165,9 +178,11 @@ def train_adapter(
                 for callback in callbacks:
                     callback.on_train_step(state.step, metrics)
             if state.step % settings.eval_every == 0 or state.step == total_steps:
-                _validate(model, val_subset, settings, state, checkpoint_dir, pad_token_id, precision, callbacks)
+                _validate(objective, trainable, val_subset, settings, state, checkpoint_dir, pad_token_id, precision,
+                          callbacks)
             if state.step % settings.checkpoint_every == 0 and state.step < total_steps:
-                save_checkpoint(checkpoint_dir, model, optimizer, scheduler, state, keep=settings.keep_checkpoints)
+                save_checkpoint(checkpoint_dir, trainable, optimizer, scheduler, state,
+                                keep=settings.keep_checkpoints)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['train/loss']:.3f}",
                             val=f"{state.best_val_loss:.3f}" if state.best_val_loss is not None else "-")
@@ -175,27 +190,47 @@ def train_adapter(
             state.epoch += 1
             state.batch_in_epoch = 0
     bar.close()
-    restore_best(checkpoint_dir, model)
+    restore_best(checkpoint_dir, trainable)
     mark_done(checkpoint_dir, state)
     return TrainResult(state, total_steps, precision, resumed_from_step=resumed_from)
 
 
-def _optimizer_step(model: Any, micro_batches: list[list[dict]], optimizer: Any, scheduler: Any,
-                    settings: TrainingSettings, pad_token_id: int, precision: str,
+def _trainable_module(model: Any, heads: torch.nn.Module | None) -> torch.nn.Module:
+    """One module over everything trained, so checkpoints name model and head parameters alike."""
+    return model if heads is None else torch.nn.ModuleDict({"model": model, "heads": heads})
+
+
+def _training_setup(model: Any, heads: torch.nn.Module | None, turbo: TurboSettings | None,
+                    settings: TrainingSettings, train_lm: bool) -> tuple[Any, torch.nn.Module, list[dict]]:
+    model_params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": model_params, "lr": settings.learning_rate}] if model_params else []
+    if heads is None:
+        return CompletionObjective(model), model, groups
+    turbo = turbo or TurboSettings()
+    heads.requires_grad_(True)
+    groups.append({"params": list(heads.parameters()), "lr": turbo.head_learning_rate})
+    weights = turbo.head_weights() if train_lm else [turbo.decay ** k for k in range(turbo.num_heads)]
+    objective = TurboObjective(model, heads, weights, lm_weight=1.0 if train_lm else 0.0)
+    return objective, _trainable_module(model, heads), groups
+
+
+def _optimizer_step(objective: Any, trainable: torch.nn.Module, micro_batches: list[list[dict]], optimizer: Any,
+                    scheduler: Any, settings: TrainingSettings, pad_token_id: int, precision: str,
                     device: torch.device) -> dict[str, float]:
     """One optimizer step over `grad_accum` micro-batches, weighting each by its target tokens."""
     started = time.perf_counter()
     batches = [collate(rows, pad_token_id) for rows in micro_batches]
     n_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
     n_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    loss_sum = 0.0
+    sums: dict[str, float] = {}
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast(precision, device):
-            loss, n = completion_loss(model, batch)
-        (loss * (n / max(n_targets, 1))).backward()
-        loss_sum += float(loss.detach()) * n
-    params = [p for p in model.parameters() if p.requires_grad]
+            out = objective(batch)
+        (out.loss * (out.n_targets / max(n_targets, 1))).backward()
+        for key, value in out.sums.items():
+            sums[key] = sums.get(key, 0.0) + value
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = (torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
                  if settings.max_grad_norm else torch.tensor(0.0))
     lr = scheduler.get_last_lr()[0]
@@ -203,27 +238,32 @@ def _optimizer_step(model: Any, micro_batches: list[list[dict]], optimizer: Any,
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - started
-    return {"train/loss": loss_sum / max(n_targets, 1), "train/lr": lr, "train/grad_norm": float(grad_norm),
-            "train/tokens_per_s": n_tokens / seconds, "train/step_seconds": seconds, "_tokens": n_tokens}
+    metrics = {f"train/{k}": v for k, v in summarize(sums).items()}
+    metrics.update({"train/lr": lr, "train/grad_norm": float(grad_norm), "train/tokens_per_s": n_tokens / seconds,
+                    "train/step_seconds": seconds, "_tokens": n_tokens})
+    return metrics
 
 
-def _validate(model: Any, rows: list[dict], settings: TrainingSettings, state: TrainerState,
-              checkpoint_dir: Path, pad_token_id: int, precision: str,
+def _validate(objective: Any, trainable: torch.nn.Module, rows: list[dict], settings: TrainingSettings,
+              state: TrainerState, checkpoint_dir: Path, pad_token_id: int, precision: str,
               callbacks: Sequence[TrainingCallback]) -> None:
     """Validation pass + early-stopping bookkeeping; the best weights are saved as they appear."""
     if not rows:
         return
-    loss = validation_loss(model, rows, batch_size=settings.batch_size, pad_token_id=pad_token_id,
-                           precision=precision)
+    metrics = validation_metrics(objective, trainable, rows, batch_size=settings.batch_size,
+                                 pad_token_id=pad_token_id, precision=precision)
+    loss = metrics["loss"]
     state.val_history.append((state.step, loss))
     improved = state.best_val_loss is None or loss < state.best_val_loss - settings.early_stopping_min_delta
     if improved:
         state.best_val_loss, state.best_step = loss, state.step
         state.evals_without_improvement = 0
-        save_best(checkpoint_dir, model, state)
+        save_best(checkpoint_dir, trainable, state)
     else:
         state.evals_without_improvement += 1
         patience = settings.early_stopping_patience
         state.stopped_early = patience is not None and state.evals_without_improvement >= patience
+    reported = {f"val/{k}": v for k, v in metrics.items()}
+    reported["val/best_loss"] = state.best_val_loss
     for callback in callbacks:
-        callback.on_validation(state.step, {"val/loss": loss, "val/best_loss": state.best_val_loss})
+        callback.on_validation(state.step, reported)

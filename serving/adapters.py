@@ -218,11 +218,6 @@ class AdapterCatalogue:
                 f"adapter {adapter.name} version {adapter.version} was trained on base model "
                 f"`{manifest.base_model.id}`, but this server serves `{self.base.id}`"
             )
-        if manifest.method == "turbo":
-            raise AdapterIncompatible(
-                f"adapter {adapter.name} version {adapter.version} holds only Turbo heads "
-                "(no LoRA weights): serve it with the speculative engine"
-            )
         if manifest.base_model.revision != self._base_revision:
             log.warning(
                 "adapter %s version %s was trained on revision %s of %s; serving revision %s",

@@ -50,6 +50,7 @@ def build_backend(settings: ServiceSettings, *, metrics: ServingMetrics | None =
         batch_wait_s=settings.batch_wait_ms / 1000,
         max_queue=settings.max_queue,
         on_batch=metrics.observe_batch if metrics is not None else None,
+        on_speculative=metrics.observe_speculative if metrics is not None else None,
     )
     catalogue = AdapterCatalogue(
         base_model_id=loaded.resolved.model_id,

@@ -13,6 +13,10 @@ REQUESTS = "lorafleet_requests"
 GENERATED_TOKENS = "lorafleet_generated_tokens"
 REQUEST_SECONDS = "lorafleet_request_duration_seconds"
 BATCH_SIZE = "lorafleet_batch_size"
+# vLLM's names (vllm:spec_decode_*) under our prefix: drafts = row-steps that verified drafted tokens.
+SPEC_DRAFTS = "lorafleet_spec_decode_num_drafts"
+SPEC_DRAFT_TOKENS = "lorafleet_spec_decode_num_draft_tokens"
+SPEC_ACCEPTED_TOKENS = "lorafleet_spec_decode_num_accepted_tokens"
 
 
 class ServingMetrics:
@@ -42,6 +46,15 @@ class ServingMetrics:
         self.batch_size = Histogram(
             BATCH_SIZE, "requests per generation batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=registry
         )
+        self.spec_drafts = Counter(SPEC_DRAFTS, "speculative verification steps (per row)", registry=registry)
+        self.spec_draft_tokens = Counter(SPEC_DRAFT_TOKENS, "tokens drafted by Turbo heads", registry=registry)
+        self.spec_accepted_tokens = Counter(SPEC_ACCEPTED_TOKENS, "drafted tokens accepted by verification",
+                                            registry=registry)
+
+    def observe_speculative(self, drafts: int, draft_tokens: int, accepted: int) -> None:
+        self.spec_drafts.inc(drafts)
+        self.spec_draft_tokens.inc(draft_tokens)
+        self.spec_accepted_tokens.inc(accepted)
 
     def observe(self, *, model: str, endpoint: str, status: int, tokens: int, seconds: float) -> None:
         self.requests.labels(model=model, endpoint=endpoint, status=str(status)).inc()

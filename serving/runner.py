@@ -14,13 +14,20 @@ Per-row limits are enforced by a streamer plus a stopping criterion that apply t
 (`_Row.decide`): a row ends at one of its stop ids (not emitted), at its own `max_tokens`, or when
 cancelled; `generate` keeps stepping until every row has ended, and tokens a finished row still
 receives (padding) are dropped.
+
+Adapters with Turbo heads (turbo_lora, or heads alone on the bare base) decode speculatively through
+`models.decoding.stream`: their requests batch only with requests for the same adapter, the adapter
+is made PEFT's active one (or switched off for heads on the bare base), and each verification step
+streams however many tokens it accepted. Greedy output is identical to the HF path.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -46,6 +53,9 @@ class RunnerStats:
     decode_steps: int = 0
     failed_batches: int = 0
     largest_batch: int = 0
+    speculative_steps: int = 0  # row-steps that verified drafts
+    speculative_drafted: int = 0  # draft tokens proposed by heads
+    speculative_accepted: int = 0  # draft tokens accepted
 
 
 @dataclass(eq=False)
@@ -68,13 +78,15 @@ class _Row:
         return None
 
 
-def _batch_key(row: _Row) -> tuple:
+def _batch_key(row: _Row, speculative: bool) -> tuple:
+    """Requests that may share a batch share a key; a Turbo adapter's requests batch only together."""
     params = row.request.params
+    prefix = ("speculative", row.request.adapter) if speculative else ()
     if params.greedy:
-        return ("greedy",)
+        return (*prefix, "greedy")
     if params.seed is not None:
         return ("seeded", next(_ids))  # alone: a shared RNG would make its sample depend on neighbours
-    return ("sample", params.temperature, params.top_p)
+    return (*prefix, "sample", params.temperature, params.top_p)
 
 
 def _make_streamer(rows: list[_Row]):
@@ -145,6 +157,7 @@ class GenerationRunner:
         max_queue: int = 256,
         device: Any = None,
         on_batch: Callable[[int], None] | None = None,
+        on_speculative: Callable[[int, int, int], None] | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or batch_wait_s < 0:
             raise ValueError("max_batch_size and max_queue must be >= 1 and batch_wait_s >= 0")
@@ -156,7 +169,10 @@ class GenerationRunner:
         self._batch_wait_s = batch_wait_s
         self._max_queue = max_queue
         self._on_batch = on_batch  # told each batch's size (metrics), on the worker thread
+        self._on_speculative = on_speculative  # told (row-steps, drafted, accepted) per speculative batch
         self._adapters: frozenset[str] = frozenset(getattr(model, "peft_config", {}) or ())
+        self._heads: dict[str, Any] = {}  # adapter name -> TurboHeads
+        self._heads_only: set[str] = set()  # adapters that are heads on the bare base (no LoRA)
         self._pending: collections.deque[_Row] = collections.deque()
         self._calls: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
         self._cond = threading.Condition()
@@ -183,7 +199,7 @@ class GenerationRunner:
             arrived=time.monotonic(),
             stop_ids=self._eos_ids | frozenset(request.params.stop_token_ids),
         )
-        row.key = _batch_key(row)
+        row.key = _batch_key(row, speculative=request.adapter in self._heads)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the generation runner is closed")
@@ -223,15 +239,22 @@ class GenerationRunner:
     def _load_adapter(self, name: str, adapter_dir: Path) -> None:
         from peft import PeftModel
 
+        from lorafleet.models.adapter_dir import has_lora
+        from lorafleet.models.turbo_heads import has_heads, load_heads
+
         if name in self._adapters:
             return
-        if isinstance(self._model, PeftModel):
+        if has_heads(adapter_dir):
+            self._heads[name] = load_heads(adapter_dir, device=self._device)
+        if not has_lora(adapter_dir):
+            self._heads_only.add(name)
+        elif isinstance(self._model, PeftModel):
             self._model.load_adapter(str(adapter_dir), adapter_name=name)
         else:
             self._model = PeftModel.from_pretrained(self._model, str(adapter_dir), adapter_name=name)
         self._model.eval()
         self._adapters = self._adapters | {name}
-        log.info("loaded adapter %s from %s", name, adapter_dir)
+        log.info("loaded adapter %s from %s%s", name, adapter_dir, " (Turbo heads)" if name in self._heads else "")
 
     def _work(self) -> None:
         while True:
@@ -291,7 +314,10 @@ class GenerationRunner:
             except Exception:  # a metrics hook must not stop generation
                 log.exception("the on_batch hook failed")
         try:
-            self._generate(rows)
+            if rows[0].request.adapter in self._heads:
+                self._generate_speculative(rows)
+            else:
+                self._generate(rows)
         except Exception as error:
             self.stats.failed_batches += 1
             log.exception("a generation batch of %d request(s) failed", len(rows))
@@ -337,6 +363,68 @@ class GenerationRunner:
         with torch.inference_mode():
             output = self._model.generate(**kwargs)
         self.stats.decode_steps += int(output.shape[1]) - width
+
+    def _generate_speculative(self, rows: list[_Row]) -> None:
+        from lorafleet.models.decoding import DecodeStats, stream
+
+        adapter = rows[0].request.adapter
+        params = rows[0].request.params  # the batch key makes these equal for every row
+        stats = DecodeStats()
+        emitted = [0] * len(rows)
+        # An unseeded sampled request still needs a fresh seed: the decoder's default is fixed.
+        seed = params.seed if params.seed is not None else random.getrandbits(62)
+        with self._adapter_active(adapter):
+            steps = stream(self._model, [list(row.request.prompt_ids) for row in rows],
+                           max_new_tokens=max(row.request.params.max_tokens for row in rows),
+                           eos_token_ids=sorted(self._eos_ids), heads=self._heads[adapter],
+                           temperature=0.0 if params.greedy else params.temperature,
+                           top_p=1.0 if params.greedy else params.top_p, seed=seed, stats=stats)
+            for step in steps:
+                for index, tokens in zip(step.rows, step.new_tokens, strict=True):
+                    for token in tokens:
+                        emitted[index] += 1
+                        self._push(rows[index], token, emitted[index])
+                for index, reason in step.finished.items():
+                    self._finish(rows[index], reason)
+                if all(row.done for row in rows):
+                    steps.close()
+                    break
+        self.stats.decode_steps += stats.steps
+        accepted = sum(stats.accepted_per_step)
+        self.stats.speculative_steps += len(stats.accepted_per_step)
+        self.stats.speculative_drafted += stats.num_heads * len(stats.accepted_per_step)
+        self.stats.speculative_accepted += accepted
+        if self._on_speculative is not None:
+            try:
+                self._on_speculative(len(stats.accepted_per_step), stats.num_heads * len(stats.accepted_per_step),
+                                     accepted)
+            except Exception:  # a metrics hook must not stop generation
+                log.exception("the on_speculative hook failed")
+
+    def _adapter_active(self, adapter: str):
+        """PEFT's active adapter for the speculative decoder (which takes no `adapter_names=`)."""
+        if adapter in self._heads_only:
+            disable = getattr(self._model, "disable_adapter", None)
+            return disable() if callable(disable) else contextlib.nullcontext()
+        self._model.set_adapter(adapter)
+        return contextlib.nullcontext()
+
+    @staticmethod
+    def _push(row: _Row, token: int, position: int) -> None:
+        if row.done:
+            return
+        reason = row.decide(token, position)
+        if reason in (None, "length") and not row.stream.push_threadsafe(token):
+            reason = "cancelled"
+        if reason is not None:
+            row.done = True
+            row.stream.finish_threadsafe(reason)
+
+    @staticmethod
+    def _finish(row: _Row, reason: str) -> None:
+        if not row.done:
+            row.done = True
+            row.stream.finish_threadsafe(reason)
 
     def _fail_leftovers(self) -> None:
         with self._cond:

@@ -7,6 +7,7 @@ report compares like with like. The adapter is evaluated on the full-precision b
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,11 +16,13 @@ from typing import Any
 from lorafleet.config import FinetuneConfig
 from lorafleet.evaluation.quality import QualityReport, evaluate_quality, few_shot_from_examples
 from lorafleet.evaluation.report import comparison_markdown
+from lorafleet.evaluation.speculative import measure_speculative
 from lorafleet.evaluation.speed import SpeedReport, measure_speed
-from lorafleet.models.adapter_dir import read_manifest, write_manifest
+from lorafleet.models.adapter_dir import has_lora, read_manifest, write_manifest
 from lorafleet.models.base import load_base_model
 from lorafleet.models.lora import load_adapter
 from lorafleet.models.prompting import encode_prompt
+from lorafleet.models.turbo_heads import has_heads, load_heads
 from lorafleet.settings import Settings
 from lorafleet.tasks.data.prepare import PreparedData
 
@@ -40,6 +43,7 @@ class EvaluationOutcome:
     labels: dict[str, str]
     n_examples: int
     samples: list[dict[str, str]] = field(default_factory=list)
+    speculative: dict[str, Any] | None = None  # SpeculativeReport.to_dict() for adapters with heads
 
     @property
     def adapter(self) -> dict[str, float]:
@@ -64,7 +68,8 @@ def evaluate_adapter(config: FinetuneConfig, prepared: PreparedData, adapter_dir
                      settings: Settings, *, progress: bool = True) -> EvaluationOutcome:
     loaded = load_base_model(config.base_model, settings.model_cache_dir, device=config.device)
     tokenizer = loaded.tokenizer
-    model = load_adapter(loaded.model, adapter_dir)
+    # A `turbo` adapter on the bare base has no LoRA: its "adapter" outputs are the base model's.
+    model = load_adapter(loaded.model, adapter_dir) if has_lora(adapter_dir) else loaded.model
     model.eval()
     opts = config.evaluation
     test = prepared.records("test")
@@ -74,7 +79,7 @@ def evaluate_adapter(config: FinetuneConfig, prepared: PreparedData, adapter_dir
 
     quality: dict[str, QualityReport] = {}
     labels = {ADAPTER: f"{config.name} ({config.method})", BASE: "base (zero-shot)"}
-    with model.disable_adapter():
+    with _base_only(model):
         quality[BASE] = evaluate_quality(model, tokenizer, test, task, opts, label=labels[BASE], progress=progress)
         if opts.base_few_shot:
             shots = few_shot_from_examples(prepared.records("train"), opts.base_few_shot)
@@ -87,16 +92,32 @@ def evaluate_adapter(config: FinetuneConfig, prepared: PreparedData, adapter_dir
 
     prompts = [encode_prompt(tokenizer, row["messages"]) for row in test[: opts.speed_prompts]]
     timing = {"max_new_tokens": opts.speed_max_new_tokens, "warmup": opts.speed_warmup, "progress": progress}
-    with model.disable_adapter():
+    with _base_only(model):
         base_speed = measure_speed(model, tokenizer, prompts, label="base", **timing)
     adapter_speed = measure_speed(model, tokenizer, prompts, label="adapter", **timing)
 
     variants = {key: {**report.metrics, **_speed_metrics(adapter_speed if key == ADAPTER else base_speed)}
                 for key, report in quality.items()}
+    speculative = None
+    if has_heads(adapter_dir):
+        report = measure_speculative(
+            model, load_heads(adapter_dir, device=loaded.device), tokenizer,
+            [encode_prompt(tokenizer, row["messages"]) for row in test[: opts.speculative_prompts]],
+            max_new_tokens=opts.speculative_max_new_tokens, prompt_lookup_num_tokens=opts.prompt_lookup_num_tokens,
+            warmup=opts.speed_warmup, progress=progress)
+        variants[ADAPTER].update(report.as_metrics())
+        speculative = report.to_dict()
     samples = _samples(test, quality, n=5)
-    outcome = EvaluationOutcome(variants=variants, labels=labels, n_examples=len(test), samples=samples)
+    outcome = EvaluationOutcome(variants=variants, labels=labels, n_examples=len(test), samples=samples,
+                                speculative=speculative)
     _record_in_manifest(adapter_dir, outcome)
     return outcome
+
+
+def _base_only(model: Any):
+    """The base model's behaviour: PEFT adapters switched off (a plain model already is the base)."""
+    disable = getattr(model, "disable_adapter", None)
+    return disable() if callable(disable) else contextlib.nullcontext()
 
 
 def _speed_metrics(speed: SpeedReport) -> dict[str, float]:

@@ -133,8 +133,40 @@ def quality_check(settings: PromotionSettings, inputs: GateInputs) -> CheckResul
                                      f"{outcome}.")
 
 
+SPEEDUP = "speedup"
+
+
+def speed_check(settings: PromotionSettings, inputs: GateInputs) -> CheckResult:
+    """Minimum speed-up, and no slow-down beyond `speed_margin` against the champion.
+
+    An adapter without speculative heads decodes at its plain speed: its speed-up counts as 1.0.
+    """
+    name = "speed (speedup)"
+    if settings.min_speedup is None and settings.speed_margin is None:
+        return CheckResult(name, True, "No speed requirement configured.")
+    value = _value(inputs.challenger, SPEEDUP)
+    value = 1.0 if value is None else value
+    reasons, passed = [], True
+    if settings.min_speedup is not None:
+        ok = value >= settings.min_speedup - _TOLERANCE
+        passed &= ok
+        reasons.append(f"speed-up {value:.2f}x {'reaches' if ok else 'is below'} the required "
+                       f"{settings.min_speedup:.2f}x")
+    if settings.speed_margin is not None and inputs.has_champion:
+        champion = _value(inputs.champion or {}, SPEEDUP)
+        champion = 1.0 if champion is None else champion
+        floor = champion * (1 - settings.speed_margin)
+        ok = value >= floor - _TOLERANCE
+        passed &= ok
+        reasons.append(f"speed-up {value:.2f}x {'is within' if ok else 'falls below'} the champion's "
+                       f"{champion:.2f}x minus {settings.speed_margin:.0%} = {floor:.2f}x")
+    if not reasons:
+        return CheckResult(name, True, "First version: no champion speed to compare with.")
+    return CheckResult(name, passed, "Challenger " + "; ".join(reasons) + ".")
+
+
 # Every check runs (so the report lists all failures at once); promotion needs all to pass.
-CHECKS: tuple[Check, ...] = (quality_check,)
+CHECKS: tuple[Check, ...] = (quality_check, speed_check)
 
 
 def _reference(inputs: GateInputs, metric: str) -> tuple[str, float | None]:

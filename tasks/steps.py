@@ -15,7 +15,12 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from lorafleet.config import FinetuneConfig
-from lorafleet.evaluation.report import plot_loss_curve, plot_metric_comparison
+from lorafleet.evaluation.report import (
+    plot_acceptance_histogram,
+    plot_loss_curve,
+    plot_metric_comparison,
+    plot_throughput,
+)
 from lorafleet.models.base import load_tokenizer, resolve_base_model
 from lorafleet.settings import Settings
 from lorafleet.tasks import gate as gate_logic
@@ -131,6 +136,14 @@ def evaluate(config: FinetuneConfig, prepared: PreparedData, trained: TrainedAda
                  "evaluation/results.json")
     run.log_figure(plot_metric_comparison([(outcome.labels[k], v) for k, v in outcome.variants.items()]),
                    "plots/quality_comparison.png")
+    if outcome.speculative is not None:
+        markdown += "\n\n" + _speculative_markdown(outcome.speculative)
+        run.log_dict(outcome.speculative, "evaluation/speculative.json")
+        run.log_figure(plot_acceptance_histogram(outcome.speculative["accepted_histogram"]),
+                       "plots/acceptance_histogram.png")
+        run.log_figure(plot_throughput({name: outcome.speculative[f"tokens_per_s_{name}"] for name in
+                                        ("plain", "speculative", "hf_generate", "hf_prompt_lookup")},
+                                       baseline="plain"), "plots/throughput.png")
     create_markdown_artifact(
         markdown=f"# {config.name}: base vs adapter ({outcome.n_examples} test rows)\n\n{markdown}",
         key=artifact_key(config.name, "evaluation"), description="quality and speed, same run")
@@ -138,6 +151,17 @@ def evaluate(config: FinetuneConfig, prepared: PreparedData, trained: TrainedAda
                           description="first test rows: reference and each variant's output")
     get_run_logger().info("evaluation of %s on %d rows:\n%s", config.name, outcome.n_examples, markdown)
     return outcome
+
+
+def _speculative_markdown(report: dict[str, Any]) -> str:
+    heads = ", ".join(f"{rate:.2f}" for rate in report["per_head_acceptance"])
+    return (f"**Speculative decoding** ({report['n_prompts']} prompts, batch 1, greedy, {report['device']}): "
+            f"τ = {report['tau']:.2f}, per-head acceptance [{heads}], "
+            f"{report['tokens_per_s_speculative']:.1f} tokens/s vs {report['tokens_per_s_plain']:.1f} plain "
+            f"(**{report['speedup']:.2f}x**), HF generate {report['tokens_per_s_hf_generate']:.1f}, "
+            f"HF prompt lookup {report['tokens_per_s_hf_prompt_lookup']:.1f} tokens/s; greedy identical on "
+            f"{report['greedy_identical_fraction']:.0%} of prompts; heads {report['head_params']:,} parameters "
+            f"= {report['head_params_fraction_of_medusa1']:.1%} of Medusa-1's {report['medusa1_equivalent_params']:,}.")
 
 
 @task(name="register", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_on_io_error)

@@ -18,13 +18,16 @@ import torch
 
 from lorafleet import __version__
 from lorafleet.config import FinetuneConfig
-from lorafleet.models.adapter_dir import AdapterManifest, BaseModelRef
+from lorafleet.models.adapter_dir import PEFT_WEIGHTS_FILE, AdapterManifest, BaseModelRef
 from lorafleet.models.base import load_base_model, resolve_base_model, tokenizer_fingerprint
-from lorafleet.models.cache import atomic_write_text, sha256_text
-from lorafleet.models.lora import apply_lora, count_trainable, save_adapter
+from lorafleet.models.cache import atomic_write_text, sha256_file, sha256_text
+from lorafleet.models.lora import apply_lora, count_trainable, load_adapter, save_adapter
 from lorafleet.models.training import TrainingCallback, train_adapter
+from lorafleet.models.turbo_heads import new_heads
 from lorafleet.settings import Settings
+from lorafleet.tasks.adapter_sources import resolve_adapter_source
 from lorafleet.tasks.data.prepare import PreparedData
+from lorafleet.tasks.distill import distilled_rows
 
 log = logging.getLogger(__name__)
 RUN_FILE = "mlflow_run.json"
@@ -45,6 +48,7 @@ class TrainedAdapter:
     precision: str
     trainable_params: int
     total_params: int
+    head_params: int
     train_seconds: float
     tokens_seen: int
     train_history: list[tuple[int, float]] = field(default_factory=list)
@@ -63,8 +67,14 @@ class TrainedAdapter:
 def training_key(config: FinetuneConfig, prepared: PreparedData, settings: Settings) -> str:
     """Identity of a training run: same key ⇒ same weights, so a checkpoint can be resumed."""
     relevant = config.model_dump(mode="json", include={"name", "base_model", "method", "lora", "training"})
+    if config.has_heads:
+        relevant["turbo"] = config.turbo.model_dump(mode="json")
     revision = resolve_base_model(config.base_model, settings.model_cache_dir).revision
-    return sha256_text(json.dumps(relevant, sort_keys=True), prepared.fingerprint, revision)[:16]
+    parts = [json.dumps(relevant, sort_keys=True), prepared.fingerprint, revision]
+    if config.turbo.base_adapter and config.method == "turbo":
+        folder, pinned = resolve_adapter_source(config.turbo.base_adapter, settings)
+        parts += [pinned, sha256_file(folder / PEFT_WEIGHTS_FILE)]  # heads fit these exact LoRA weights
+    return sha256_text(*parts)[:16]
 
 
 def checkpoint_dir(config: FinetuneConfig, key: str, settings: Settings) -> Path:
@@ -90,21 +100,36 @@ def train_from_config(
     callbacks: Sequence[TrainingCallback] = (),
     progress: bool = True,
 ) -> TrainedAdapter:
-    """Load the base, wrap it in LoRA (4-bit base for QLoRA), train, and save the adapter directory."""
+    """Train the adapter the config asks for and save its directory.
+
+    lora / qlora: LoRA on the (4-bit for QLoRA) base. turbo_lora: LoRA and heads jointly. turbo: heads
+    only, on the frozen base or a frozen existing LoRA, trained on the model's own greedy outputs.
+    """
     quantized = config.method == "qlora"
     loaded = load_base_model(config.base_model, settings.model_cache_dir, device=config.device,
                              quantization="nf4" if quantized else "none")
-    torch.manual_seed(config.training.seed)  # LoRA A matrices are initialised from the global RNG
-    model = apply_lora(loaded.model, config.lora, quantized=quantized)
+    folder = checkpoint_dir(config, key, settings)
+    torch.manual_seed(config.training.seed)  # LoRA A matrices and heads are initialised from the global RNG
+    base_adapter = None
+    if config.method == "turbo":
+        model, base_adapter = _frozen_model(loaded.model, config, settings)
+        train_rows, val_rows = (distilled_rows(model, loaded.tokenizer, prepared, split, folder, config.turbo, limit)
+                                for split, limit in (("train", config.turbo.distill_examples),
+                                                     ("validation", config.training.eval_examples)))
+    else:
+        model = apply_lora(loaded.model, config.lora, quantized=quantized)
+        columns = ["input_ids", "labels"]
+        train_rows = prepared.load_split("train").select_columns(columns).to_list()
+        val_rows = prepared.load_split("validation").select_columns(columns).to_list()
+    heads = new_heads(model, config.turbo.num_heads, config.turbo.block_size) if config.has_heads else None
     trainable, total = count_trainable(model)
-    log.info("training %s (%s): %d trainable of %d parameters", config.name, config.method, trainable, total)
+    head_params = heads.num_parameters() if heads is not None else 0
+    log.info("training %s (%s): %d LoRA + %d head parameters trainable, %d in the model", config.name,
+             config.method, trainable, head_params, total)
 
-    columns = ["input_ids", "labels"]
-    train_rows = prepared.load_split("train").select_columns(columns).to_list()
-    val_rows = prepared.load_split("validation").select_columns(columns).to_list()
-    result = train_adapter(model, train_rows, val_rows, config.training,
-                           checkpoint_dir=checkpoint_dir(config, key, settings),
-                           pad_token_id=loaded.tokenizer.pad_token_id, callbacks=callbacks, progress=progress)
+    result = train_adapter(model, train_rows, val_rows, config.training, checkpoint_dir=folder,
+                           pad_token_id=loaded.tokenizer.pad_token_id, callbacks=callbacks, progress=progress,
+                           heads=heads, turbo=config.turbo, train_lm=config.method != "turbo")
 
     state = result.state
     manifest = AdapterManifest(
@@ -115,16 +140,29 @@ def train_from_config(
         chat_template=loaded.tokenizer.chat_template,
         task=prepared.task,
         data_fingerprint=prepared.fingerprint,
+        base_adapter=base_adapter,
         training_config=config.model_dump(mode="json"),
         metrics={"val_loss": state.best_val_loss} if state.best_val_loss is not None else {},
         lorafleet_version=__version__,
     )
-    adapter_dir = save_adapter(model, settings.adapters_dir / config.name / key, manifest)
+    lora_model = model if (config.method != "turbo" or base_adapter) else None
+    adapter_dir = save_adapter(lora_model, settings.adapters_dir / config.name / key, manifest, heads=heads)
     return TrainedAdapter(
         adapter_dir=adapter_dir, steps=state.step, total_steps=result.total_steps,
         best_val_loss=state.best_val_loss, best_step=state.best_step, stopped_early=state.stopped_early,
         resumed_from_step=result.resumed_from_step, already_finished=result.already_finished,
-        precision=result.precision, trainable_params=trainable, total_params=total,
-        train_seconds=state.train_seconds, tokens_seen=state.tokens_seen,
+        precision=result.precision, trainable_params=trainable + head_params, total_params=total,
+        head_params=head_params, train_seconds=state.train_seconds, tokens_seen=state.tokens_seen,
         train_history=list(state.train_history), val_history=list(state.val_history),
     )
+
+
+def _frozen_model(base: object, config: FinetuneConfig, settings: Settings) -> tuple[object, str | None]:
+    """The model a `turbo` adapter's heads serve: the bare base, or base + an existing LoRA, frozen."""
+    model, pinned = base, None
+    if config.turbo.base_adapter:
+        folder, pinned = resolve_adapter_source(config.turbo.base_adapter, settings)
+        model = load_adapter(base, folder)
+    model.requires_grad_(False)
+    return model, pinned
+

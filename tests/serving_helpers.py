@@ -95,3 +95,29 @@ def reference_greedy(
     generated = output[0, len(prompt_ids) :].tolist()
     eos = loaded.tokenizer.eos_token_id
     return generated[: generated.index(eos)] if eos in generated else generated
+
+
+def add_heads(adapter_dir: Path, model_cache: Path, *, seed: int, num_heads: int = 3,
+              heads_only_target: Path | None = None) -> Path:
+    """Give a test adapter random Turbo heads (method turbo_lora), or write heads alone, without the
+    LoRA, to `heads_only_target` (method turbo on the bare base)."""
+    import torch
+
+    from lorafleet.models.adapter_dir import read_manifest, write_manifest
+    from lorafleet.models.base import load_base_model
+    from lorafleet.models.turbo_heads import new_heads, save_heads
+
+    heads = new_heads(load_base_model(BASE, model_cache).model, num_heads=num_heads)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in heads.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    manifest = read_manifest(adapter_dir)
+    if heads_only_target is None:
+        save_heads(heads, adapter_dir)
+        write_manifest(adapter_dir, manifest.model_copy(update={"method": "turbo_lora"}))
+        return adapter_dir
+    heads_only_target.mkdir(parents=True)
+    save_heads(heads, heads_only_target)
+    write_manifest(heads_only_target, manifest.model_copy(update={"method": "turbo", "name": heads_only_target.name}))
+    return heads_only_target

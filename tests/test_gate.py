@@ -103,3 +103,39 @@ def test_report_distinguishes_promoted_from_passed_but_held() -> None:
     assert decision.promote is True
     assert "now v1" in render_markdown(decision, name="viggo", version=1, promoted=True)
     assert "auto_promote` is off" in render_markdown(decision, name="viggo", version=1, promoted=False)
+
+
+# --- speed: a Turbo challenger may not win on quality while losing on speed (or vice versa) -------------
+
+SPEED_CASES = [
+    # (min_speedup, speed_margin, challenger speedup, champion speedup, has champion, promote)
+    (None, None, 0.5, 3.0, True, True),        # no speed rule configured
+    (1.8, None, 2.1, None, False, True),       # first version reaches the minimum
+    (1.8, None, 1.7, None, False, False),      # first version too slow
+    (None, 0.1, 2.8, 3.0, True, True),         # 2.8 >= 3.0 * 0.9
+    (None, 0.1, 2.6, 3.0, True, False),        # 2.6 <  2.7
+    (None, 0.1, None, 1.05, True, True),       # plain LoRA (1.0) vs a barely-faster champion: within 10%
+    (None, 0.1, None, 2.5, True, False),       # plain LoRA cannot replace a 2.5x Turbo champion
+    (1.5, 0.0, 2.0, None, True, True),         # champion without a speedup counts as 1.0
+]
+
+
+@pytest.mark.parametrize("min_speedup, margin, challenger, champion, has_champion, promote", SPEED_CASES)
+def test_speed_check(min_speedup, margin, challenger, champion, has_champion, promote):
+    settings = PromotionSettings(metric="field_f1", margin=0.0, min_speedup=min_speedup, speed_margin=margin)
+    challenger_metrics = {"field_f1": 0.9} | ({} if challenger is None else {"speedup": challenger})
+    champion_metrics = ({"field_f1": 0.9} | ({} if champion is None else {"speedup": champion})
+                        if has_champion else None)
+    decision = decide(settings, challenger=challenger_metrics, base={"field_f1": 0.1},
+                      champion=champion_metrics, champion_version="1" if has_champion else None)
+    assert decision.checks[0].passed  # quality passes in every row: speed decides
+    assert decision.promote is promote, decision.reasons
+    assert any("speed" in r.lower() for r in decision.reasons)
+
+
+def test_worse_quality_fails_even_when_faster():
+    settings = PromotionSettings(metric="field_f1", margin=0.0, min_speedup=1.5, speed_margin=0.1)
+    decision = decide(settings, challenger={"field_f1": 0.85, "speedup": 3.0}, base={"field_f1": 0.1},
+                      champion={"field_f1": 0.9, "speedup": 1.0}, champion_version="1")
+    assert not decision.promote
+    assert [c.passed for c in decision.checks] == [False, True]

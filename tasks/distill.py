@@ -1,0 +1,46 @@
+"""Self-distillation data for `turbo` heads: the frozen model's own greedy continuations.
+
+A head trained on the model's own outputs predicts exactly what verification will accept, so a
+`turbo` adapter speeds the model up without changing a single served token. Generating the targets
+is the expensive part (one greedy generation per training prompt), so the rows are cached in the
+training run's checkpoint folder and reused by a resumed or repeated run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from lorafleet.evaluation.generation import generate_texts
+from lorafleet.models.batching import IGNORE_INDEX
+from lorafleet.models.cache import atomic_write_text
+from lorafleet.models.prompting import encode_prompt
+from lorafleet.models.turbo_settings import TurboSettings
+from lorafleet.tasks.data.prepare import PreparedData
+
+log = logging.getLogger(__name__)
+DISTILL_BATCH_SIZE = 32
+
+
+def distilled_rows(model: Any, tokenizer: Any, prepared: PreparedData, split: str, folder: Path,
+                   turbo: TurboSettings, limit: int | None) -> list[dict[str, list[int]]]:
+    """Rows `prompt + the model's greedy continuation (+ eos)` with labels on the continuation."""
+    cache = Path(folder) / f"distill-{split}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    records = prepared.records(split)[:limit] if limit else prepared.records(split)
+    prompts = [encode_prompt(tokenizer, record["messages"]) for record in records]
+    log.info("self-distillation: generating %d greedy continuations of the %s prompts", len(prompts), split)
+    outputs = generate_texts(model, tokenizer, prompts, max_new_tokens=turbo.distill_max_new_tokens,
+                             batch_size=DISTILL_BATCH_SIZE, desc=f"self-distillation ({split})")
+    rows = []
+    for prompt, output in zip(prompts, outputs, strict=True):
+        continuation = list(output.token_ids) + ([tokenizer.eos_token_id] if output.hit_eos else [])
+        if continuation:
+            rows.append({"input_ids": prompt + continuation,
+                         "labels": [IGNORE_INDEX] * len(prompt) + continuation})
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(cache, json.dumps(rows))
+    return rows
