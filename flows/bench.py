@@ -1,5 +1,6 @@
 """`lorafleet bench …`: benchmark commands that print a table and write JSON.
 
+`bench engine` runs the multi-adapter engine against transformers + PEFT (evaluation/engine_bench.py).
 `bench speculative` runs a Turbo adapter's heads against our plain decoding, Hugging Face `generate`
 and `generate` with prompt-lookup decoding, on the same prompts in the same process
 (evaluation/speculative.py), at batch 1 with greedy decoding.
@@ -9,10 +10,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from lorafleet.evaluation.engine_bench import EngineBenchReport, measure_engine
 from lorafleet.evaluation.speculative import SpeculativeReport, measure_speculative
 from lorafleet.models.adapter_dir import has_lora, read_manifest
 from lorafleet.models.base import load_base_model
@@ -64,6 +67,78 @@ def print_speculative(report: SpeculativeReport, console: Console) -> None:
                   f"{report.head_params_fraction_of_medusa1:.1%} of Medusa-1 ({report.medusa1_equivalent_params:,})")
 
 
-def write_json(report: SpeculativeReport, path: Path) -> None:
+def write_json(report: SpeculativeReport | EngineBenchReport, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report.to_dict(), indent=2))
+
+
+def random_adapters(base: Any, folder: Path, count: int, *, rank: int = 16) -> dict[str, Path]:
+    """`count` r=`rank` LoRA adapters of `base` with random A and B (PEFT starts B at zero, which
+    would make every adapter the base model), written once under `folder` and reused."""
+    import torch
+
+    from lorafleet.models.adapter_dir import AdapterManifest, BaseModelRef, TaskInfo
+    from lorafleet.models.base import tokenizer_fingerprint
+    from lorafleet.models.lora import LoraSettings, apply_lora, save_adapter
+
+    dirs = {f"rand-{i:03d}": folder / f"rand-{i:03d}" for i in range(count)}
+    missing = [name for name, path in dirs.items() if not (path / "adapter_model.safetensors").exists()]
+    if not missing:
+        return dirs
+    peft_model = apply_lora(base.model, LoraSettings(r=rank, alpha=2 * rank, dropout=0.0))
+    for name in missing:
+        generator = torch.Generator().manual_seed(int(name.split("-")[1]))
+        with torch.no_grad():
+            for param_name, param in peft_model.named_parameters():
+                if "lora_" in param_name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+        manifest = AdapterManifest(name=name, method="lora", tokenizer_hash=tokenizer_fingerprint(base.tokenizer),
+                                   task=TaskInfo(name=name),
+                                   base_model=BaseModelRef(id=base.resolved.model_id, revision=base.resolved.revision))
+        save_adapter(peft_model, dirs[name], manifest)
+    peft_model.unload()  # give the base model back without LoRA layers
+    return dirs
+
+
+def engine_bench(settings: Settings, *, n_adapters: int, n_requests: int, max_new_tokens: int,
+                 console: Console) -> EngineBenchReport:
+    from peft import PeftModel
+
+    loaded = load_base_model("smollm2-135m-instruct", settings.model_cache_dir)
+    console.print(f"preparing {n_adapters} random r=16 adapters of {loaded.resolved.model_id}")
+    dirs = random_adapters(loaded, settings.home / "bench" / "adapters", n_adapters)
+    prompts = bench_prompts(loaded.tokenizer, settings, n_requests)
+    names = list(dirs)
+    peft_model = PeftModel.from_pretrained(loaded.model, str(dirs[names[0]]), adapter_name=names[0])
+    for name in names[1:]:
+        peft_model.load_adapter(str(dirs[name]), adapter_name=name)
+    peft_model.eval()
+    console.print(f"{n_requests} ViGGO-like prompts, greedy, {max_new_tokens} new tokens each")
+    return measure_engine(loaded.model, peft_model, dirs, prompts, max_new_tokens=max_new_tokens,
+                          pad_id=loaded.tokenizer.pad_token_id or 0, progress=console.print)
+
+
+def bench_prompts(tokenizer: Any, settings: Settings, n: int) -> list[list[int]]:
+    """ViGGO test prompts when the shared data is there, else the built-in extraction task's."""
+    preset = "viggo" if (settings.data_root / "viggo").exists() else "extraction"
+    prepared = prepare_dataset(DataSettings(preset=preset), tokenizer, name=f"bench-{preset}",
+                               out_root=settings.prepared_data_dir, data_root=settings.data_root)
+    rows = prepared.records("test")[:n]
+    return [encode_prompt(tokenizer, row["messages"]) for row in rows]
+
+
+def print_engine(report: EngineBenchReport, console: Console) -> None:
+    table = Table(title=f"engine: {report.n_requests} requests, {report.n_adapters} adapters, {report.device}")
+    for column in ("decoder", "tokens/s"):
+        table.add_column(column, justify="right" if column != "decoder" else "left")
+    for label, rate in (("transformers generate, batch 1", report.hf_generate_tokens_per_s),
+                        ("engine, batch 1", report.batch1_tokens_per_s),
+                        (f"engine, {report.n_requests} on one adapter", report.single_adapter_tokens_per_s),
+                        (f"engine, {report.n_requests} over {report.n_adapters} adapters",
+                         report.mixed_adapters_tokens_per_s),
+                        ("PEFT static mixed batch (adapter_names=)", report.peft_mixed_batch_tokens_per_s),
+                        ("serial, transformers + PEFT", report.serial_tokens_per_s)):
+        table.add_row(label, f"{rate:.1f}")
+    console.print(table)
+    console.print("  ".join(f"{key} {value:.2f}x" for key, value in report.ratios.items())
+                  + f"  cold load p50 {report.cold_load_p50_ms:.1f} ms")

@@ -180,6 +180,23 @@ def bench_speculative(
     console.print(f"wrote {json_out}")
 
 
+@bench_app.command("engine")
+def bench_engine(
+    json_out: Annotated[Path, typer.Option("--json", help="where to write the JSON report")] = Path("engine.json"),
+    adapters: Annotated[int, typer.Option(help="random r=16 adapters the mixed batch spreads over")] = 8,
+    requests: Annotated[int, typer.Option(help="concurrent requests")] = 16,
+    max_new_tokens: Annotated[int, typer.Option(help="new tokens per request")] = 32,
+) -> None:
+    """The engine vs transformers generate, PEFT mixed batches and serial PEFT, on the same requests."""
+    from lorafleet.flows.bench import engine_bench, print_engine, write_json
+
+    report = engine_bench(_settings(), n_adapters=adapters, n_requests=requests, max_new_tokens=max_new_tokens,
+                          console=console)
+    print_engine(report, console)
+    write_json(report, json_out)
+    console.print(f"wrote {json_out}")
+
+
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
 

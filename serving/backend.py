@@ -13,6 +13,8 @@ from typing import Any
 
 from lorafleet.models.base import load_base_model
 from lorafleet.serving.adapters import AdapterCatalogue, choose_base_model, fetch_champions
+from lorafleet.serving.engine.engine import EngineConfig
+from lorafleet.serving.engine_generator import EngineGenerator
 from lorafleet.serving.generation import TokenGenerator
 from lorafleet.serving.metrics import ServingMetrics
 from lorafleet.serving.registry_reader import RegistryReader
@@ -43,15 +45,7 @@ def build_backend(settings: ServiceSettings, *, metrics: ServingMetrics | None =
     log.info("serving base model %s with %d champion adapter(s) found", base_id, len(champions))
     loaded = load_base_model(base_id, settings.model_cache_dir, dtype=settings.dtype, device=settings.device)
     tokenizer = loaded.tokenizer
-    runner = GenerationRunner(
-        loaded.model,
-        pad_token_id=tokenizer.pad_token_id,
-        max_batch_size=settings.max_batch_size,
-        batch_wait_s=settings.batch_wait_ms / 1000,
-        max_queue=settings.max_queue,
-        on_batch=metrics.observe_batch if metrics is not None else None,
-        on_speculative=metrics.observe_speculative if metrics is not None else None,
-    )
+    runner = _generator(settings, loaded, metrics)
     catalogue = AdapterCatalogue(
         base_model_id=loaded.resolved.model_id,
         base_revision=loaded.resolved.revision,
@@ -68,6 +62,33 @@ def build_backend(settings: ServiceSettings, *, metrics: ServingMetrics | None =
         eos_token_ids=_eos_ids(tokenizer),
         metrics=metrics,
     )
+
+
+def _generator(settings: ServiceSettings, loaded: Any, metrics: ServingMetrics | None) -> TokenGenerator:
+    """The engine when it supports the base model (Llama family, full precision), else PEFT batches."""
+    if settings.backend == "engine":
+        try:
+            return EngineGenerator(loaded.model, _engine_config(settings), eos_token_ids=frozenset(
+                _eos_ids(loaded.tokenizer)), on_step=metrics.observe_engine if metrics is not None else None)
+        except ValueError as error:  # e.g. an architecture the compact model does not implement
+            log.warning("engine unavailable for %s (%s): serving with PEFT + generate", loaded.resolved.model_id,
+                        error)
+    return GenerationRunner(
+        loaded.model,
+        pad_token_id=loaded.tokenizer.pad_token_id,
+        max_batch_size=settings.max_batch_size,
+        batch_wait_s=settings.batch_wait_ms / 1000,
+        max_queue=settings.max_queue,
+        on_batch=metrics.observe_batch if metrics is not None else None,
+        on_speculative=metrics.observe_speculative if metrics is not None else None,
+    )
+
+
+def _engine_config(settings: ServiceSettings) -> EngineConfig:
+    return EngineConfig(kv_cache_mb=settings.kv_cache_mb, max_num_seqs=settings.max_num_seqs,
+                        max_tokens_per_step=max(settings.max_tokens_per_step, settings.max_num_seqs),
+                        max_waiting=settings.max_queue, speculative_max_batch=settings.speculative_max_batch,
+                        adapter_slots=settings.adapter_slots, max_lora_rank=settings.max_lora_rank)
 
 
 def _context_length(model: Any, tokenizer: Any) -> int:

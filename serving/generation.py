@@ -23,7 +23,7 @@ class GenerationFailed(RuntimeError):
 
 
 class GeneratorBusy(RuntimeError):
-    """The request queue is full: the caller should retry later (HTTP 503)."""
+    """The request queue is full: the caller should retry later (HTTP 429)."""
 
 
 @dataclass(frozen=True)

@@ -64,3 +64,13 @@ class ServingMetrics:
 
     def observe_batch(self, rows: int) -> None:
         self.batch_size.observe(rows)
+
+    def observe_engine(self, engine: Any, outputs: list[Any]) -> None:
+        """After every engine step (on its thread): batch size and speculative counters as deltas."""
+        stats = engine.stats
+        last = getattr(self, "_engine_last", (0, 0, 0, 0))
+        if stats.steps != last[0]:
+            self.batch_size.observe(stats.last_batch_size)
+        self.observe_speculative(stats.spec_drafts - last[1], stats.spec_draft_tokens - last[2],
+                                 stats.spec_accepted_tokens - last[3])
+        self._engine_last = (stats.steps, stats.spec_drafts, stats.spec_draft_tokens, stats.spec_accepted_tokens)

@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP API (FastAPI): chat and text completions, model listing, errors.
 
 Every error is OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`, with a real status:
-unknown model 404, invalid parameters or malformed JSON 400, a full queue 503, a failed generation
+unknown model 404, invalid parameters or malformed JSON 400, a full queue 429, a failed generation
 500. Nothing a client sends can stop the server.
 
 Chat prompts: when a request for an adapter carries no system message, the adapter's own system
@@ -115,8 +115,8 @@ async def _run(request: Request, kind: str, body: ChatCompletionRequest | Comple
         try:
             stream = start(backend, job)
         except GeneratorBusy as error:
-            raise ApiError(
-                503, f"the server is busy, retry later: {error}", code="server_busy", type="server_overloaded"
+            raise ApiError(  # OpenAI's rate-limit shape: clients back off and retry
+                429, f"the server is busy, retry later: {error}", code="server_busy", type="server_overloaded"
             ) from None
         if body.stream:
             return StreamingResponse(

@@ -39,7 +39,16 @@ class ServiceSettings(BaseModel):
     batch_wait_ms: float = Field(
         5.0, ge=0.0, le=1000.0, description="how long a new request waits for others to share its batch"
     )
-    max_queue: int = Field(256, ge=1, description="waiting requests beyond this get HTTP 503")
+    max_queue: int = Field(256, ge=1, description="waiting requests beyond this get HTTP 429")
+    backend: Literal["engine", "peft"] = Field(
+        "engine", description="'engine': continuous batching (serving/engine); 'peft': HF generate + PEFT batches"
+    )
+    max_num_seqs: int = Field(32, ge=1, le=1024, description="engine: sequences decoding together per step")
+    max_tokens_per_step: int = Field(512, ge=1, description="engine: packed tokens per forward (prefill chunks)")
+    kv_cache_mb: float = Field(512, gt=0, description="engine: KV-cache memory budget")
+    adapter_slots: int = Field(16, ge=1, description="engine: adapters resident at once (LRU beyond)")
+    max_lora_rank: int = Field(64, ge=1, description="engine: largest LoRA rank an adapter may have")
+    speculative_max_batch: int = Field(4, ge=0, description="engine: live requests above which no row drafts")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none")
     max_tokens_limit: int = Field(2048, ge=1, description="largest max_tokens a request may ask for")
     load_champions: bool = Field(True, description="load every `champion` adapter at start-up")

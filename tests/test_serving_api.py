@@ -14,6 +14,8 @@ from lorafleet.models.adapter_dir import read_manifest
 from lorafleet.models.base import load_base_model
 from lorafleet.serving.adapters import AdapterCatalogue
 from lorafleet.serving.backend import ServingBackend
+from lorafleet.serving.engine.engine import EngineConfig
+from lorafleet.serving.engine_generator import EngineGenerator
 from lorafleet.serving.metrics import ServingMetrics
 from lorafleet.serving.openai_api import create_app
 from lorafleet.serving.registry_reader import FetchedAdapter
@@ -28,14 +30,19 @@ CONTEXT = 256  # small on purpose: over-long prompts stay cheap
 LIMIT = 512  # above CONTEXT, so prompt + max_tokens can overflow the context
 
 
-@pytest.fixture(scope="module")
-def backend(tmp_path_factory, model_cache: Path):
+@pytest.fixture(scope="module", params=["engine", "peft"])
+def backend(request, tmp_path_factory, model_cache: Path):
+    """Both generators behind the same API: the engine (the default) and PEFT + generate."""
     from prometheus_client import CollectorRegistry
 
     root = tmp_path_factory.mktemp("api")
     alpha = make_adapter(model_cache, root / "alpha", name="alpha", seed=1, system_prompt="You are alpha.")
     loaded = load_base_model(BASE, model_cache)
-    runner = GenerationRunner(loaded.model, pad_token_id=loaded.tokenizer.pad_token_id)
+    if request.param == "engine":
+        runner = EngineGenerator(loaded.model, EngineConfig(kv_cache_mb=16, adapter_slots=2, max_lora_rank=8),
+                                 eos_token_ids=frozenset({loaded.tokenizer.eos_token_id}))
+    else:
+        runner = GenerationRunner(loaded.model, pad_token_id=loaded.tokenizer.pad_token_id)
     catalogue = AdapterCatalogue(
         base_model_id=BASE, base_revision=loaded.resolved.revision, loader=runner, registry=None
     )

@@ -189,7 +189,9 @@ def test_concurrent_requests_for_different_adapters_match_their_solo_answers(htt
         together = dict(zip(models, pool.map(one, models), strict=True))
     assert together == solo
     batches, rows = (after - first for after, first in zip(_batch_metrics(http), before, strict=True))
-    assert rows == len(models) and batches < rows, "the requests shared a batch"
+    # The histogram observes rows per forward (the engine: per step); more rows than forwards means
+    # some forward carried several of these requests at once.
+    assert batches >= 1 and rows > batches, "the requests shared a batch"
 
 
 def _batch_metrics(http) -> tuple[float, float]:

@@ -1,0 +1,174 @@
+"""`bench engine`: our engine against transformers + PEFT on the same requests, in one process.
+
+Every figure decodes the same prompts to the same length (end tokens are ignored, so no decoder
+stops early and tokens/s compare like for like), greedy, after one warm-up call per decoder. The
+baselines are what a user gets off the shelf: `generate` at batch 1, PEFT's static mixed-adapter
+batch (`adapter_names=`) and one request at a time with PEFT switching adapters.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorafleet.serving.engine.adapter_weights import read_peft_adapter
+from lorafleet.serving.engine.engine import Engine, EngineConfig
+from lorafleet.serving.engine.lora_slots import LoraSlots
+from lorafleet.serving.engine.model import CompactLlama
+from lorafleet.serving.engine.sequence import SamplingParams
+
+BASE_ADAPTER = "__base__"
+
+
+@dataclass
+class EngineBenchReport:
+    hf_generate_tokens_per_s: float
+    batch1_tokens_per_s: float
+    single_adapter_tokens_per_s: float
+    mixed_adapters_tokens_per_s: float
+    peft_mixed_batch_tokens_per_s: float
+    serial_tokens_per_s: float
+    cold_load_p50_ms: float
+    n_adapters: int
+    n_requests: int
+    max_new_tokens: int
+    device: str
+
+    @property
+    def ratios(self) -> dict[str, float]:
+        return {
+            "batch1_vs_hf_generate": self.batch1_tokens_per_s / self.hf_generate_tokens_per_s,
+            "mixed_vs_single_adapter": self.mixed_adapters_tokens_per_s / self.single_adapter_tokens_per_s,
+            "mixed_vs_peft_mixed_batch": self.mixed_adapters_tokens_per_s / self.peft_mixed_batch_tokens_per_s,
+            "mixed_vs_serial": self.mixed_adapters_tokens_per_s / self.serial_tokens_per_s,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ratios": self.ratios}
+
+
+class _PathAdapters:
+    """The smallest adapter source the engine accepts: every adapter resident in its own slot.
+
+    The benchmark measures decoding, not the cache, so adapters are installed up front.
+    """
+
+    def __init__(self, slots: LoraSlots, weights: dict[str, Any]) -> None:
+        self.slots = slots
+        self._slot = {}
+        for i, (name, lora) in enumerate(weights.items(), start=1):
+            slots.load(i, lora)
+            self._slot[name] = i
+
+    def request(self, name: str) -> int:
+        return self._slot[name]
+
+    def slot_of(self, name: str) -> int | None:
+        return self._slot.get(name)
+
+    def install_ready(self) -> list[str]:
+        return []
+
+    def error(self, name: str) -> None:
+        return None
+
+    def pin(self, name: str) -> None: ...
+
+    def unpin(self, name: str) -> None: ...
+
+    def heads(self, name: str) -> None:
+        return None
+
+
+def run_engine(engine: Engine, prompts: Sequence[list[int]], adapters: Sequence[str | None],
+               max_new_tokens: int) -> tuple[float, list[list[int]]]:
+    """All requests added at once (16 concurrent clients), stepped to completion → (tokens/s, outputs)."""
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    outputs: dict[str, list[int]] = {}
+    start = time.perf_counter()
+    for i, (prompt, adapter) in enumerate(zip(prompts, adapters)):
+        engine.add_request(f"r{i}", list(prompt), params, adapter)
+        outputs[f"r{i}"] = []
+    while engine.has_unfinished():
+        for out in engine.step():
+            outputs[out.request_id].extend(out.new_token_ids)
+    elapsed = time.perf_counter() - start
+    tokens = [outputs[f"r{i}"] for i in range(len(prompts))]
+    return sum(map(len, tokens)) / elapsed, tokens
+
+
+def hf_generate(model: Any, prompts: Sequence[list[int]], max_new_tokens: int, *, pad_id: int,
+                adapter_names: list[str] | None = None) -> tuple[float, int]:
+    """One static `generate` call over `prompts` (left-padded) → (seconds, generated tokens)."""
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        ids[i, width - len(prompt):] = torch.tensor(prompt)
+        mask[i, width - len(prompt):] = 1
+    kwargs: dict[str, Any] = {"adapter_names": adapter_names} if adapter_names else {}
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, **kwargs)
+    return time.perf_counter() - start, (out.shape[1] - width) * len(prompts)
+
+
+def measure_engine(hf_model: Any, peft_model: Any, adapter_dirs: dict[str, Path], prompts: Sequence[list[int]], *,
+                   max_new_tokens: int, pad_id: int, config: EngineConfig | None = None,
+                   progress: Callable[[str], None] = print) -> EngineBenchReport:
+    """Every figure of the report, measured in this process on the same prompts.
+
+    `peft_model` wraps `hf_model` with every adapter of `adapter_dirs` loaded under its name.
+    """
+    names = list(adapter_dirs)
+    n = len(prompts)
+    compact = CompactLlama.from_hf(hf_model)
+    shape = compact.shape
+    weights = {name: read_peft_adapter(path, shape) for name, path in adapter_dirs.items()}
+    cold = []
+    probe = LoraSlots(shape, 1, max(w.rank for w in weights.values()))
+    for path in list(adapter_dirs.values()) * 2:
+        start = time.perf_counter()
+        probe.load(1, read_peft_adapter(path, shape))
+        cold.append((time.perf_counter() - start) * 1000)
+    slots = LoraSlots(shape, len(names), max(w.rank for w in weights.values()))
+    engine = Engine(compact, config or EngineConfig(adapter_slots=len(names)), adapters=_PathAdapters(slots, weights))
+
+    def engine_rate(batch: Sequence[list[int]], adapters: Sequence[str | None]) -> float:
+        run_engine(engine, batch[:2], adapters[:2], 4)  # warm-up
+        return run_engine(engine, batch, adapters, max_new_tokens)[0]
+
+    progress("engine batch 1")
+    one = [prompts[0]]
+    batch1 = statistics.median(engine_rate(one, [None]) for _ in range(3))
+    progress("transformers generate batch 1")
+    hf_generate(hf_model, one, 4, pad_id=pad_id)
+    hf_runs = [hf_generate(hf_model, one, max_new_tokens, pad_id=pad_id) for _ in range(3)]
+    hf_rate = statistics.median(tokens / seconds for seconds, tokens in hf_runs)
+    progress(f"engine, {n} requests on one adapter")
+    single = engine_rate(prompts, [names[0]] * n)
+    mixed_names = [names[i % len(names)] for i in range(n)]
+    progress(f"engine, {n} requests over {len(names)} adapters")
+    mixed = engine_rate(prompts, mixed_names)
+    progress(f"PEFT static mixed batch of {n}")
+    hf_generate(peft_model, prompts[:2], 4, pad_id=pad_id, adapter_names=mixed_names[:2])
+    seconds, tokens = hf_generate(peft_model, prompts, max_new_tokens, pad_id=pad_id, adapter_names=mixed_names)
+    peft_rate = tokens / seconds
+    progress(f"serial: {n} requests one at a time through PEFT")
+    serial_seconds, serial_tokens = 0.0, 0
+    for prompt, name in zip(prompts, mixed_names):
+        peft_model.set_adapter(name)
+        seconds, tokens = hf_generate(peft_model, [prompt], max_new_tokens, pad_id=pad_id)
+        serial_seconds, serial_tokens = serial_seconds + seconds, serial_tokens + tokens
+    return EngineBenchReport(
+        hf_generate_tokens_per_s=hf_rate, batch1_tokens_per_s=batch1, single_adapter_tokens_per_s=single,
+        mixed_adapters_tokens_per_s=mixed, peft_mixed_batch_tokens_per_s=peft_rate,
+        serial_tokens_per_s=serial_tokens / serial_seconds, cold_load_p50_ms=statistics.median(cold),
+        n_adapters=len(names), n_requests=n, max_new_tokens=max_new_tokens, device=str(compact.lm_head_weight.device))

@@ -1,0 +1,202 @@
+"""Resident LoRA adapters stacked in fixed slots, so one batch can mix adapters row by row.
+
+Slot 0 is all zeros (the base model); slots 1..S hold adapters. Each row of a forward carries a slot id.
+
+Layout, chosen for few large ops (per-op dispatch dominates on a small CPU model): the model fuses
+q|k|v and gate|up into single matmuls, so the slots are stacked per *fused group* too. For a group
+with M modules and max rank R, A is (S+1, M*R, in) and B is stored transposed and block-diagonal,
+(S+1, M*R, out_q+out_k+...): one `x @ A^T` and one `addmm_` add every module's delta to the fused
+output at once. The zero blocks cost ~1.5x the slot memory; they save ~2 ops per module per layer.
+
+Rows are routed once per forward (`route`), not per layer:
+  * dense: the slots used by the batch span lo..hi; every row is multiplied by all of those slots'
+    A and a one-hot mask keeps its own slot's rank block (no mask when every row shares one slot).
+    Costs k = hi-lo+1 times the compute of one adapter but only 3 ops: best for decode batches.
+  * segmented: few long row runs of one slot each (prefill chunks): one A/B pair per run.
+Both must equal `reference_lora_delta`, the plain gather + bmm (STYLE rule 7; tests check it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from lorafleet.serving.engine.adapter_weights import LoraWeights, check_weights, module_dims
+
+if TYPE_CHECKING:
+    from lorafleet.serving.engine.model import LlamaShape
+
+# Fused projection groups in output-column order; the model fuses its weights in this same order.
+GROUPS: dict[str, tuple[str, ...]] = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "o": ("o_proj",),
+    "gate_up": ("gate_proj", "up_proj"),
+    "down": ("down_proj",),
+}
+MODULE_GROUP: dict[str, tuple[str, int]] = {m: (g, i) for g, ms in GROUPS.items() for i, m in enumerate(ms)}
+
+# The segmented path pays 2 ops per run; it wins only over few, long runs (prefill chunks).
+_MAX_SEGMENT_RUNS = 4
+_MIN_ROWS_FOR_SEGMENTS = 64
+
+
+@dataclass(frozen=True)
+class LoraRouting:
+    """Which slots the rows of one forward use; built once per forward and shared by every layer."""
+
+    num_rows: int
+    lo: int  # used non-base slots span lo..hi (dense path)
+    hi: int
+    mask: torch.Tensor | None  # (N, hi-lo+1, 1) one-hot of each row's slot; None: every row uses slot lo
+    runs: tuple[tuple[int, int, int], ...] | None  # (slot, start, stop) per run: the segmented path
+    active: frozenset[str]  # groups some used slot targets; the others are skipped
+    modules: frozenset[str]  # modules some used slot targets
+
+
+def reference_lora_delta(x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor,
+                         adapter_ids: torch.Tensor) -> torch.Tensor:
+    """The plain multi-adapter LoRA every faster path is tested against: B[id] @ (A[id] @ x) per row."""
+    a = a_stack[adapter_ids]  # (N, r, in)
+    b = b_stack[adapter_ids]  # (N, out, r)
+    xa = torch.bmm(a, x.unsqueeze(-1))  # (N, r, 1)
+    return torch.bmm(b, xa).squeeze(-1)  # (N, out)
+
+
+class LoraSlots:
+    """A fixed number of adapter slots in preallocated tensors (no allocation when adapters change)."""
+
+    def __init__(self, shape: LlamaShape, num_slots: int, max_rank: int, *, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu") -> None:
+        if num_slots < 1 or max_rank < 1:
+            raise ValueError(f"LoraSlots needs num_slots >= 1 and max_rank >= 1, got num_slots={num_slots}, "
+                             f"max_rank={max_rank}")
+        self.shape, self.num_slots, self.max_rank = shape, num_slots, max_rank
+        self.dtype, self.device = dtype, torch.device(device)
+        self._a: dict[str, torch.Tensor] = {}  # group -> (L, S+1, M*R, in)
+        self._bt: dict[str, torch.Tensor] = {}  # group -> (L, S+1, M*R, sum of outs), block-diagonal
+        self._columns: dict[str, tuple[int, int]] = {}  # module -> its column range in the fused output
+        for group, modules in GROUPS.items():
+            fan_in = module_dims(shape, modules[0])[0]
+            start = 0
+            for module in modules:
+                width = module_dims(shape, module)[1]
+                self._columns[module] = (start, start + width)
+                start += width
+            rows = len(modules) * max_rank
+            self._a[group] = torch.zeros(shape.num_layers, num_slots + 1, rows, fan_in, dtype=dtype,
+                                         device=self.device)
+            self._bt[group] = torch.zeros(shape.num_layers, num_slots + 1, rows, start, dtype=dtype,
+                                          device=self.device)
+        self._targets: dict[int, frozenset[str]] = {}  # slot -> modules its adapter adapts
+
+    @property
+    def bytes_per_slot(self) -> int:
+        tensors = (*self._a.values(), *self._bt.values())
+        return sum(t[:, 0].numel() * t.element_size() for t in tensors)
+
+    def targets(self, slot: int) -> frozenset[str]:
+        return self._targets.get(slot, frozenset())
+
+    # ----- loading ----------------------------------------------------------------------------------
+    def load(self, slot: int, weights: LoraWeights) -> None:
+        """Copy an adapter into `slot`: rank zero-padded to max_rank, scaling folded into B.
+
+        Everything is validated before the slot is touched, so a refused adapter leaves the slot as it was.
+        """
+        self._check_slot(slot)
+        if weights.rank > self.max_rank:
+            raise ValueError(f"adapter rank {weights.rank} exceeds the slots' max_rank {self.max_rank}")
+        check_weights(weights, self.shape)
+        self.clear(slot)
+        rank = weights.rank
+        for (layer, module), a in weights.a.items():
+            group, index = MODULE_GROUP[module]
+            rows = slice(index * self.max_rank, index * self.max_rank + rank)
+            lo, hi = self._columns[module]
+            self._a[group][layer, slot, rows] = a.to(self.device, self.dtype)
+            b = weights.b[(layer, module)].to(self.device, torch.float32) * weights.scaling  # (out, r)
+            self._bt[group][layer, slot, rows, lo:hi] = b.t().to(self.dtype)
+        self._targets[slot] = frozenset(module for _, module in weights.a)
+
+    def clear(self, slot: int) -> None:
+        self._check_slot(slot)
+        for group in GROUPS:
+            self._a[group][:, slot].zero_()
+            self._bt[group][:, slot].zero_()
+        self._targets.pop(slot, None)
+
+    def _check_slot(self, slot: int) -> None:
+        if not 1 <= slot <= self.num_slots:
+            raise ValueError(f"slot must be in 1..{self.num_slots} (slot 0 is the base model), got {slot}")
+
+    # ----- routing and the hot path ---------------------------------------------------------------
+    def route(self, adapter_ids: torch.Tensor) -> LoraRouting:
+        """Work out once per forward which slots the rows use and which path is cheaper."""
+        ids = adapter_ids.tolist()
+        used = sorted(set(ids) - {0})
+        bad = [s for s in used if not 1 <= s <= self.num_slots]
+        if bad:
+            raise ValueError(f"adapter_ids holds slot {bad[0]}, outside 0..{self.num_slots}")
+        modules = frozenset().union(*(self.targets(s) for s in used))
+        active = frozenset(g for g, ms in GROUPS.items() if modules.intersection(ms))
+        if not active:
+            return LoraRouting(len(ids), 1, 0, None, None, active, modules)
+        runs: list[tuple[int, int, int]] = []
+        for row, slot in enumerate(ids):
+            if runs and runs[-1][0] == slot and runs[-1][2] == row:
+                runs[-1] = (slot, runs[-1][1], row + 1)
+            elif slot:
+                runs.append((slot, row, row + 1))
+        lo, hi = used[0], used[-1]
+        if len(runs) == 1 and runs[0][1:] == (0, len(ids)):  # one adapter on every row: no mask at all
+            return LoraRouting(len(ids), lo, hi, None, None, active, modules)
+        if len(runs) <= _MAX_SEGMENT_RUNS and len(ids) >= _MIN_ROWS_FOR_SEGMENTS:
+            return LoraRouting(len(ids), lo, hi, None, tuple(runs), active, modules)
+        rel = torch.tensor(ids, device=self.device) - lo  # (N,)
+        mask = torch.zeros(len(ids), hi - lo + 1, 1, dtype=self.dtype, device=self.device)
+        rows = torch.nonzero(rel >= 0).squeeze(-1)
+        mask[rows, rel[rows]] = 1.0
+        return LoraRouting(len(ids), lo, hi, mask, None, active, modules)
+
+    def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor,
+              routing: LoraRouting) -> torch.Tensor:
+        """Add the LoRA delta of every row to the fused projection output `out` (N, outs), in place."""
+        if group not in routing.active:
+            return out
+        a, bt = self._a[group][layer], self._bt[group][layer]  # (S+1, M*R, in), (S+1, M*R, outs)
+        if x.dtype != a.dtype:
+            raise ValueError(f"LoraSlots hold {a.dtype} but the activations are {x.dtype}: build the slots "
+                             f"with the model's dtype")
+        if routing.runs is not None:
+            for slot, start, stop in routing.runs:
+                if self.targets(slot).intersection(GROUPS[group]):
+                    xa = torch.mm(x[start:stop], a[slot].t())  # (n, M*R)
+                    out[start:stop].addmm_(xa, bt[slot])
+            return out
+        lo, hi = routing.lo, routing.hi + 1
+        xa = torch.mm(x, a[lo:hi].reshape(-1, a.shape[-1]).t())  # (N, k*M*R)
+        if routing.mask is not None:
+            xa = (xa.view(x.shape[0], hi - lo, -1) * routing.mask).view(x.shape[0], -1)
+        return out.addmm_(xa, bt[lo:hi].reshape(-1, bt.shape[-1]))
+
+    def delta(self, layer: int, module: str, x: torch.Tensor,
+              adapter_ids: torch.Tensor | LoraRouting) -> torch.Tensor | None:
+        """(N, out) delta of one module through the fast path; None when no row's slot targets it."""
+        if module not in MODULE_GROUP:
+            raise ValueError(f"unknown LoRA module {module!r} (supported: {', '.join(MODULE_GROUP)})")
+        routing = adapter_ids if isinstance(adapter_ids, LoraRouting) else self.route(adapter_ids)
+        if module not in routing.modules:
+            return None
+        group = MODULE_GROUP[module][0]
+        out = torch.zeros(x.shape[0], self._bt[group].shape[-1], dtype=x.dtype, device=x.device)
+        lo, hi = self._columns[module]
+        return self.apply(layer, group, x, out, routing)[:, lo:hi]
+
+    def stacks(self, layer: int, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """This module's A (S+1, R, in) and B (S+1, out, R) (scaling folded), for the reference path."""
+        group, index = MODULE_GROUP[module]
+        rows = slice(index * self.max_rank, (index + 1) * self.max_rank)
+        lo, hi = self._columns[module]
+        return self._a[group][layer, :, rows], self._bt[group][layer, :, rows, lo:hi].transpose(1, 2)
