@@ -120,12 +120,14 @@ def hf_generate(model: Any, prompts: Sequence[list[int]], max_new_tokens: int, *
     return time.perf_counter() - start, (out.shape[1] - width) * len(prompts)
 
 
-def measure_engine(hf_model: Any, peft_model: Any, adapter_dirs: dict[str, Path], prompts: Sequence[list[int]], *,
-                   max_new_tokens: int, pad_id: int, config: EngineConfig | None = None,
-                   progress: Callable[[str], None] = print) -> EngineBenchReport:
+def measure_engine(hf_model: Any, make_peft: Callable[[], Any], adapter_dirs: dict[str, Path],
+                   prompts: Sequence[list[int]], *, max_new_tokens: int, pad_id: int,
+                   config: EngineConfig | None = None, progress: Callable[[str], None] = print) -> EngineBenchReport:
     """Every figure of the report, measured in this process on the same prompts.
 
-    `peft_model` wraps `hf_model` with every adapter of `adapter_dirs` loaded under its name.
+    `make_peft()` wraps `hf_model` with every adapter of `adapter_dirs` loaded under its name; it is
+    called after the engine copied the base weights and the plain `generate` baseline ran, because
+    PEFT injects its LoRA layers into `hf_model` in place.
     """
     names = list(adapter_dirs)
     n = len(prompts)
@@ -152,6 +154,7 @@ def measure_engine(hf_model: Any, peft_model: Any, adapter_dirs: dict[str, Path]
     hf_generate(hf_model, one, 4, pad_id=pad_id)
     hf_runs = [hf_generate(hf_model, one, max_new_tokens, pad_id=pad_id) for _ in range(3)]
     hf_rate = statistics.median(tokens / seconds for seconds, tokens in hf_runs)
+    peft_model = make_peft()
     progress(f"engine, {n} requests on one adapter")
     single = engine_rate(prompts, [names[0]] * n)
     mixed_names = [names[i % len(names)] for i in range(n)]

@@ -109,12 +109,15 @@ def engine_bench(settings: Settings, *, n_adapters: int, n_requests: int, max_ne
     dirs = random_adapters(loaded, settings.home / "bench" / "adapters", n_adapters)
     prompts = bench_prompts(loaded.tokenizer, settings, n_requests)
     names = list(dirs)
-    peft_model = PeftModel.from_pretrained(loaded.model, str(dirs[names[0]]), adapter_name=names[0])
-    for name in names[1:]:
-        peft_model.load_adapter(str(dirs[name]), adapter_name=name)
-    peft_model.eval()
+
+    def make_peft() -> Any:
+        peft_model = PeftModel.from_pretrained(loaded.model, str(dirs[names[0]]), adapter_name=names[0])
+        for name in names[1:]:
+            peft_model.load_adapter(str(dirs[name]), adapter_name=name)
+        return peft_model.eval()
+
     console.print(f"{n_requests} ViGGO-like prompts, greedy, {max_new_tokens} new tokens each")
-    return measure_engine(loaded.model, peft_model, dirs, prompts, max_new_tokens=max_new_tokens,
+    return measure_engine(loaded.model, make_peft, dirs, prompts, max_new_tokens=max_new_tokens,
                           pad_id=loaded.tokenizer.pad_token_id or 0, progress=console.print)
 
 
