@@ -17,13 +17,13 @@ from typing import Any
 
 import torch
 
+from lorafleet.evaluation.generation import left_pad
+from lorafleet.serving.engine.adapter_cache import AdapterCache, ResolvedAdapter
 from lorafleet.serving.engine.adapter_weights import read_peft_adapter
 from lorafleet.serving.engine.engine import Engine, EngineConfig
 from lorafleet.serving.engine.lora_slots import LoraSlots
 from lorafleet.serving.engine.model import CompactLlama
 from lorafleet.serving.engine.sequence import SamplingParams
-
-BASE_ADAPTER = "__base__"
 
 
 @dataclass
@@ -53,39 +53,6 @@ class EngineBenchReport:
         return {**asdict(self), "ratios": self.ratios}
 
 
-class _PathAdapters:
-    """The smallest adapter source the engine accepts: every adapter resident in its own slot.
-
-    The benchmark measures decoding, not the cache, so adapters are installed up front.
-    """
-
-    def __init__(self, slots: LoraSlots, weights: dict[str, Any]) -> None:
-        self.slots = slots
-        self._slot = {}
-        for i, (name, lora) in enumerate(weights.items(), start=1):
-            slots.load(i, lora)
-            self._slot[name] = i
-
-    def request(self, name: str) -> int:
-        return self._slot[name]
-
-    def slot_of(self, name: str) -> int | None:
-        return self._slot.get(name)
-
-    def install_ready(self) -> list[str]:
-        return []
-
-    def error(self, name: str) -> None:
-        return None
-
-    def pin(self, name: str) -> None: ...
-
-    def unpin(self, name: str) -> None: ...
-
-    def heads(self, name: str) -> None:
-        return None
-
-
 def run_engine(engine: Engine, prompts: Sequence[list[int]], adapters: Sequence[str | None],
                max_new_tokens: int) -> tuple[float, list[list[int]]]:
     """All requests added at once (16 concurrent clients), stepped to completion → (tokens/s, outputs)."""
@@ -106,12 +73,8 @@ def run_engine(engine: Engine, prompts: Sequence[list[int]], adapters: Sequence[
 def hf_generate(model: Any, prompts: Sequence[list[int]], max_new_tokens: int, *, pad_id: int,
                 adapter_names: list[str] | None = None) -> tuple[float, int]:
     """One static `generate` call over `prompts` (left-padded) → (seconds, generated tokens)."""
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(prompts), width, dtype=torch.long)
-    for i, prompt in enumerate(prompts):
-        ids[i, width - len(prompt):] = torch.tensor(prompt)
-        mask[i, width - len(prompt):] = 1
+    ids, mask = left_pad(prompts, pad_id, "cpu")  # (B, T), (B, T)
+    width = ids.shape[1]
     kwargs: dict[str, Any] = {"adapter_names": adapter_names} if adapter_names else {}
     start = time.perf_counter()
     with torch.inference_mode():
@@ -133,15 +96,21 @@ def measure_engine(hf_model: Any, make_peft: Callable[[], Any], adapter_dirs: di
     n = len(prompts)
     compact = CompactLlama.from_hf(hf_model)
     shape = compact.shape
-    weights = {name: read_peft_adapter(path, shape) for name, path in adapter_dirs.items()}
+    max_rank = max(read_peft_adapter(path, shape).rank for path in adapter_dirs.values())
     cold = []
-    probe = LoraSlots(shape, 1, max(w.rank for w in weights.values()))
+    probe = LoraSlots(shape, 1, max_rank)
     for path in list(adapter_dirs.values()) * 2:
         start = time.perf_counter()
         probe.load(1, read_peft_adapter(path, shape))
         cold.append((time.perf_counter() - start) * 1000)
-    slots = LoraSlots(shape, len(names), max(w.rank for w in weights.values()))
-    engine = Engine(compact, config or EngineConfig(adapter_slots=len(names)), adapters=_PathAdapters(slots, weights))
+    # The benchmark measures decoding, not the cache: every adapter is made resident up front.
+    cache = AdapterCache(LoraSlots(shape, len(names), max_rank), shape,
+                         lambda name: ResolvedAdapter(name=name, identity="bench", path=adapter_dirs[name]))
+    for name in names:
+        cache.request(name)
+    cache.wait_loading()
+    cache.install_ready()
+    engine = Engine(compact, config or EngineConfig(adapter_slots=len(names)), adapters=cache)
 
     def engine_rate(batch: Sequence[list[int]], adapters: Sequence[str | None]) -> float:
         run_engine(engine, batch[:2], adapters[:2], 4)  # warm-up
@@ -170,6 +139,7 @@ def measure_engine(hf_model: Any, make_peft: Callable[[], Any], adapter_dirs: di
         peft_model.set_adapter(name)
         seconds, tokens = hf_generate(peft_model, [prompt], max_new_tokens, pad_id=pad_id)
         serial_seconds, serial_tokens = serial_seconds + seconds, serial_tokens + tokens
+    cache.close()
     return EngineBenchReport(
         hf_generate_tokens_per_s=hf_rate, batch1_tokens_per_s=batch1, single_adapter_tokens_per_s=single,
         mixed_adapters_tokens_per_s=mixed, peft_mixed_batch_tokens_per_s=peft_rate,

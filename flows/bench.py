@@ -41,14 +41,18 @@ def speculative_bench(model: str, settings: Settings, *, data: str | None, n: in
     # Same prompts as the adapter saw in training, unless another preset is asked for.
     data_settings = (DataSettings(preset=data) if data else
                      DataSettings.model_validate(manifest.training_config.get("data") or {"preset": "extraction"}))
-    prepared = prepare_dataset(data_settings, loaded.tokenizer, name=f"bench-{manifest.name}",
-                               out_root=settings.prepared_data_dir, data_root=settings.data_root)
-    rows = prepared.records("test")[:n]
-    console.print(f"benchmarking {pinned} ({manifest.method}, {heads.num_heads} heads) on {len(rows)} "
+    prompts = split_prompts(loaded.tokenizer, settings, data_settings, name=f"bench-{manifest.name}", n=n)
+    console.print(f"benchmarking {pinned} ({manifest.method}, {heads.num_heads} heads) on {len(prompts)} "
                   f"{data_settings.preset or 'test'} prompts, batch 1, greedy, max {max_new_tokens} new tokens")
-    return measure_speculative(network, heads, loaded.tokenizer,
-                               [encode_prompt(loaded.tokenizer, row["messages"]) for row in rows],
+    return measure_speculative(network, heads, loaded.tokenizer, prompts,
                                max_new_tokens=max_new_tokens, prompt_lookup_num_tokens=prompt_lookup_num_tokens)
+
+
+def split_prompts(tokenizer: Any, settings: Settings, data: DataSettings, *, name: str, n: int) -> list[list[int]]:
+    """The first `n` test-split prompts of `data`, chat-formatted and tokenized as in training."""
+    prepared = prepare_dataset(data, tokenizer, name=name, out_root=settings.prepared_data_dir,
+                               data_root=settings.data_root)
+    return [encode_prompt(tokenizer, row["messages"]) for row in prepared.records("test")[:n]]
 
 
 def print_speculative(report: SpeculativeReport, console: Console) -> None:
@@ -124,10 +128,7 @@ def engine_bench(settings: Settings, *, n_adapters: int, n_requests: int, max_ne
 def bench_prompts(tokenizer: Any, settings: Settings, n: int) -> list[list[int]]:
     """ViGGO test prompts when the shared data is there, else the built-in extraction task's."""
     preset = "viggo" if (settings.data_root / "viggo").exists() else "extraction"
-    prepared = prepare_dataset(DataSettings(preset=preset), tokenizer, name=f"bench-{preset}",
-                               out_root=settings.prepared_data_dir, data_root=settings.data_root)
-    rows = prepared.records("test")[:n]
-    return [encode_prompt(tokenizer, row["messages"]) for row in rows]
+    return split_prompts(tokenizer, settings, DataSettings(preset=preset), name=f"bench-{preset}", n=n)
 
 
 def print_engine(report: EngineBenchReport, console: Console) -> None:

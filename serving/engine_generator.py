@@ -73,9 +73,11 @@ class EngineGenerator:
 
     def load_adapter(self, name: str, adapter_dir: Path) -> None:
         """Record where `name` lives; the adapter cache reads it on the first request (or now, to warm)."""
+        moved = name in self._paths and self._paths[name] != Path(adapter_dir)
         self._paths[name] = Path(adapter_dir)
-        with self._lock:
-            self.cache.refresh()  # a name that moved to a new directory is reloaded in place
+        if moved:  # a resident name now pointing at another directory is reloaded in place
+            with self._lock:
+                self.cache.refresh()
         self.cache.request(name)  # start loading now: the first request finds it resident
 
     @property

@@ -26,6 +26,7 @@ class ServingMetrics:
         from prometheus_client import REGISTRY, Counter, Histogram
 
         self.registry = REGISTRY if registry is None else registry
+        self._engine_last = (0, 0, 0, 0)  # engine counters at the previous step: metrics take deltas
         registry = self.registry
         self.requests = Counter(
             REQUESTS,
@@ -68,7 +69,7 @@ class ServingMetrics:
     def observe_engine(self, engine: Any, outputs: list[Any]) -> None:
         """After every engine step (on its thread): batch size and speculative counters as deltas."""
         stats = engine.stats
-        last = getattr(self, "_engine_last", (0, 0, 0, 0))
+        last = self._engine_last
         if stats.steps != last[0]:
             self.batch_size.observe(stats.last_batch_size)
         self.observe_speculative(stats.spec_drafts - last[1], stats.spec_draft_tokens - last[2],

@@ -53,3 +53,47 @@ def tiny_tokenizer(model_cache: Path):
     from lorafleet.models.base import load_tokenizer, resolve_base_model
 
     return load_tokenizer(resolve_base_model("tiny-random-llama", model_cache))
+
+
+# ----- a real MLflow SQLite store (tests/test_registry.py, tests/test_tracking.py) -----------------
+
+
+@pytest.fixture
+def empty_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Run a test in an empty folder and prove MLflow wrote nothing there (no ./mlruns, no mlflow.db).
+
+    `mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI; undo that so later tests see the
+    environment they started with. Modules opt in with `pytestmark = pytest.mark.usefixtures("empty_cwd")`.
+    """
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    yield cwd
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+    assert sorted(p.name for p in cwd.iterdir()) == []
+
+
+@pytest.fixture(scope="session")
+def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty, fully migrated MLflow SQLite file: creating one costs ~1 s of alembic per test."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def client(settings: Settings, migrated_db: Path):
+    """An MlflowClient on this test's LORAFLEET_HOME store, copied from the migrated template."""
+    import shutil
+
+    from lorafleet.tasks.tracking import mlflow_client
+
+    shutil.copyfile(migrated_db, settings.home / "mlflow.db")
+    return mlflow_client(settings)

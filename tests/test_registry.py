@@ -7,7 +7,6 @@ registry only moves folders, so a real PEFT save would add seconds and test noth
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import mlflow
@@ -36,35 +35,9 @@ from lorafleet.tasks.registry import (
     set_champion,
     version_metrics,
 )
-from lorafleet.tasks.tracking import RunLogger, ensure_experiment, mlflow_client, start_run
+from lorafleet.tasks.tracking import RunLogger, ensure_experiment, start_run
 
-
-@pytest.fixture(autouse=True)
-def empty_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """Every test runs in an empty folder that must stay empty (no ./mlruns, no ./mlflow.db)."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    monkeypatch.chdir(cwd)
-    yield cwd
-    mlflow.set_tracking_uri(None)
-    mlflow.set_registry_uri(None)
-    assert sorted(p.name for p in cwd.iterdir()) == []
-
-
-@pytest.fixture(scope="session")
-def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An empty, fully migrated MLflow SQLite file: creating one costs ~1 s of alembic per test."""
-    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
-@pytest.fixture
-def client(settings: Settings, migrated_db: Path) -> MlflowClient:
-    shutil.copyfile(migrated_db, settings.home / "mlflow.db")
-    return mlflow_client(settings)
+pytestmark = pytest.mark.usefixtures("empty_cwd")  # conftest: MLflow must write nothing to ./
 
 
 def make_adapter(folder: Path, name: str, *, f1: float = 0.5, weights: str = "w") -> Path:

@@ -177,13 +177,16 @@ def test_openai_client_chat_stream(oai):
 
 def test_concurrent_requests_for_different_adapters_match_their_solo_answers(http, server):
     models = ["alpha", "beta", BASE, "alpha@challenger"]
-    solo = {model: chat(http, model, max_tokens=8)["choices"][0]["token_ids"] for model in models}
+    # Long enough that the four requests overlap in the engine: at 8 tokens a request on the tiny
+    # model could finish before the next HTTP handler had submitted its own.
+    max_tokens = 32
+    solo = {model: chat(http, model, max_tokens=max_tokens)["choices"][0]["token_ids"] for model in models}
     before = _batch_metrics(http)
     barrier = threading.Barrier(len(models))
 
     def one(model: str) -> list[int]:
         barrier.wait()
-        return chat(http, model, max_tokens=8)["choices"][0]["token_ids"]
+        return chat(http, model, max_tokens=max_tokens)["choices"][0]["token_ids"]
 
     with concurrent.futures.ThreadPoolExecutor(len(models)) as pool:
         together = dict(zip(models, pool.map(one, models), strict=True))

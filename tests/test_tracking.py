@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 from pathlib import Path
 
 import mlflow
@@ -20,43 +19,12 @@ from lorafleet.tasks.tracking import (
     RunLogger,
     ensure_experiment,
     flatten_params,
-    mlflow_client,
     resume_or_start_run,
     start_run,
     system_info,
 )
 
-
-@pytest.fixture(autouse=True)
-def empty_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """Run every test in an empty folder and prove MLflow wrote nothing there (no ./mlruns, no mlflow.db).
-
-    `mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI; undo that so later tests see the
-    environment they started with.
-    """
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    monkeypatch.chdir(cwd)
-    yield cwd
-    mlflow.set_tracking_uri(None)
-    mlflow.set_registry_uri(None)
-    assert sorted(p.name for p in cwd.iterdir()) == []
-
-
-@pytest.fixture(scope="session")
-def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An empty, fully migrated MLflow SQLite file: creating one costs ~1 s of alembic per test."""
-    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
-@pytest.fixture
-def client(settings: Settings, migrated_db: Path) -> MlflowClient:
-    shutil.copyfile(migrated_db, settings.home / "mlflow.db")
-    return mlflow_client(settings)
+pytestmark = pytest.mark.usefixtures("empty_cwd")  # conftest: MLflow must write nothing to ./
 
 
 @pytest.fixture
