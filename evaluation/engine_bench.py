@@ -4,6 +4,10 @@ Every figure decodes the same prompts to the same length (end tokens are ignored
 stops early and tokens/s compare like for like), greedy, after one warm-up call per decoder. The
 baselines are what a user gets off the shelf: `generate` at batch 1, PEFT's static mixed-adapter
 batch (`adapter_names=`) and one request at a time with PEFT switching adapters.
+
+The engine's prefix cache is emptied before every measured run, so a run reuses only K/V computed
+within itself (the 16 requests share the task's system prompt; two per adapter in the mixed run), never
+K/V left over from an earlier figure; the mixed run is also measured with prefix caching off.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ class EngineBenchReport:
     single_adapter_tokens_per_s: float
     mixed_adapters_tokens_per_s: float
     peft_mixed_batch_tokens_per_s: float
+    mixed_adapters_no_prefix_cache_tokens_per_s: float  # the same mixed run with prefix caching off
+    mixed_prefix_cache_hit_rate: float  # prompt tokens of the mixed run whose K/V was reused
     serial_tokens_per_s: float
     cold_load_p50_ms: float
     n_adapters: int
@@ -46,6 +52,8 @@ class EngineBenchReport:
             "batch1_vs_hf_generate": self.batch1_tokens_per_s / self.hf_generate_tokens_per_s,
             "mixed_vs_single_adapter": self.mixed_adapters_tokens_per_s / self.single_adapter_tokens_per_s,
             "mixed_vs_peft_mixed_batch": self.mixed_adapters_tokens_per_s / self.peft_mixed_batch_tokens_per_s,
+            "mixed_no_prefix_cache_vs_peft_mixed_batch":
+                self.mixed_adapters_no_prefix_cache_tokens_per_s / self.peft_mixed_batch_tokens_per_s,
             "mixed_vs_serial": self.mixed_adapters_tokens_per_s / self.serial_tokens_per_s,
         }
 
@@ -112,9 +120,21 @@ def measure_engine(hf_model: Any, make_peft: Callable[[], Any], adapter_dirs: di
     cache.install_ready()
     engine = Engine(compact, config or EngineConfig(adapter_slots=len(names)), adapters=cache)
 
-    def engine_rate(batch: Sequence[list[int]], adapters: Sequence[str | None]) -> float:
+    hit_rates: list[float] = []  # prefix-cache hit rate of each measured engine run
+
+    def engine_rate(batch: Sequence[list[int]], adapters: Sequence[str | None], *, prefix_caching: bool = True,
+                    ) -> float:
         run_engine(engine, batch[:2], adapters[:2], 4)  # warm-up
-        return run_engine(engine, batch, adapters, max_new_tokens)[0]
+        engine.allocator.forget_cached()
+        scheduler = engine.scheduler
+        scheduler.prefix_caching = prefix_caching
+        queried, hit = scheduler.prefix_query_tokens, scheduler.prefix_hit_tokens
+        try:
+            return run_engine(engine, batch, adapters, max_new_tokens)[0]
+        finally:
+            scheduler.prefix_caching = True
+            queried = scheduler.prefix_query_tokens - queried
+            hit_rates.append((scheduler.prefix_hit_tokens - hit) / queried if queried else 0.0)
 
     progress("engine batch 1")
     one = [prompts[0]]
@@ -129,6 +149,9 @@ def measure_engine(hf_model: Any, make_peft: Callable[[], Any], adapter_dirs: di
     mixed_names = [names[i % len(names)] for i in range(n)]
     progress(f"engine, {n} requests over {len(names)} adapters")
     mixed = engine_rate(prompts, mixed_names)
+    hit_rate = hit_rates[-1]
+    progress(f"engine, {n} requests over {len(names)} adapters, prefix caching off")
+    mixed_uncached = engine_rate(prompts, mixed_names, prefix_caching=False)
     progress(f"PEFT static mixed batch of {n}")
     hf_generate(peft_model, prompts[:2], 4, pad_id=pad_id, adapter_names=mixed_names[:2])
     seconds, tokens = hf_generate(peft_model, prompts, max_new_tokens, pad_id=pad_id, adapter_names=mixed_names)
@@ -143,5 +166,6 @@ def measure_engine(hf_model: Any, make_peft: Callable[[], Any], adapter_dirs: di
     return EngineBenchReport(
         hf_generate_tokens_per_s=hf_rate, batch1_tokens_per_s=batch1, single_adapter_tokens_per_s=single,
         mixed_adapters_tokens_per_s=mixed, peft_mixed_batch_tokens_per_s=peft_rate,
+        mixed_adapters_no_prefix_cache_tokens_per_s=mixed_uncached, mixed_prefix_cache_hit_rate=hit_rate,
         serial_tokens_per_s=serial_tokens / serial_seconds, cold_load_p50_ms=statistics.median(cold),
         n_adapters=len(names), n_requests=n, max_new_tokens=max_new_tokens, device=str(compact.lm_head_weight.device))

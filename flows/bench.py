@@ -1,6 +1,7 @@
 """`lorafleet bench …`: benchmark commands that print a table and write JSON.
 
 `bench engine` runs the multi-adapter engine against transformers + PEFT (evaluation/engine_bench.py).
+`bench serving` (flows/serving_bench.py) is a closed-loop HTTP load on the service.
 `bench speculative` runs a Turbo adapter's heads against our plain decoding, Hugging Face `generate`
 and `generate` with prompt-lookup decoding, on the same prompts in the same process
 (evaluation/speculative.py), at batch 1 with greedy decoding.
@@ -9,13 +10,16 @@ and `generate` with prompt-lookup decoding, on the same prompts in the same proc
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from tqdm.auto import tqdm
 
 from lorafleet.evaluation.engine_bench import EngineBenchReport, measure_engine
+from lorafleet.evaluation.serving_bench import ServingBenchReport
 from lorafleet.evaluation.speculative import SpeculativeReport, measure_speculative
 from lorafleet.models.adapter_dir import has_lora, read_manifest
 from lorafleet.models.base import load_base_model
@@ -50,9 +54,16 @@ def speculative_bench(model: str, settings: Settings, *, data: str | None, n: in
 
 def split_prompts(tokenizer: Any, settings: Settings, data: DataSettings, *, name: str, n: int) -> list[list[int]]:
     """The first `n` test-split prompts of `data`, chat-formatted and tokenized as in training."""
+    return [encode_prompt(tokenizer, messages)
+            for messages in split_messages(tokenizer, settings, data, name=name, n=n)]
+
+
+def split_messages(tokenizer: Any, settings: Settings, data: DataSettings, *, name: str,
+                   n: int) -> list[list[dict[str, str]]]:
+    """The prompt turns (system, user) of the first `n` test-split rows of `data`, before tokenizing."""
     prepared = prepare_dataset(data, tokenizer, name=name, out_root=settings.prepared_data_dir,
                                data_root=settings.data_root)
-    return [encode_prompt(tokenizer, row["messages"]) for row in prepared.records("test")[:n]]
+    return [row["messages"] for row in prepared.records("test")[:n]]
 
 
 def print_speculative(report: SpeculativeReport, console: Console) -> None:
@@ -71,7 +82,7 @@ def print_speculative(report: SpeculativeReport, console: Console) -> None:
                   f"{report.head_params_fraction_of_medusa1:.1%} of Medusa-1 ({report.medusa1_equivalent_params:,})")
 
 
-def write_json(report: SpeculativeReport | EngineBenchReport, path: Path) -> None:
+def write_json(report: SpeculativeReport | EngineBenchReport | ServingBenchReport, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report.to_dict(), indent=2))
 
@@ -79,19 +90,25 @@ def write_json(report: SpeculativeReport | EngineBenchReport, path: Path) -> Non
 def random_adapters(base: Any, folder: Path, count: int, *, rank: int = 16) -> dict[str, Path]:
     """`count` r=`rank` LoRA adapters of `base` with random A and B (PEFT starts B at zero, which
     would make every adapter the base model), written once under `folder` and reused."""
+    return write_random_adapters(base, folder, [f"rand-{i:03d}" for i in range(count)], rank=rank)
+
+
+def write_random_adapters(base: Any, folder: Path, names: Sequence[str], *, rank: int = 16) -> dict[str, Path]:
+    """Random r=`rank` adapters named `names` (each `PREFIX-NUMBER`; the number seeds its weights)
+    under `folder`; directories already written are reused as they are."""
     import torch
 
     from lorafleet.models.adapter_dir import AdapterManifest, BaseModelRef, TaskInfo
     from lorafleet.models.base import tokenizer_fingerprint
     from lorafleet.models.lora import LoraSettings, apply_lora, save_adapter
 
-    dirs = {f"rand-{i:03d}": folder / f"rand-{i:03d}" for i in range(count)}
+    dirs = {name: folder / name for name in names}
     missing = [name for name, path in dirs.items() if not (path / "adapter_model.safetensors").exists()]
     if not missing:
         return dirs
     peft_model = apply_lora(base.model, LoraSettings(r=rank, alpha=2 * rank, dropout=0.0))
-    for name in missing:
-        generator = torch.Generator().manual_seed(int(name.split("-")[1]))
+    for name in tqdm(missing, desc="writing random adapters", unit="adapter", disable=len(missing) < 2):
+        generator = torch.Generator().manual_seed(int(name.rsplit("-", 1)[1]))
         with torch.no_grad():
             for param_name, param in peft_model.named_parameters():
                 if "lora_" in param_name:
@@ -127,8 +144,18 @@ def engine_bench(settings: Settings, *, n_adapters: int, n_requests: int, max_ne
 
 def bench_prompts(tokenizer: Any, settings: Settings, n: int) -> list[list[int]]:
     """ViGGO test prompts when the shared data is there, else the built-in extraction task's."""
-    preset = "viggo" if (settings.data_root / "viggo").exists() else "extraction"
+    preset = bench_preset(settings)
     return split_prompts(tokenizer, settings, DataSettings(preset=preset), name=f"bench-{preset}", n=n)
+
+
+def bench_messages(tokenizer: Any, settings: Settings, n: int) -> list[list[dict[str, str]]]:
+    """The prompt turns behind `bench_prompts` (same preset, same rows), for clients that send text."""
+    preset = bench_preset(settings)
+    return split_messages(tokenizer, settings, DataSettings(preset=preset), name=f"bench-{preset}", n=n)
+
+
+def bench_preset(settings: Settings) -> str:
+    return "viggo" if (settings.data_root / "viggo").exists() else "extraction"
 
 
 def print_engine(report: EngineBenchReport, console: Console) -> None:
@@ -140,9 +167,12 @@ def print_engine(report: EngineBenchReport, console: Console) -> None:
                         (f"engine, {report.n_requests} on one adapter", report.single_adapter_tokens_per_s),
                         (f"engine, {report.n_requests} over {report.n_adapters} adapters",
                          report.mixed_adapters_tokens_per_s),
+                        (f"engine, {report.n_requests} over {report.n_adapters} adapters, no prefix cache",
+                         report.mixed_adapters_no_prefix_cache_tokens_per_s),
                         ("PEFT static mixed batch (adapter_names=)", report.peft_mixed_batch_tokens_per_s),
                         ("serial, transformers + PEFT", report.serial_tokens_per_s)):
         table.add_row(label, f"{rate:.1f}")
     console.print(table)
     console.print("  ".join(f"{key} {value:.2f}x" for key, value in report.ratios.items())
-                  + f"  cold load p50 {report.cold_load_p50_ms:.1f} ms")
+                  + f"  cold load p50 {report.cold_load_p50_ms:.1f} ms"
+                  + f"  prefix-cache hit rate (mixed) {report.mixed_prefix_cache_hit_rate:.0%}")

@@ -197,6 +197,50 @@ def bench_engine(
     console.print(f"wrote {json_out}")
 
 
+@bench_app.command("serving")
+def bench_serving(
+    json_out: Annotated[Path, typer.Option("--json", help="where to write the JSON report")] = Path("serving.json"),
+    url: Annotated[str | None, typer.Option(help="a running server (default: start one on this home's registry)")]
+    = None,
+    server_pid: Annotated[int | None, typer.Option(help="with --url: the server's pid, for its RSS")] = None,
+    concurrency: Annotated[int, typer.Option(help="closed-loop clients")] = 16,
+    adapters: Annotated[int, typer.Option(help="adapters the requests spread over (Zipf popularity)")] = 8,
+    duration: Annotated[float, typer.Option(help="seconds of load (in-flight requests then finish)")] = 30.0,
+    max_tokens: Annotated[int, typer.Option(help="max_tokens of every request")] = 64,
+    zipf: Annotated[float, typer.Option(help="Zipf exponent of adapter popularity (0 = uniform)")] = 1.0,
+    seed: Annotated[int, typer.Option(help="seeds adapter and prompt choice")] = 0,
+    check: Annotated[int, typer.Option(help="re-send this many answered requests alone and compare")] = 0,
+    serve_env: Annotated[list[str] | None, typer.Option(
+        help="KEY=VALUE for the server this command starts, repeatable (e.g. LORAFLEET_SERVE_ADAPTER_SLOTS=16)")]
+    = None,
+) -> None:
+    """Closed-loop HTTP load on the OpenAI API: N streaming clients over M adapters with Zipf popularity."""
+    import httpx
+
+    from lorafleet.evaluation.serving_bench import LoadOptions
+    from lorafleet.flows.bench import write_json
+    from lorafleet.flows.serving_bench import parse_env_pairs, print_serving, serving_bench
+    from lorafleet.serving.launcher import ServerStartError
+
+    # Registering 100 bench adapters would print MLflow's download bar 100 times.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        options = LoadOptions(concurrency=concurrency, duration_s=duration, max_tokens=max_tokens, zipf=zipf,
+                              seed=seed, check=check)
+        env = parse_env_pairs(serve_env or [])
+        if url is not None and env:
+            raise ValueError("--serve-env configures the server this command starts; it cannot apply to --url")
+        report = serving_bench(_settings(), options, url=url, server_pid=server_pid, n_adapters=adapters,
+                               serve_env=env, console=console)
+    except (ValueError, LookupError, ServerStartError) as error:
+        _fail(str(error))
+    except httpx.HTTPError as error:
+        _fail(f"{url}: {error}")
+    print_serving(report, console)
+    write_json(report, json_out)
+    console.print(f"wrote {json_out}")
+
+
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
 

@@ -2,15 +2,21 @@
 
 `model` may be
   * the base model id (e.g. `smollm2-135m-instruct`): the bare base model;
-  * `NAME`: the adapter's `champion` version, pinned when the server started (or when `NAME` was first
-    asked for, if it had no champion then) so that a moving alias never changes answers mid-flight;
-  * `NAME@VERSION` (digits): that registry version;
-  * `NAME@ALIAS`: whatever version the alias points at right now (`NAME@champion` = `NAME`).
+  * `NAME`: a local adapter loaded under that name, else the registry's `champion` version as this
+    server last saw it (at start-up, on first use, or at the last reload: see `registry_poller`);
+  * `NAME@VERSION` (digits) or `models:/NAME/VERSION`: that registry version;
+  * `NAME@ALIAS` or `models:/NAME@ALIAS`: whatever version the alias points at right now
+    (`NAME@champion` = `NAME`).
 
-Champions are loaded at start-up; any other version is downloaded and loaded on first use. Loading is
-serialised per version (two requests for the same new version load it once) and the generator applies
-it between batches. Adapters trained on a different base model are refused: their deltas would be
-applied to weights they were never trained against.
+Every registry version (and every load of a local folder) gets its own generator adapter name, so moving
+`NAME` to another version is only a change of which entry `NAME` means: requests that already resolved
+`NAME` finish on the version they started with, and no weights are ever replaced under them.
+
+"Attached" entries have been handed to the generator (`load_adapter`); the engine then reads them into
+its LRU adapter cache. At start-up only the first `warm_limit` champions are attached (the cache's
+capacity: attaching 100 champions to 16 slots would only evict in a loop); the rest are attached on
+first use. Adapters trained on a different base model are refused: their deltas would be applied to
+weights they were never trained against.
 """
 
 from __future__ import annotations
@@ -20,17 +26,26 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
-from lorafleet.models.adapter_dir import InvalidAdapterDir
+from lorafleet.models.adapter_dir import (
+    MANIFEST_FILE,
+    PEFT_CONFIG_FILE,
+    AdapterManifest,
+    InvalidAdapterDir,
+    validate_adapter_dir,
+)
 from lorafleet.models.embedded import EMBEDDED_MODEL_ID
 from lorafleet.serving.registry_reader import CHAMPION, FetchedAdapter, RegistryReader, VersionNotFound
 
 log = logging.getLogger(__name__)
+
+MODELS_URI = "models:/"
+_LOCAL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 class ModelNotFound(LookupError):
@@ -45,8 +60,23 @@ class AdapterIncompatible(ValueError):
     """The adapter exists but cannot run on the served base model (HTTP 400)."""
 
 
+class InvalidLocalAdapter(ValueError):
+    """A local adapter request names a bad folder or name (HTTP 400)."""
+
+
+class PathNotAllowed(PermissionError):
+    """A local adapter folder outside every configured adapter root (HTTP 403)."""
+
+
+class AdapterLoadFailed(RuntimeError):
+    """The adapter's files could not be loaded into the generator; nothing was changed (HTTP 400)."""
+
+
 class AdapterLoader(Protocol):
     def load_adapter(self, name: str, adapter_dir: Path) -> None: ...
+
+
+Warm = Callable[["ServedModel"], object]  # make an attached adapter resident now; raises if it cannot load
 
 
 @dataclass(frozen=True)
@@ -56,8 +86,9 @@ class ServedModel:
     created: int
     parent: str | None = None  # the base model id for adapters
     name: str | None = None
-    version: int | None = None
+    version: int | None = None  # registry version; None for the base and local adapters
     system_prompt: str | None = None  # prepended to chats that bring no system message
+    source: str | None = None  # `models:/NAME/VERSION` or the local folder
 
 
 def fetch_champions(registry: RegistryReader) -> list[FetchedAdapter]:
@@ -82,6 +113,25 @@ def choose_base_model(configured: str | None, champions: Sequence[FetchedAdapter
     return min(base for base, count in counts.items() if count == best)
 
 
+def split_model(model: str) -> tuple[str, str | None]:
+    """`model` as (NAME, selector or None); ModelNotFound for a spelling that is none of the above."""
+    hint = "use NAME, NAME@ALIAS, NAME@VERSION, models:/NAME@ALIAS, models:/NAME/VERSION or the base model id"
+    if model.startswith(MODELS_URI):
+        rest = model[len(MODELS_URI):]
+        if "@" in rest:
+            name, _, selector = rest.partition("@")
+        else:
+            name, _, selector = rest.rpartition("/")
+            if not selector.isdigit():  # MLflow's stages (`/Production`) are deprecated: aliases replace them
+                raise ModelNotFound(model, hint)
+    else:
+        name, has_selector, selector = model.partition("@")
+        selector = selector if has_selector else None
+    if not name or "/" in name or (selector is not None and (not selector or "@" in selector)):
+        raise ModelNotFound(model, hint)
+    return name, selector
+
+
 class AdapterCatalogue:
     def __init__(
         self,
@@ -90,20 +140,29 @@ class AdapterCatalogue:
         base_revision: str,
         loader: AdapterLoader,
         registry: RegistryReader | None,
+        adapter_roots: Sequence[Path] = (),
+        warm_limit: int | None = None,
     ) -> None:
         self.base = ServedModel(id=base_model_id, adapter=None, created=int(time.time()))
+        self.registry = registry
         self._base_revision = base_revision
         self._loader = loader
-        self._registry = registry
-        self._lock = threading.Lock()  # guards the dicts below
-        self._loading: dict[tuple[str, int], threading.Lock] = {}
-        self._loaded: dict[tuple[str, int], ServedModel] = {}
+        self._roots = tuple(Path(root).resolve() for root in adapter_roots)
+        self._warm_limit = warm_limit
+        self._lock = threading.Lock()  # guards the dicts below, never held while loading
+        self._gates: dict[str, threading.Lock] = {}  # one download / one attach at a time per key
+        self._versions: dict[tuple[str, int], ServedModel] = {}
         self._champions: dict[str, int] = {}
-        self._adapter_names: set[str] = set()
+        self._local: dict[str, tuple[ServedModel, tuple]] = {}  # name -> (entry, folder fingerprint)
+        self._paths: dict[str, Path] = {}  # generator adapter name -> folder
+        self._by_adapter: dict[str, ServedModel] = {}
+        self._attached: set[str] = set()
+        self._used_names: set[str] = set()  # never reused, even when forgotten: PEFT keeps what it loaded
 
     # -- start-up ------------------------------------------------------------------------------
 
     def install_champions(self, fetched: Iterable[FetchedAdapter]) -> list[ServedModel]:
+        """Serve these champions; attach (start reading) only as many as the generator keeps resident."""
         served = []
         for adapter in fetched:
             try:
@@ -113,135 +172,296 @@ class AdapterCatalogue:
                 continue
             with self._lock:
                 self._champions[adapter.name] = adapter.version
+            if self._warm_limit is None or len(served) < self._warm_limit:
+                self._attach(entry)
             served.append(entry)
         return served
 
     # -- requests ------------------------------------------------------------------------------
 
-    def resolve(self, model: str) -> ServedModel:
-        """Map a request's `model` to a loaded adapter, loading it first if needed (blocking)."""
+    def resolve(self, model: str, *, load: bool = True) -> ServedModel:
+        """Map a request's `model` to an adapter, downloading and attaching it first if needed (blocking).
+
+        With `load=False` nothing is downloaded or attached: what is not installed yet is ModelNotFound."""
         if model == self.base.id:
             return self.base
-        name, has_selector, selector = model.partition("@")
-        if not name or "@" in selector or (has_selector and not selector):
-            raise ModelNotFound(
-                model, f"use NAME, NAME@ALIAS, NAME@VERSION or the base model id `{self.base.id}`"
-            )
-        if not has_selector or selector == CHAMPION:
-            return self._load_version(model, name, self._champion_version(model, name))
-        if selector.isdigit():
-            return self._load_version(model, name, int(selector))
-        registry = self._require_registry(model)
+        name, selector = split_model(model)
+        if selector is None:
+            with self._lock:
+                local = self._local.get(name)
+            if local is not None:
+                return self._attach(local[0]) if load else local[0]
+        if selector is None or selector == CHAMPION:
+            version = self._champion_version(model, name, load)
+        elif selector.isdigit():
+            version = int(selector)
+        else:
+            version = self._alias_version(model, name, selector)
+        return self._version(model, name, version, load)
+
+    def load(self, model: str, *, warm: Warm | None = None) -> ServedModel:
+        """The admin load: resolve, attach and make resident now. A registry version that cannot be
+        loaded is forgotten again (unless it is a champion), so a failed load changes nothing."""
+        entry = self.resolve(model)
+        if entry.adapter is None or warm is None:
+            return entry
         try:
-            version = registry.version_for_alias(name, selector)
-        except VersionNotFound as error:
-            raise ModelNotFound(model, str(error)) from None
-        return self._load_version(model, name, version)
+            warm(entry)
+        except Exception as error:
+            with self._lock:
+                champion = entry.name is not None and self._champions.get(entry.name) == entry.version
+            if entry.version is not None and not champion:
+                self._forget(entry)
+            raise AdapterLoadFailed(f"{entry.id} could not be loaded: {error}") from error
+        return entry
 
     def models(self) -> list[ServedModel]:
-        """The base, each champion as `NAME`, and every other loaded version as `NAME@VERSION`."""
+        """The base, each champion and local adapter as `NAME`, every other version as `NAME@VERSION`."""
         with self._lock:
             champions = dict(self._champions)
-            loaded = dict(self._loaded)
+            versions = dict(self._versions)
+            local = [entry for entry, _ in self._local.values()]
         listed = [self.base]
         for name, version in sorted(champions.items()):
-            entry = loaded.get((name, version))
+            entry = versions.get((name, version))
             if entry is not None:
-                listed.append(ServedModel(**{**entry.__dict__, "id": name}))
-        for (name, version), entry in sorted(loaded.items()):
-            if champions.get(name) != version:
-                listed.append(entry)
+                listed.append(replace(entry, id=name))
+        listed.extend(sorted(local, key=lambda entry: entry.id))
+        listed.extend(entry for key, entry in sorted(versions.items()) if champions.get(key[0]) != key[1])
         return listed
+
+    # -- admin ---------------------------------------------------------------------------------
+
+    def champions(self) -> dict[str, int]:
+        """name -> the version `NAME` means on this server now."""
+        with self._lock:
+            return dict(self._champions)
+
+    def is_attached(self, adapter: str) -> bool:
+        with self._lock:
+            return adapter in self._attached
+
+    def is_local(self, name: str) -> bool:
+        """`NAME` is a local folder here (it shadows a registry model of that name)."""
+        with self._lock:
+            return name in self._local
+
+    def by_adapter(self, adapter: str) -> ServedModel | None:
+        """The catalogue entry behind a generator adapter name (for the admin listing)."""
+        with self._lock:
+            return self._by_adapter.get(adapter)
+
+    def set_champion(self, adapter: FetchedAdapter, *, warm: Warm | None = None) -> int | None:
+        """Make `NAME` mean `adapter.version`; return the version it meant before (None: new name).
+
+        The new version is loaded *before* `NAME` moves, and only if the old one was attached: a name
+        nobody used stays lazy. If loading fails, `NAME` keeps its old version (the error propagates)."""
+        with self._lock:
+            if adapter.name in self._local:
+                raise AdapterIncompatible(f"`{adapter.name}` is served from a local folder on this server")
+            old = self._champions.get(adapter.name)
+            old_entry = self._versions.get((adapter.name, old)) if old is not None else None
+        entry = self._install(adapter)
+        if old_entry is not None and self.is_attached(old_entry.adapter or ""):
+            self._attach(entry)
+            if warm is not None:
+                warm(entry)
+        with self._lock:
+            self._champions[adapter.name] = adapter.version
+        if old != adapter.version:
+            log.info("%s now serves version %s (was %s)", adapter.name, adapter.version, old)
+        return old
+
+    def load_local(self, name: str, path: Path, *, warm: Warm | None = None) -> ServedModel:
+        """Serve the adapter folder `path` (under an adapter root) as `name`; loaded before it is published.
+
+        Loading the same unchanged folder again is a no-op; a changed folder (or another one) gets a new
+        generator adapter name, so requests in flight keep the weights they started with."""
+        folder = self._inside_roots(Path(path))
+        if not _LOCAL_NAME.match(name) or name == self.base.id:
+            raise InvalidLocalAdapter(
+                f"adapter name {name!r} is not usable: 1-64 letters, digits, '.', '_' or '-', not the base model id"
+            )
+        with self._lock:
+            if name in self._champions or any(key[0] == name for key in self._versions):
+                raise InvalidLocalAdapter(f"`{name}` names a registry model on this server: pick another name")
+        if not folder.is_dir():
+            raise InvalidLocalAdapter(f"{folder} is not a directory")
+        manifest = self._local_manifest(folder)
+        fingerprint = _fingerprint(folder)
+        with self._lock:
+            current = self._local.get(name)
+            fresh = current is None or current[1] != fingerprint
+            if fresh:
+                entry = ServedModel(
+                    id=name,
+                    adapter=self._unique_adapter_name(name, "local"),
+                    created=int(time.time()) if manifest is None else _epoch(manifest.created_at),
+                    parent=self.base.id,
+                    name=name,
+                    system_prompt=None if manifest is None else manifest.task.system_prompt,
+                    source=str(folder),
+                )
+                self._paths[entry.adapter] = folder
+                self._by_adapter[entry.adapter] = entry
+            else:
+                entry = current[0]
+        try:
+            self._attach(entry)
+            if warm is not None:
+                warm(entry)
+        except Exception as error:
+            if fresh:
+                self._forget(entry)
+            raise AdapterLoadFailed(f"{folder} could not be loaded as `{name}`: {error}") from error
+        if fresh:
+            with self._lock:
+                self._local[name] = (entry, fingerprint)
+            log.info("serving local adapter %s from %s (adapter %s)", name, folder, entry.adapter)
+        return entry
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _champion_version(self, model: str, name: str) -> int:
+    def _champion_version(self, model: str, name: str, load: bool) -> int:
         with self._lock:
             pinned = self._champions.get(name)
         if pinned is not None:
             return pinned
-        registry = self._require_registry(model)
-        try:
-            version = registry.version_for_alias(name, CHAMPION)
-        except VersionNotFound as error:
-            raise ModelNotFound(model, str(error)) from None
+        if not load:
+            raise ModelNotFound(model, f"`{name}` is not loaded on this server")
+        version = self._alias_version(model, name, CHAMPION)
         with self._lock:
             return self._champions.setdefault(name, version)
 
-    def _load_version(self, model: str, name: str, version: int) -> ServedModel:
+    def _alias_version(self, model: str, name: str, alias: str) -> int:
+        registry = self._require_registry(model)
+        try:
+            return registry.version_for_alias(name, alias)
+        except VersionNotFound as error:
+            raise ModelNotFound(model, str(error)) from None
+
+    def _version(self, model: str, name: str, version: int, load: bool) -> ServedModel:
         key = (name, version)
         with self._lock:
-            if key in self._loaded:
-                return self._loaded[key]
-            gate = self._loading.setdefault(key, threading.Lock())
-        with gate:  # one download + load per version, however many requests ask at once
-            with self._lock:
-                if key in self._loaded:
-                    return self._loaded[key]
-            registry = self._require_registry(model)
-            try:
-                fetched = registry.fetch(name, version)
-            except VersionNotFound as error:
-                raise ModelNotFound(model, str(error)) from None
-            except InvalidAdapterDir as error:
-                raise AdapterIncompatible(
-                    f"{name} version {version} is not a usable adapter: {error}"
-                ) from None
-            return self._install(fetched)
+            entry = self._versions.get(key)
+        if entry is None and not load:
+            raise ModelNotFound(model, f"{name} version {version} is not loaded on this server")
+        if entry is None:
+            with self._gate(f"fetch:{name}@{version}"):  # one download per version, however many ask
+                registry = self._require_registry(model)
+                try:
+                    fetched = registry.fetch(name, version)
+                except VersionNotFound as error:
+                    raise ModelNotFound(model, str(error)) from None
+                except InvalidAdapterDir as error:
+                    raise AdapterIncompatible(f"{name} version {version} is not a usable adapter: {error}") from None
+                entry = self._install(fetched)
+        return self._attach(entry) if load else entry
 
     def _install(self, adapter: FetchedAdapter) -> ServedModel:
-        self._check_compatible(adapter)
+        """Record a version (idempotent); nothing is read into the generator until `_attach`."""
+        self._check_compatible(adapter.name, adapter.version, adapter.manifest)
         key = (adapter.name, adapter.version)
         with self._lock:
-            if key in self._loaded:
-                return self._loaded[key]
-            runner_name = self._unique_adapter_name(adapter.name, adapter.version)
-        self._loader.load_adapter(runner_name, adapter.path)
-        entry = ServedModel(
-            id=f"{adapter.name}@{adapter.version}",
-            adapter=runner_name,
-            created=_epoch(adapter.manifest.created_at),
-            parent=self.base.id,
-            name=adapter.name,
-            version=adapter.version,
-            system_prompt=adapter.manifest.task.system_prompt,
-        )
-        with self._lock:
-            self._loaded[key] = entry
-        log.info("serving %s version %s (adapter %s)", adapter.name, adapter.version, runner_name)
+            if key in self._versions:
+                return self._versions[key]
+            runner_name = self._unique_adapter_name(adapter.name, f"v{adapter.version}")
+            entry = ServedModel(
+                id=f"{adapter.name}@{adapter.version}",
+                adapter=runner_name,
+                created=_epoch(adapter.manifest.created_at),
+                parent=self.base.id,
+                name=adapter.name,
+                version=adapter.version,
+                system_prompt=adapter.manifest.task.system_prompt,
+                source=f"{MODELS_URI}{adapter.name}/{adapter.version}",
+            )
+            self._versions[key] = entry
+            self._paths[runner_name] = adapter.path
+            self._by_adapter[runner_name] = entry
         return entry
 
-    def _check_compatible(self, adapter: FetchedAdapter) -> None:
-        manifest = adapter.manifest
+    def _attach(self, entry: ServedModel) -> ServedModel:
+        """Hand the entry to the generator once (blocking for PEFT; the engine reads in the background)."""
+        adapter = entry.adapter
+        if adapter is None or self.is_attached(adapter):
+            return entry
+        with self._gate(f"attach:{adapter}"):
+            if not self.is_attached(adapter):
+                self._loader.load_adapter(adapter, self._paths[adapter])
+                with self._lock:
+                    self._attached.add(adapter)
+                log.info("attached %s (adapter %s)", entry.id, adapter)
+        return entry
+
+    def _gate(self, key: str) -> threading.Lock:
+        with self._lock:
+            return self._gates.setdefault(key, threading.Lock())
+
+    def _forget(self, entry: ServedModel) -> None:
+        with self._lock:
+            if entry.version is not None and entry.name is not None:
+                self._versions.pop((entry.name, entry.version), None)
+            self._by_adapter.pop(entry.adapter or "", None)
+            self._paths.pop(entry.adapter or "", None)
+            self._attached.discard(entry.adapter or "")
+
+    def _inside_roots(self, path: Path) -> Path:
+        if not self._roots:
+            raise PathNotAllowed("loading adapters from local paths is off: no adapter roots are configured "
+                                 "(setting adapter_roots)")
+        if not path.is_absolute():
+            raise InvalidLocalAdapter(f"the adapter path must be absolute, got {str(path)!r}")
+        real = path.resolve()  # symlinks followed: a link inside a root to a folder elsewhere is outside
+        if not any(real.is_relative_to(root) for root in self._roots):
+            roots = ", ".join(str(root) for root in self._roots)
+            raise PathNotAllowed(f"{path} is not under an adapter root ({roots})")
+        return real
+
+    def _local_manifest(self, folder: Path) -> AdapterManifest | None:
+        """The manifest, checked like a registry version's; None for a plain PEFT folder (no lorafleet.json),
+        whose base model can only be checked by its weight shapes when it is read."""
+        if not (folder / MANIFEST_FILE).exists() and (folder / PEFT_CONFIG_FILE).exists():
+            log.warning("%s has no %s: serving it as a plain PEFT adapter", folder, MANIFEST_FILE)
+            return None
+        try:
+            manifest = validate_adapter_dir(folder)
+        except InvalidAdapterDir as error:
+            raise InvalidLocalAdapter(str(error)) from None
+        self._check_compatible(str(folder), None, manifest)
+        return manifest
+
+    def _check_compatible(self, name: str, version: int | None, manifest: AdapterManifest) -> None:
+        label = f"adapter {name}" + ("" if version is None else f" version {version}")
         if manifest.base_model.id != self.base.id:
             raise AdapterIncompatible(
-                f"adapter {adapter.name} version {adapter.version} was trained on base model "
-                f"`{manifest.base_model.id}`, but this server serves `{self.base.id}`"
+                f"{label} was trained on base model `{manifest.base_model.id}`, but this server serves "
+                f"`{self.base.id}`"
             )
         if manifest.base_model.revision != self._base_revision:
-            log.warning(
-                "adapter %s version %s was trained on revision %s of %s; serving revision %s",
-                adapter.name,
-                adapter.version,
-                manifest.base_model.revision,
-                self.base.id,
-                self._base_revision,
-            )
+            log.warning("%s was trained on revision %s of %s; serving revision %s", label,
+                        manifest.base_model.revision, self.base.id, self._base_revision)
 
-    def _unique_adapter_name(self, name: str, version: int) -> str:
-        """PEFT keeps adapters in ModuleDicts, whose keys may not contain '.'."""
-        stem = re.sub(r"[^A-Za-z0-9_-]", "_", name) + f"-v{version}"
+    def _unique_adapter_name(self, name: str, tag: str) -> str:
+        """PEFT keeps adapters in ModuleDicts, whose keys may not contain '.'. Caller holds _lock."""
+        stem = re.sub(r"[^A-Za-z0-9_-]", "_", name) + f"-{tag}"
         candidate, suffix = stem, 1
-        while candidate in self._adapter_names:
+        while candidate in self._used_names:
             suffix += 1
             candidate = f"{stem}-{suffix}"
-        self._adapter_names.add(candidate)
+        self._used_names.add(candidate)
         return candidate
 
     def _require_registry(self, model: str) -> RegistryReader:
-        if self._registry is None:
+        if self.registry is None:
             raise ModelNotFound(model, "this server has no model registry")
-        return self._registry
+        return self.registry
+
+
+def _fingerprint(folder: Path) -> tuple:
+    """Changes when any file in the folder is rewritten: a retrained adapter in the same place reloads."""
+    return tuple(sorted((item.name, item.stat().st_size, item.stat().st_mtime_ns)
+                        for item in folder.iterdir() if item.is_file()))
 
 
 def _epoch(iso_time: str) -> int:

@@ -1,8 +1,9 @@
 """Everything a request handler needs, assembled once at start-up: tokenizer, catalogue, generator.
 
 Start-up order matters: champions are downloaded first because, unless configured, the base model is
-the one they were trained on; then the base is loaded, the generator started and the champions loaded
-into it.
+the one they were trained on; then the base is loaded, the generator started and the champions handed
+to it (at most `adapter_slots` of them read now, the rest on first use). Last, the registry poller
+starts (`registry_poll_s` > 0); `close()` stops it before the generator.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from lorafleet.models.base import load_base_model
-from lorafleet.serving.adapters import AdapterCatalogue, choose_base_model, fetch_champions
+from lorafleet.serving.adapters import AdapterCatalogue, ServedModel, Warm, choose_base_model, fetch_champions
 from lorafleet.serving.engine.engine import EngineConfig
 from lorafleet.serving.engine_generator import EngineGenerator
 from lorafleet.serving.generation import TokenGenerator
 from lorafleet.serving.metrics import ServingMetrics
+from lorafleet.serving.registry_poller import ChampionReloader, RegistryPoller
 from lorafleet.serving.registry_reader import RegistryReader
 from lorafleet.serving.runner import GenerationRunner
 from lorafleet.serving.settings import ServiceSettings
@@ -33,8 +35,13 @@ class ServingBackend:
     context_length: int  # prompt + completion tokens the model accepts
     eos_token_ids: tuple[int, ...]
     metrics: ServingMetrics | None = None
+    reloader: ChampionReloader | None = None  # None: no registry to follow
+    poller: RegistryPoller | None = None  # None: polling is off
+    warm: Warm | None = None  # makes an attached adapter resident now (engine); None: loading is synchronous
 
     def close(self) -> None:
+        if self.poller is not None:
+            self.poller.stop()
         self.generator.close()
 
 
@@ -51,8 +58,13 @@ def build_backend(settings: ServiceSettings, *, metrics: ServingMetrics | None =
         base_revision=loaded.resolved.revision,
         loader=runner,
         registry=registry,
+        adapter_roots=settings.adapter_roots,
+        warm_limit=settings.adapter_slots,
     )
     catalogue.install_champions(champions)
+    warm = _warm(runner)
+    reloader = ChampionReloader(catalogue, warm=warm, add_new=settings.load_champions)
+    poller = RegistryPoller(reloader, settings.registry_poll_s).start() if settings.registry_poll_s > 0 else None
     return ServingBackend(
         settings=settings,
         tokenizer=tokenizer,
@@ -61,7 +73,21 @@ def build_backend(settings: ServiceSettings, *, metrics: ServingMetrics | None =
         context_length=_context_length(loaded.model, tokenizer),
         eos_token_ids=_eos_ids(tokenizer),
         metrics=metrics,
+        reloader=reloader,
+        poller=poller,
+        warm=warm,
     )
+
+
+def _warm(generator: TokenGenerator) -> Warm | None:
+    """The engine reads adapters in the background: admin loads and reloads wait for the read here."""
+    if not isinstance(generator, EngineGenerator):
+        return None
+
+    def warm(entry: ServedModel) -> int | None:
+        return generator.warm_adapter(entry.adapter) if entry.adapter is not None else None
+
+    return warm
 
 
 def _generator(settings: ServiceSettings, loaded: Any, metrics: ServingMetrics | None) -> TokenGenerator:
@@ -88,7 +114,8 @@ def _engine_config(settings: ServiceSettings) -> EngineConfig:
     return EngineConfig(kv_cache_mb=settings.kv_cache_mb, max_num_seqs=settings.max_num_seqs,
                         max_tokens_per_step=max(settings.max_tokens_per_step, settings.max_num_seqs),
                         max_waiting=settings.max_queue, speculative_max_batch=settings.speculative_max_batch,
-                        adapter_slots=settings.adapter_slots, max_lora_rank=settings.max_lora_rank)
+                        adapter_slots=settings.adapter_slots, max_lora_rank=settings.max_lora_rank,
+                        prefix_caching=settings.prefix_caching)
 
 
 def _context_length(model: Any, tokenizer: Any) -> int:

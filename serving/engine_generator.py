@@ -9,6 +9,12 @@ This is the engine's async front: a background thread steps the engine; callers 
 `TokenStream` (an async iterator of token ids); cancelling it aborts the request and frees its KV
 blocks. One thread owns the engine. `submit` and `abort` take the same lock as `step`, so they never overlap
 a forward, and errors (queue full, bad prompt) reach the caller synchronously.
+
+Latencies are measured here, where tokens are handed to the streams, on one monotonic clock: TTFT
+from `submit` to the request's first step output, inter-token latency between deliveries, e2e from
+`submit` to the finishing output. After every pass of the stepping thread, `on_step` gets a
+`StepReport` (on this thread, under the lock, before the tokens are delivered) so the metrics read
+the engine's and the adapter cache's counters at a consistent point.
 """
 
 from __future__ import annotations
@@ -17,8 +23,10 @@ import asyncio
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +42,42 @@ log = logging.getLogger(__name__)
 _IDLE_WAIT_S = 0.5
 
 
+@dataclass
+class _Timing:
+    """A live request as the metrics see it (monotonic seconds)."""
+
+    adapter: str | None
+    prompt_tokens: int
+    submitted: float
+    last: float | None = None  # latest delivery; None until the first output (prefill done)
+
+
+@dataclass
+class StepReport:
+    """What one pass of the stepping thread did, for `on_step` (metrics).
+
+    Speculative decoding can deliver several tokens in one step; a delivery of k tokens `gap` seconds
+    after the previous one counts as k inter-token latencies of gap / k, so the histogram's count is
+    always (tokens - 1) per request and its sum the time from first to last token (vLLM observes one
+    interval per step instead). A request's first output carries one token (prefill samples one),
+    or none when that token was a stop token; either way it ends the TTFT.
+    """
+
+    engine: Engine
+    cache: AdapterCache
+    outputs: list[RequestOutput]
+    ttft_s: list[float] = field(default_factory=list)  # requests whose prefill finished this step
+    itl_s: list[tuple[float, int]] = field(default_factory=list)  # (seconds per token, tokens)
+    prompt_tokens: dict[str | None, int] = field(default_factory=dict)  # adapter -> tokens, at prefill end
+    generation_tokens: dict[str | None, int] = field(default_factory=dict)  # adapter -> tokens delivered
+    finished: list[tuple[str | None, str, float]] = field(default_factory=list)  # adapter, reason, e2e s
+
+
 class EngineGenerator:
     """Continuous batching for every adapter the catalogue names, on one stepping thread."""
 
     def __init__(self, hf_model: Any, config: EngineConfig, *, eos_token_ids: frozenset[int],
-                 on_step: Callable[[Engine, list[RequestOutput]], None] | None = None) -> None:
+                 on_step: Callable[[StepReport], None] | None = None) -> None:
         self.model = CompactLlama.from_hf(hf_model)
         self.eos_token_ids = frozenset(eos_token_ids)
         self._paths: dict[str, Path] = {}
@@ -48,10 +87,12 @@ class EngineGenerator:
         self.engine = Engine(self.model, config, adapters=self.cache)
         self.on_step = on_step
         self._streams: dict[str, TokenStream] = {}
+        self._timings: dict[str, _Timing] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._ids = itertools.count()
+        self._report([], [])  # metrics show the idle engine (gauges, cache capacity) from the start
         self._thread = threading.Thread(target=self._work, name="lorafleet-engine", daemon=True)
         self._thread.start()
 
@@ -68,6 +109,7 @@ class EngineGenerator:
             except QueueFull as error:
                 raise GeneratorBusy(f"{self.engine.num_waiting()} requests are waiting: {error}") from error
             self._streams[request_id] = stream
+            self._timings[request_id] = _Timing(request.adapter, len(request.prompt_ids), time.monotonic())
         self._wake.set()
         return stream
 
@@ -92,8 +134,38 @@ class EngineGenerator:
 
     # ----- admin -----------------------------------------------------------------------------------
     def unload_adapter(self, name: str) -> bool:
+        """Evict `name` from the adapter cache; it is read again on its next request. False when a running
+        request pins it (refused, nothing changes) or it was not resident."""
         with self._lock:
             return self.cache.unload(name)
+
+    def warm_adapter(self, name: str, timeout: float = 120.0) -> int | None:
+        """Read `name` now and install it between two steps, even while the engine is idle.
+
+        Returns its slot (0: Turbo heads only), or None when every slot is pinned by running requests
+        (a later step installs it). Raises AdapterNotFound for an unknown name, the cache's
+        AdapterLoadError when the files cannot be read, TimeoutError when reading takes longer."""
+        slot = self.cache.request(name)
+        if slot is not None:
+            return slot
+        if not self.cache.wait_loading(timeout):
+            raise TimeoutError(f"adapter {name!r} was not read within {timeout} s")
+        with self._lock:  # holding the step lock: no forward runs while the slots are written
+            self.cache.install_ready()
+            slot, error = self.cache.slot_of(name), self.cache.error(name)
+        if error is not None:
+            raise error
+        return slot
+
+    def resident_adapters(self) -> list[dict[str, Any]]:
+        """JSON-ready rows for the admin listing, most recently used first; `running` requests pin theirs."""
+        with self._lock:
+            running: dict[str | None, int] = {}
+            for seq in self.engine.scheduler.running:
+                running[seq.adapter] = running.get(seq.adapter, 0) + 1
+            return [{"adapter": name, "slot": self.cache.slot_of(name),
+                     "turbo_heads": self.cache.heads(name) is not None, "running": running.get(name, 0)}
+                    for name in reversed(self.cache.resident())]
 
     def _resolve(self, name: str) -> ResolvedAdapter:
         path = self._paths.get(name)
@@ -105,9 +177,14 @@ class EngineGenerator:
     def _work(self) -> None:
         while not self._stop.is_set():
             with self._lock:
-                self._drop_cancelled()
+                aborted = self._drop_cancelled()
                 busy = self.engine.has_unfinished()
                 outputs = self._step() if busy else []
+                if not busy:  # adapters read in the background (start-up warming) become resident now
+                    self.cache.install_ready()
+                # Idle passes report too (every _IDLE_WAIT_S at most): admin loads and unloads change
+                # the adapter cache while no request runs.
+                self._report(outputs, aborted)
             self._deliver(outputs)
             if not busy:
                 self._wake.wait(_IDLE_WAIT_S)
@@ -115,11 +192,14 @@ class EngineGenerator:
             elif not outputs:  # everything may be waiting on an adapter load: block on it, not a spin
                 self.cache.wait_loading(timeout=0.05, return_when=FIRST_COMPLETED)
 
-    def _drop_cancelled(self) -> None:
+    def _drop_cancelled(self) -> list[str]:
+        aborted = []
         for request_id, stream in list(self._streams.items()):
             if stream.cancelled:  # client went away: free its KV blocks now
                 self.engine.abort(request_id)
                 del self._streams[request_id]
+                aborted.append(request_id)
+        return aborted
 
     def _step(self) -> list[RequestOutput]:
         try:
@@ -131,12 +211,41 @@ class EngineGenerator:
                 self.engine.abort(request_id)
                 outputs.append(RequestOutput(request_id=request_id, new_token_ids=[], finished=True,
                                              finish_reason="error", error=f"engine step failed: {error}"))
+        return outputs
+
+    def _report(self, outputs: list[RequestOutput], aborted: list[str]) -> None:
+        """Turn this pass into latencies and per-adapter counts; one loop over the outputs, no more."""
+        now = time.monotonic()
+        report = StepReport(engine=self.engine, cache=self.cache, outputs=outputs)
+        for request_id in aborted:
+            timing = self._timings.pop(request_id, None)
+            if timing is not None:
+                report.finished.append((timing.adapter, "abort", now - timing.submitted))
+        for output in outputs:
+            timing = self._timings.get(output.request_id)
+            if timing is None:
+                continue
+            adapter, count = timing.adapter, len(output.new_token_ids)
+            if output.finish_reason != "error":
+                if timing.last is None:  # the prefill finished: its sampled token is the first one
+                    report.ttft_s.append(now - timing.submitted)
+                    report.prompt_tokens[adapter] = report.prompt_tokens.get(adapter, 0) + timing.prompt_tokens
+                    if count > 1:
+                        report.itl_s.append((0.0, count - 1))
+                    timing.last = now
+                elif count:
+                    report.itl_s.append(((now - timing.last) / count, count))
+                    timing.last = now
+                if count:
+                    report.generation_tokens[adapter] = report.generation_tokens.get(adapter, 0) + count
+            if output.finished:
+                del self._timings[output.request_id]
+                report.finished.append((adapter, output.finish_reason or "stop", now - timing.submitted))
         if self.on_step is not None:
             try:
-                self.on_step(self.engine, outputs)
+                self.on_step(report)
             except Exception:
                 log.exception("engine metrics hook failed")
-        return outputs
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:

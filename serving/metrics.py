@@ -2,7 +2,17 @@
 
 BentoML 1.4 serves whatever `prometheus_client` collects; its workers set `PROMETHEUS_MULTIPROC_DIR`
 only after importing the service module, so `prometheus_client` is imported here lazily, when the
-service instance builds its metrics, never at module import.
+service instance builds its metrics, never at module import. In that multiprocess mode a Gauge
+needs a `multiprocess_mode`: "livemostrecent" reports the latest value a live worker set (the
+default, "all", would add a `pid` label per worker and keep dead workers' values). A "mostrecent"
+gauge is exported only once `set` (an untouched one has no timestamp), so the engine's gauges appear
+from the first `observe_engine`, which the `EngineGenerator` makes at start-up.
+
+Names follow vLLM's `vllm:*` metrics under our prefix where vLLM has one (`vllm:num_requests_running`
+is `lorafleet_num_requests_running`). The engine core has no Prometheus import: after every pass of
+the engine thread, `observe_engine` reads the engine's `EngineStats` and the adapter cache's counters
+and publishes deltas, plus the per-request latencies the `EngineGenerator` measured (a `StepReport`).
+That runs between forwards, so it does O(requests touched) work and no more.
 """
 
 from __future__ import annotations
@@ -17,45 +27,121 @@ BATCH_SIZE = "lorafleet_batch_size"
 SPEC_DRAFTS = "lorafleet_spec_decode_num_drafts"
 SPEC_DRAFT_TOKENS = "lorafleet_spec_decode_num_draft_tokens"
 SPEC_ACCEPTED_TOKENS = "lorafleet_spec_decode_num_accepted_tokens"
+SPEC_MEAN_ACCEPTANCE = "lorafleet_spec_decode_mean_acceptance_length"
+# The engine (vLLM's names).
+RUNNING = "lorafleet_num_requests_running"
+WAITING = "lorafleet_num_requests_waiting"
+KV_USAGE = "lorafleet_kv_cache_usage_perc"
+PROMPT_TOKENS = "lorafleet_prompt_tokens"
+GENERATION_TOKENS = "lorafleet_generation_tokens"
+REQUEST_SUCCESS = "lorafleet_request_success"
+TTFT = "lorafleet_time_to_first_token_seconds"
+ITL = "lorafleet_inter_token_latency_seconds"
+E2E = "lorafleet_e2e_request_latency_seconds"
+PREEMPTIONS = "lorafleet_num_preemptions"
+PREFIX_QUERIES = "lorafleet_prefix_cache_queries"
+PREFIX_HITS = "lorafleet_prefix_cache_hits"
+# The adapter cache (no vLLM equivalent).
+CACHE_HITS = "lorafleet_adapter_cache_hits"
+CACHE_MISSES = "lorafleet_adapter_cache_misses"
+CACHE_LOADS = "lorafleet_adapter_cache_loads"
+CACHE_EVICTIONS = "lorafleet_adapter_cache_evictions"
+CACHE_FAILURES = "lorafleet_adapter_cache_failures"
+CACHE_LOAD_SECONDS = "lorafleet_adapter_load_seconds"
+CACHE_RESIDENT = "lorafleet_adapter_cache_resident"
+CACHE_SLOTS = "lorafleet_adapter_cache_slots"
+
+BASE_LABEL = "base"  # the `adapter` label of requests on the bare base model (served adapters are NAME-vN)
+_GAUGE_MODE = "livemostrecent"
+_CACHE_COUNTERS = ("hits", "misses", "loads", "evictions", "failures")
+
+# Seconds; small buckets first because the tiny test model and short prompts answer in milliseconds.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
+               2.5, 5.0, 7.5, 10.0, 20.0)
+E2E_BUCKETS = (0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+               60.0, 120.0, 240.0, 480.0, 960.0, 1920.0)
+LOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class ServingMetrics:
-    """Requests by model/endpoint/status, generated tokens by model, latency by endpoint, batch sizes."""
+    """The service's metrics: HTTP requests, the engine's queue/batch/KV/latency, speculation, adapters."""
 
     def __init__(self, registry: Any = None) -> None:
-        from prometheus_client import REGISTRY, Counter, Histogram
+        from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
         self.registry = REGISTRY if registry is None else registry
-        self._engine_last = (0, 0, 0, 0)  # engine counters at the previous step: metrics take deltas
         registry = self.registry
-        self.requests = Counter(
-            REQUESTS,
-            "OpenAI API requests by served model, endpoint and HTTP status",
-            ["model", "endpoint", "status"],
-            registry=registry,
-        )
-        self.generated_tokens = Counter(
-            GENERATED_TOKENS, "completion tokens generated, by served model", ["model"], registry=registry
-        )
-        self.request_seconds = Histogram(
-            REQUEST_SECONDS,
-            "wall time of OpenAI API requests (until the last token is sent)",
-            ["endpoint"],
-            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
-            registry=registry,
-        )
-        self.batch_size = Histogram(
-            BATCH_SIZE, "requests per generation batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=registry
-        )
-        self.spec_drafts = Counter(SPEC_DRAFTS, "speculative verification steps (per row)", registry=registry)
-        self.spec_draft_tokens = Counter(SPEC_DRAFT_TOKENS, "tokens drafted by Turbo heads", registry=registry)
-        self.spec_accepted_tokens = Counter(SPEC_ACCEPTED_TOKENS, "drafted tokens accepted by verification",
-                                            registry=registry)
 
+        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Any:
+            return Counter(name, doc, list(labels), registry=registry)
+
+        def gauge(name: str, doc: str) -> Any:
+            return Gauge(name, doc, registry=registry, multiprocess_mode=_GAUGE_MODE)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...], labels: tuple[str, ...] = ()) -> Any:
+            return Histogram(name, doc, list(labels), buckets=buckets, registry=registry)
+
+        # HTTP side (both generators).
+        self.requests = counter(REQUESTS, "OpenAI API requests by served model, endpoint and HTTP status",
+                                ("model", "endpoint", "status"))
+        self.generated_tokens = counter(GENERATED_TOKENS, "completion tokens sent, by served model", ("model",))
+        self.request_seconds = histogram(REQUEST_SECONDS,
+                                         "wall time of OpenAI API requests (until the last token is sent)",
+                                         (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), ("endpoint",))
+        self.batch_size = histogram(BATCH_SIZE, "requests per generation batch (engine: per step)",
+                                    (1, 2, 4, 8, 16, 32, 64))
+        self.spec_drafts = counter(SPEC_DRAFTS, "speculative verification steps (per row)")
+        self.spec_draft_tokens = counter(SPEC_DRAFT_TOKENS, "tokens drafted by Turbo heads")
+        self.spec_accepted_tokens = counter(SPEC_ACCEPTED_TOKENS, "drafted tokens accepted by verification")
+        # The engine.
+        self.spec_mean_acceptance = gauge(SPEC_MEAN_ACCEPTANCE, "tokens per drafting row-step since start: "
+                                          "1 + accepted / drafts (0 before any draft)")
+        self.running = gauge(RUNNING, "requests in the engine's running batch")
+        self.waiting = gauge(WAITING, "requests queued in the engine (incl. those waiting for their adapter)")
+        self.kv_usage = gauge(KV_USAGE, "fraction of KV-cache blocks in use (0-1)")
+        self.prompt_tokens = counter(PROMPT_TOKENS, "prompt tokens of requests whose prefill finished, "
+                                     "by engine adapter", ("adapter",))
+        self.generation_tokens = counter(GENERATION_TOKENS, "tokens generated by the engine, by engine adapter",
+                                         ("adapter",))
+        self.request_success = counter(REQUEST_SUCCESS, "requests the engine finished, by engine adapter and "
+                                       "finished_reason (stop, length, abort, error)",
+                                       ("adapter", "finished_reason"))
+        self.ttft = histogram(TTFT, "seconds from submit to the request's first token", TTFT_BUCKETS)
+        self.itl = histogram(ITL, "seconds between consecutive tokens of a request (a step delivering k "
+                             "tokens counts k intervals of gap / k)", ITL_BUCKETS)
+        self.e2e = histogram(E2E, "seconds from submit to the last token, requests finished by stop or length",
+                             E2E_BUCKETS)
+        self.preemptions = counter(PREEMPTIONS, "running requests preempted (KV blocks freed, recomputed later)")
+        self.prefix_queries = counter(PREFIX_QUERIES, "tokens of admitted requests looked up in the prefix cache")
+        self.prefix_hits = counter(PREFIX_HITS, "of those, tokens whose K/V the prefix cache already held")
+        self._prefix_last = (0, 0)
+        # The adapter cache.
+        self.cache_counters = {
+            "hits": counter(CACHE_HITS, "adapter requests that found it resident"),
+            "misses": counter(CACHE_MISSES, "adapter requests that started a load"),
+            "loads": counter(CACHE_LOADS, "adapters installed into slots (first loads and reloads)"),
+            "evictions": counter(CACHE_EVICTIONS, "resident adapters evicted (LRU) to make room"),
+            "failures": counter(CACHE_FAILURES, "adapter reads or installs that failed"),
+        }
+        self.cache_load_seconds = histogram(CACHE_LOAD_SECONDS, "seconds to read an installed adapter from disk",
+                                            LOAD_BUCKETS)
+        self.cache_resident = gauge(CACHE_RESIDENT, "adapters resident in the cache")
+        self.cache_slots = gauge(CACHE_SLOTS, "LoRA slots of the adapter cache (its capacity)")
+        # Counters at the previous engine pass: the engine and the cache keep totals, metrics take deltas.
+        self._engine_last: tuple[int, ...] | None = None  # steps, drafts, draft tokens, accepted, preemptions
+        self._cache_last = dict.fromkeys(_CACHE_COUNTERS, 0)
+        self._slots = -1
+
+    # ----- HTTP side and the PEFT runner ------------------------------------------------------------
     def observe_speculative(self, drafts: int, draft_tokens: int, accepted: int) -> None:
-        self.spec_drafts.inc(drafts)
-        self.spec_draft_tokens.inc(draft_tokens)
-        self.spec_accepted_tokens.inc(accepted)
+        if drafts:
+            self.spec_drafts.inc(drafts)
+        if draft_tokens:
+            self.spec_draft_tokens.inc(draft_tokens)
+        if accepted:
+            self.spec_accepted_tokens.inc(accepted)
 
     def observe(self, *, model: str, endpoint: str, status: int, tokens: int, seconds: float) -> None:
         self.requests.labels(model=model, endpoint=endpoint, status=str(status)).inc()
@@ -66,12 +152,67 @@ class ServingMetrics:
     def observe_batch(self, rows: int) -> None:
         self.batch_size.observe(rows)
 
-    def observe_engine(self, engine: Any, outputs: list[Any]) -> None:
-        """After every engine step (on its thread): batch size and speculative counters as deltas."""
-        stats = engine.stats
+    # ----- the engine -----------------------------------------------------------------------------
+    def observe_engine(self, report: Any) -> None:
+        """After a pass of the engine thread (an `EngineGenerator.StepReport`), on that thread."""
+        engine = report.engine
+        self._observe_engine_counters(engine.stats)
+        self.running.set(engine.num_running())
+        self.waiting.set(engine.num_waiting())
+        allocator = engine.allocator
+        self.kv_usage.set(1.0 - allocator.num_free() / allocator.num_blocks)
+        prefix = (engine.scheduler.prefix_query_tokens, engine.scheduler.prefix_hit_tokens)
+        if prefix != self._prefix_last:
+            self.prefix_queries.inc(prefix[0] - self._prefix_last[0])
+            self.prefix_hits.inc(prefix[1] - self._prefix_last[1])
+            self._prefix_last = prefix
+        self._observe_requests(report)
+        self._observe_cache(report.cache)
+
+    def _observe_engine_counters(self, stats: Any) -> None:
+        current = (stats.steps, stats.spec_drafts, stats.spec_draft_tokens, stats.spec_accepted_tokens,
+                   stats.preemptions)
+        if self._engine_last is None:  # the first report: publish the gauge even before any draft
+            self.spec_mean_acceptance.set(stats.mean_acceptance_length)
+            self._engine_last = (0, 0, 0, 0, 0)
         last = self._engine_last
+        if current == last:
+            return
         if stats.steps != last[0]:
             self.batch_size.observe(stats.last_batch_size)
-        self.observe_speculative(stats.spec_drafts - last[1], stats.spec_draft_tokens - last[2],
-                                 stats.spec_accepted_tokens - last[3])
-        self._engine_last = (stats.steps, stats.spec_drafts, stats.spec_draft_tokens, stats.spec_accepted_tokens)
+        self.observe_speculative(current[1] - last[1], current[2] - last[2], current[3] - last[3])
+        if current[1] != last[1]:
+            self.spec_mean_acceptance.set(stats.mean_acceptance_length)
+        if current[4] != last[4]:
+            self.preemptions.inc(current[4] - last[4])
+        self._engine_last = current
+
+    def _observe_requests(self, report: Any) -> None:
+        for seconds in report.ttft_s:
+            self.ttft.observe(seconds)
+        for seconds, count in report.itl_s:
+            for _ in range(count):  # k <= 1 + drafts per row: a handful
+                self.itl.observe(seconds)
+        for adapter, tokens in report.prompt_tokens.items():
+            self.prompt_tokens.labels(adapter=adapter or BASE_LABEL).inc(tokens)
+        for adapter, tokens in report.generation_tokens.items():
+            self.generation_tokens.labels(adapter=adapter or BASE_LABEL).inc(tokens)
+        for adapter, reason, seconds in report.finished:
+            self.request_success.labels(adapter=adapter or BASE_LABEL, finished_reason=reason).inc()
+            if reason in ("stop", "length"):
+                self.e2e.observe(seconds)
+
+    def _observe_cache(self, cache: Any) -> None:
+        last = self._cache_last
+        stats = cache.stats_since(last["loads"])
+        for name in _CACHE_COUNTERS:
+            value = getattr(stats, name)
+            if value != last[name]:
+                self.cache_counters[name].inc(value - last[name])
+                last[name] = value
+        for ms in stats.load_ms:
+            self.cache_load_seconds.observe(ms / 1000.0)
+        self.cache_resident.set(stats.resident)
+        if cache.slots.num_slots != self._slots:
+            self._slots = cache.slots.num_slots
+            self.cache_slots.set(self._slots)

@@ -67,10 +67,13 @@ def create_app(backend: ServingBackend | None = None) -> FastAPI:
     app = FastAPI(title="lorafleet", summary="OpenAI-compatible API over a base model and its LoRA adapters")
     app.state.backend = backend
     _install_error_handlers(app)
+    from lorafleet.serving.admin_api import router as admin_router  # here: admin_api imports this module
+
+    app.include_router(admin_router)
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:
-        models = _backend(request).catalogue.models()
+        models = require_backend(request).catalogue.models()
         return {"object": "list", "data": [_model_card(model) for model in models]}
 
     @app.post("/v1/chat/completions")
@@ -84,7 +87,8 @@ def create_app(backend: ServingBackend | None = None) -> FastAPI:
     return app
 
 
-def _backend(request: Request) -> ServingBackend:
+def require_backend(request: Request) -> ServingBackend:
+    """The request's backend, or the 503 every endpoint answers while the service starts."""
     backend = request.app.state.backend
     if backend is None:
         raise ApiError(503, "the service is still starting", code="not_ready")
@@ -103,7 +107,7 @@ def _model_card(model: ServedModel) -> dict[str, Any]:
 
 
 async def _run(request: Request, kind: str, body: ChatCompletionRequest | CompletionRequest):
-    backend = _backend(request)
+    backend = require_backend(request)
     started = time.monotonic()
     outcome = Outcome()
     label = "unknown"

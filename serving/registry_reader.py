@@ -7,6 +7,7 @@ a second server process never sees (or trusts) a half-downloaded adapter.
 
 from __future__ import annotations
 
+import collections
 import logging
 import shutil
 from dataclasses import dataclass
@@ -35,6 +36,15 @@ class FetchedAdapter:
     manifest: AdapterManifest
 
 
+@dataclass(frozen=True)
+class RegisteredModelInfo:
+    """One registered model as the admin listing shows it."""
+
+    name: str
+    aliases: dict[str, int]  # alias -> version
+    versions: tuple[int, ...]  # ascending
+
+
 class RegistryReader:
     def __init__(self, tracking_uri: str, download_dir: Path) -> None:
         from mlflow import MlflowClient
@@ -51,6 +61,20 @@ class RegistryReader:
             if version is not None:
                 found[model.name] = int(version)
         return found
+
+    def registered_models(self) -> list[RegisteredModelInfo]:
+        """Every registered model with its aliases and versions: two paged searches, not one per model."""
+        versions: dict[str, list[int]] = collections.defaultdict(list)
+        for version in _all_pages(self._client.search_model_versions):
+            versions[version.name].append(int(version.version))
+        return [
+            RegisteredModelInfo(
+                name=model.name,
+                aliases={alias: int(number) for alias, number in sorted((model.aliases or {}).items())},
+                versions=tuple(sorted(versions.get(model.name, ()))),
+            )
+            for model in sorted(_all_pages(self._client.search_registered_models), key=lambda m: m.name)
+        ]
 
     def version_for_alias(self, name: str, alias: str) -> int:
         try:

@@ -8,11 +8,12 @@ to configure a process that BentoML starts.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lorafleet.settings import Settings
 
@@ -49,9 +50,40 @@ class ServiceSettings(BaseModel):
     adapter_slots: int = Field(16, ge=1, description="engine: adapters resident at once (LRU beyond)")
     max_lora_rank: int = Field(64, ge=1, description="engine: largest LoRA rank an adapter may have")
     speculative_max_batch: int = Field(4, ge=0, description="engine: live requests above which no row drafts")
+    prefix_caching: bool = Field(True, description="engine: reuse the K/V of prompt prefixes seen before, "
+                                 "per adapter")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none")
     max_tokens_limit: int = Field(2048, ge=1, description="largest max_tokens a request may ask for")
-    load_champions: bool = Field(True, description="load every `champion` adapter at start-up")
+    load_champions: bool = Field(
+        True, description="serve every `champion` adapter; at most adapter_slots are read at start-up, the "
+        "rest on first use"
+    )
+    registry_poll_s: float = Field(
+        30.0, ge=0.0, description="seconds between registry polls for moved `champion` aliases; 0 = no polling"
+    )
+    admin_enabled: bool = Field(
+        True, description="serve the unauthenticated /admin endpoints (load/unload/reload adapters): keep the "
+        "server on a private network, or turn them off"
+    )
+    adapter_roots: tuple[Path, ...] = Field(
+        (), description="absolute folders under which /admin/adapters/load may read local adapter "
+        "directories (env: os.pathsep-separated); empty = local paths are refused"
+    )
+
+    @field_validator("adapter_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        if isinstance(value, str):  # from the environment: "/a:/b" (";" on Windows)
+            return tuple(part for part in value.split(os.pathsep) if part.strip())
+        return value
+
+    @field_validator("adapter_roots")
+    @classmethod
+    def _absolute_roots(cls, roots: tuple[Path, ...]) -> tuple[Path, ...]:
+        relative = [str(root) for root in roots if not root.is_absolute()]
+        if relative:  # relative to what? bentoml serve runs in LORAFLEET_HOME, not where it was typed
+            raise ValueError(f"adapter roots must be absolute paths, got {relative}")
+        return roots
 
     @model_validator(mode="after")
     def _default_within_limit(self) -> ServiceSettings:

@@ -64,11 +64,11 @@ def make_engine(compact: CompactLlama, adapters: dict[str, Path], **config) -> E
 
 
 def run(engine: Engine, requests: list[tuple[str | None, int]], params: SamplingParams | None = None,
-        ) -> dict[str, list[int]]:
+        prompts: list[list[int]] = PROMPTS) -> dict[str, list[int]]:
     params = params or SamplingParams(max_new_tokens=MAX_NEW, stop_token_ids=frozenset({EOS}))
     outputs: dict[str, list[int]] = {}
     for i, (adapter, prompt) in enumerate(requests):
-        engine.add_request(f"r{i}", PROMPTS[prompt], params, adapter)
+        engine.add_request(f"r{i}", prompts[prompt], params, adapter)
         outputs[f"r{i}"] = []
     done: set[str] = set()
     for _ in range(2000):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import functools
+import itertools
 import logging
 import threading
 import time
@@ -109,6 +110,7 @@ class CacheStats:
     evictions: int = 0  # resident adapters dropped to make room
     failures: int = 0  # reads or copies that failed
     load_ms: list[float] = field(default_factory=list)  # background read time of each installed load
+    resident: int = 0  # adapters resident now (LoRA slots in use + heads-only entries)
 
 
 @dataclass
@@ -203,6 +205,12 @@ class AdapterCache:
             entry = self._resident.get(name)
             return None if entry is None else entry.slot
 
+    def identity_of(self, name: str) -> str | None:
+        """The resolver identity of the resident `name` (None when not resident): what its weights are."""
+        with self._lock:
+            entry = self._resident.get(name)
+            return None if entry is None else entry.resolved.identity
+
     def pin(self, name: str) -> None:
         """One more user of `name`: pinned adapters are never evicted, unloaded or reloaded.
 
@@ -281,10 +289,17 @@ class AdapterCache:
     @property
     def stats(self) -> CacheStats:
         with self._lock:
-            counts = self._counts
-            return CacheStats(hits=counts["hits"], misses=counts["misses"], loads=counts["loads"],
-                              evictions=counts["evictions"], failures=counts["failures"],
-                              load_ms=list(self._load_ms))
+            return self._snapshot(list(self._load_ms))
+
+    def stats_since(self, loads: int) -> CacheStats:
+        """`stats`, with `load_ms` holding only the installs after the first `loads` (the newest last).
+
+        Metrics read the cache after every engine step and take deltas; copying all kept samples
+        each time would cost more than the step's bookkeeping, so this copies only the new ones."""
+        with self._lock:
+            new = min(max(self._counts["loads"] - loads, 0), len(self._load_ms))
+            recent = list(itertools.islice(self._load_ms, len(self._load_ms) - new, None)) if new else []
+            return self._snapshot(recent)
 
     def wait_loading(self, timeout: float | None = None, return_when: str = cf.ALL_COMPLETED) -> bool:
         """Block until the reads in flight finish (or one does, with FIRST_COMPLETED); True if so.
@@ -303,6 +318,12 @@ class AdapterCache:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     # ----- internals (callers hold _lock unless noted) ------------------------------------------
+    def _snapshot(self, load_ms: list[float]) -> CacheStats:
+        counts = self._counts
+        return CacheStats(hits=counts["hits"], misses=counts["misses"], loads=counts["loads"],
+                          evictions=counts["evictions"], failures=counts["failures"], load_ms=load_ms,
+                          resident=len(self._resident))
+
     def _touch(self, name: str) -> int | None:
         entry = self._resident.get(name)
         if entry is None:

@@ -47,6 +47,7 @@ class EngineConfig:
     speculative_max_batch: int = 4  # live sequences above which no row drafts
     adapter_slots: int = 16
     max_lora_rank: int = 64
+    prefix_caching: bool = True  # reuse K/V of prompt prefixes already computed with the same adapter
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,8 @@ class Engine:
         self.allocator = BlockAllocator(num_blocks, self.config.block_size)
         self.scheduler = Scheduler(self.allocator, max_num_seqs=self.config.max_num_seqs,
                                    max_tokens_per_step=self.config.max_tokens_per_step,
-                                   max_waiting=self.config.max_waiting)
+                                   max_waiting=self.config.max_waiting,
+                                   prefix_caching=self.config.prefix_caching)
         self.adapters = adapters  # an AdapterCache, or None: base model only
         self.lora = lora if lora is not None else getattr(adapters, "slots", None)
         self.stats = EngineStats()
@@ -221,7 +223,11 @@ class Engine:
         if live is not None and live.pinned:
             return True
         # `request`, not a lookup: an adapter evicted while this sequence waited is loaded again.
-        return self.adapters.request(seq.adapter) is not None
+        if self.adapters.request(seq.adapter) is None:
+            return False
+        # K/V depends on the adapter's weights: share cached prefixes only within one loaded identity.
+        seq.cache_salt = f"{seq.adapter}\x00{self.adapters.identity_of(seq.adapter)}"
+        return True
 
     def _pin(self, live: _Live) -> None:
         if live.pinned or live.seq.adapter is None:

@@ -13,10 +13,13 @@ flat slot `blocks[p // block_size] * block_size + p % block_size` of every layer
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable
 from collections.abc import Sequence as SequenceABC
 
 import torch
+
+BlockKey = tuple[int, str, tuple[int, ...]]  # (hash of the previous block's key, salt, tokens)
 
 
 class OutOfBlocks(RuntimeError):
@@ -28,6 +31,13 @@ class BlockAllocator:
 
     Freed blocks go to the top of a stack and are reused first: recently freed blocks are the ones
     most likely still warm in the CPU cache, and reuse order stays deterministic for tests.
+
+    Prefix caching (vLLM's automatic prefix caching, in integers): a full block whose K/V is computed
+    can be `register`ed under a `BlockKey` (its tokens, the key of the block before it, and a salt
+    naming the adapter, since an adapter's LoRA changes every layer's K/V). Blocks are reference
+    counted: `match_prefix` lends registered blocks to a new sequence, and a registered block nobody
+    holds is not free but *evictable*: it keeps its K/V for the next request with the same prefix
+    until `allocate` runs out of truly free blocks and recycles it, least recently used first.
     """
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
@@ -38,10 +48,22 @@ class BlockAllocator:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() yields 0, 1, 2, ...
-        self._used: set[int] = set()
+        self._refs: dict[int, int] = {}  # block -> holders; every block held by a sequence is here
+        self._by_key: dict[BlockKey, int] = {}  # registered blocks (held or evictable)
+        self._key_of: dict[int, BlockKey] = {}
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # registered, unheld; oldest first
 
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks `allocate` can hand out now: truly free ones plus evictable cached ones."""
+        return len(self._free) + len(self._evictable)
+
+    def holders(self, block: int) -> int:
+        """How many sequences hold `block` (0: free or evictable); a block held twice is read-only."""
+        return self._refs.get(block, 0)
+
+    def num_cached(self) -> int:
+        """Registered blocks (held or evictable): what the prefix cache currently remembers."""
+        return len(self._by_key)
 
     def blocks_for(self, num_tokens: int) -> int:
         """Blocks needed to hold `num_tokens` tokens (ceil division)."""
@@ -53,28 +75,86 @@ class BlockAllocator:
         """All-or-nothing, so a failed request never leaves half-reserved blocks to clean up."""
         if n < 0:
             raise ValueError(f"cannot allocate a negative number of blocks ({n})")
-        if n > len(self._free):
-            raise OutOfBlocks(f"need {n} KV blocks, only {len(self._free)} of {self.num_blocks} are free")
-        blocks = [self._free.pop() for _ in range(n)]
-        self._used.update(blocks)
+        if n > self.num_free():
+            raise OutOfBlocks(f"need {n} KV blocks, only {self.num_free()} of {self.num_blocks} are free")
+        blocks = []
+        for _ in range(n):
+            if self._free:
+                block = self._free.pop()
+            else:  # recycle the least recently used cached block: its prefix is forgotten
+                block, _ = self._evictable.popitem(last=False)
+                del self._by_key[self._key_of.pop(block)]
+            self._refs[block] = 1
+            blocks.append(block)
         return blocks
 
     def free(self, blocks: Iterable[int]) -> None:
-        """Return blocks; validated in full first so a bad call changes nothing.
+        """Drop one hold on each block; validated in full first so a bad call changes nothing.
 
         A double free means two owners think they hold the same block, which would silently mix two
         sequences' K/V; failing loudly here is the only place that bug is still cheap to find.
         """
         blocks = list(blocks)
-        seen: set[int] = set()
+        drops: dict[int, int] = {}
         for block in blocks:
             if not isinstance(block, int) or not 0 <= block < self.num_blocks:
                 raise ValueError(f"block {block!r} is not a block id of this pool (0..{self.num_blocks - 1})")
-            if block not in self._used or block in seen:
+            drops[block] = drops.get(block, 0) + 1
+            if drops[block] > self._refs.get(block, 0):
                 raise ValueError(f"double free of KV block {block}")
-            seen.add(block)
-        self._used.difference_update(blocks)
-        self._free.extend(reversed(blocks))  # the first block of the list is reused first
+        released = []
+        for block in blocks:
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                del self._refs[block]
+                released.append(block)
+        for block in released:
+            if block in self._key_of:
+                self._evictable[block] = None  # newest at the end: evicted last
+        self._free.extend(reversed([b for b in released if b not in self._key_of]))
+
+    # ----- prefix caching ----------------------------------------------------------------------
+    def register(self, block: int, key: BlockKey) -> None:
+        """Remember that held `block` holds the computed K/V of `key`. If another block already
+        holds that key (two sequences computed the same prefix at once), the first one stays."""
+        if self._refs.get(block, 0) < 1:
+            raise ValueError(f"register: KV block {block} is not held by anyone")
+        if key in self._by_key or block in self._key_of:
+            return
+        self._by_key[key] = block
+        self._key_of[block] = key
+
+    def forget_cached(self) -> None:
+        """Empty the prefix cache: evictable blocks become free, held blocks stay held but unshared."""
+        self._free.extend(reversed(self._evictable))
+        self._evictable.clear()
+        self._by_key.clear()
+        self._key_of.clear()
+
+    def match_prefix(self, keys: Iterable[BlockKey]) -> list[int]:
+        """The registered blocks of the longest run of `keys` from the start, each now held once more."""
+        matched = []
+        for key in keys:
+            block = self._by_key.get(key)
+            if block is None:
+                break
+            matched.append(block)
+        for block in matched:
+            self._evictable.pop(block, None)
+            self._refs[block] = self._refs.get(block, 0) + 1
+        return matched
+
+
+def block_keys(tokens: SequenceABC[int], salt: str, block_size: int, known: list[BlockKey]) -> list[BlockKey]:
+    """Keys of the full blocks of `tokens`, extending `known` (the keys already computed) in place.
+
+    A key is (hash of the previous block's key, salt, this block's tokens): the chain makes a block's
+    key name its whole prefix, and the exact tokens make a hash collision harmless (dict equality).
+    """
+    for start in range(len(known) * block_size, len(tokens) - block_size + 1, block_size):
+        parent = hash(known[-1]) if known else 0
+        known.append((parent, salt, tuple(tokens[start: start + block_size])))
+    return known
 
 
 def grow(blocks: list[int], num_tokens: int, allocator: BlockAllocator) -> None:

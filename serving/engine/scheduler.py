@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from lorafleet.serving.engine.kv_cache import BlockAllocator, OutOfBlocks, grow, shrink
+from lorafleet.serving.engine.kv_cache import BlockAllocator, OutOfBlocks, block_keys, grow, shrink
 from lorafleet.serving.engine.sequence import SeqStatus, Sequence
 
 
@@ -70,7 +70,7 @@ class Scheduler:
     """FCFS continuous batching with chunked prefill, speculative reservations and preemption."""
 
     def __init__(self, allocator: BlockAllocator, *, max_num_seqs: int, max_tokens_per_step: int,
-                 max_waiting: int) -> None:
+                 max_waiting: int, prefix_caching: bool = False) -> None:
         for name, value in (("max_num_seqs", max_num_seqs), ("max_tokens_per_step", max_tokens_per_step),
                             ("max_waiting", max_waiting)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -87,6 +87,9 @@ class Scheduler:
         self._running: list[Sequence] = []  # kept sorted by arrival: the newest is the preemption victim
         self._live: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
+        self.prefix_caching = prefix_caching
+        self.prefix_query_tokens = 0  # tokens of admitted sequences looked up in the prefix cache
+        self.prefix_hit_tokens = 0  # of those, tokens whose K/V came from the cache
 
     # ----- queues ----------------------------------------------------------------------------------
     @property
@@ -162,6 +165,7 @@ class Scheduler:
                              f"only {reserved} token slots were reserved")
         seq.num_computed = num_computed
         shrink(seq.blocks, num_computed + 1, self.allocator)
+        self._register(seq)
 
     # ----- the step --------------------------------------------------------------------------------
     def schedule(self, ready: Callable[[Sequence], bool] = _always_ready) -> SchedulerOutput:
@@ -214,10 +218,9 @@ class Scheduler:
                     return False
 
     def _preempt(self, seq: Sequence) -> None:
-        """Recompute policy: drop all K/V; the token ids (outputs included) rebuild it on readmission."""
-        self.allocator.free(seq.blocks)
-        seq.blocks.clear()
-        seq.num_computed = 0
+        """Recompute policy: drop all K/V; the token ids (outputs included) rebuild it on readmission
+        (from the prefix cache, as far as its registered blocks survive until then)."""
+        self._release(seq)
         seq.lookahead = 0
         seq.status = SeqStatus.WAITING
         self._waiting.appendleft(seq)  # victims go newest first, so older ones end up in front
@@ -229,15 +232,20 @@ class Scheduler:
                 break
             if not ready(seq):
                 continue
-            num_tokens = min(seq.num_tokens, budget)  # num_computed is 0 for every waiting sequence
+            self._match_prefix(seq)  # num_computed: 0, or the tokens whose K/V the prefix cache holds
+            num_tokens = min(seq.num_tokens - seq.num_computed, budget)
             try:
-                grow(seq.blocks, num_tokens, self.allocator)
+                grow(seq.blocks, seq.num_computed + num_tokens, self.allocator)
             except OutOfBlocks:
+                self._release(seq)
                 break  # FCFS: a later, smaller request does not overtake this one on memory
+            if self.prefix_caching:
+                self.prefix_query_tokens += seq.num_tokens
+                self.prefix_hit_tokens += seq.num_computed
             seq.status = SeqStatus.RUNNING
             seq.lookahead = 0
             bisect.insort(self._running, seq, key=lambda s: s.arrival)
-            out.scheduled.append(ScheduledSeq(seq, num_tokens, num_tokens == seq.num_tokens))
+            out.scheduled.append(ScheduledSeq(seq, num_tokens, seq.num_computed + num_tokens == seq.num_tokens))
             budget -= num_tokens
             admitted = True
         if admitted:  # one O(waiting) rebuild instead of a deque.remove per admitted sequence
@@ -254,9 +262,41 @@ class Scheduler:
         if self._live.get(seq.request_id) is not seq:
             raise ValueError(f"{action}: request {seq.request_id!r} is not a live sequence of this scheduler")
 
-    def _remove(self, seq: Sequence, status: SeqStatus) -> None:
+    # ----- prefix caching ---------------------------------------------------------------------------
+    def _match_prefix(self, seq: Sequence) -> None:
+        """Start a sequence on the cached blocks of its longest cached prefix, leaving at least one
+        token to feed: the step that samples needs that token's hidden state."""
+        if not self.prefix_caching:
+            return
+        size = self.allocator.block_size
+        keys = block_keys(seq.all_ids, seq.cache_salt, size, seq.block_keys)
+        matched = self.allocator.match_prefix(keys[: (seq.num_tokens - 1) // size])
+        seq.blocks.extend(matched)
+        seq.num_computed = seq.num_registered = len(matched) * size
+
+    def _register(self, seq: Sequence) -> None:
+        """Offer every newly completed full block of computed K/V to the prefix cache."""
+        if not self.prefix_caching:
+            return
+        size = self.allocator.block_size
+        # A finishing sequence may have computed accepted drafts past the stop token it was cut at.
+        full = min(min(seq.num_computed, seq.num_tokens) // size, len(seq.blocks))
+        if full <= seq.num_registered:
+            return
+        keys = block_keys(seq.all_ids, seq.cache_salt, size, seq.block_keys)
+        for i in range(seq.num_registered, full):
+            self.allocator.register(seq.blocks[i], keys[i])
+        seq.num_registered = full
+
+    def _release(self, seq: Sequence) -> None:
+        """Give back all of `seq`'s blocks (registered ones stay cached) and forget its progress."""
+        self._register(seq)
         self.allocator.free(seq.blocks)
         seq.blocks.clear()
+        seq.num_computed = seq.num_registered = 0
+
+    def _remove(self, seq: Sequence, status: SeqStatus) -> None:
+        self._release(seq)
         if seq.status is SeqStatus.RUNNING:
             self._running.remove(seq)
         else:

@@ -79,6 +79,9 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     arrival: int = -1  # set by Scheduler.add: FCFS order, and who is preempted first (the newest)
     lookahead: int = 0  # draft tokens wanted per decode step; schedule() may lower it to what it reserved
+    cache_salt: str = ""  # prefix caching: sequences share K/V blocks only under the same salt (adapter)
+    block_keys: list = field(default_factory=list, repr=False)  # prefix-cache keys of its full blocks so far
+    num_registered: int = 0  # leading blocks already registered in the prefix cache
 
     def __post_init__(self) -> None:
         if not isinstance(self.request_id, str) or not self.request_id:

@@ -1,0 +1,217 @@
+"""Admin endpoints under `/admin`: list, load, unload and reload adapters while the server runs.
+
+They are unauthenticated, like vLLM's `/v1/load_lora_adapter`: keep the server on a private network
+(lorafleet binds 127.0.0.1 by default) or turn them off with `admin_enabled=False`
+(`LORAFLEET_SERVE_ADMIN_ENABLED=false`), which answers 403. Reading local folders is off separately
+until `adapter_roots` names the folders an admin may load from.
+
+Errors are OpenAI-shaped, as in `openai_api`: unknown model 404, bad body 400, path outside the
+roots 403, unloading an adapter that running requests use 409, unload on the PEFT backend 501.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from lorafleet.serving.adapters import (
+    AdapterCatalogue,
+    AdapterIncompatible,
+    AdapterLoadFailed,
+    InvalidLocalAdapter,
+    ModelNotFound,
+    PathNotAllowed,
+    ServedModel,
+)
+from lorafleet.serving.backend import ServingBackend
+from lorafleet.serving.engine_generator import EngineGenerator
+from lorafleet.serving.openai_api import ApiError, require_backend
+from lorafleet.serving.settings import env_name
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/admin", tags=["admin"])
+T = TypeVar("T")
+
+
+class LoadBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, min_length=1, description="NAME, NAME@VERSION, NAME@ALIAS, models:/...")
+    name: str | None = Field(None, min_length=1, description="serve a local folder under this name")
+    path: str | None = Field(None, min_length=1, description="an absolute adapter folder under adapter_roots")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> LoadBody:
+        if self.model is not None and (self.name is not None or self.path is not None):
+            raise ValueError("give either `model` (a registry model) or `name` and `path`, not both")
+        if self.model is None and (self.name is None or self.path is None):
+            raise ValueError("give `model` (a registry model) or both `name` and `path` (a local folder)")
+        return self
+
+
+class UnloadBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1)
+
+
+class ReloadBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, min_length=1, description="a registered model name; omitted: all")
+
+
+@router.get("/adapters")
+async def list_adapters(request: Request) -> dict[str, Any]:
+    backend = _admin(request)
+    return await asyncio.to_thread(_listing, backend)
+
+
+@router.post("/adapters/load")
+async def load_adapter(body: LoadBody, request: Request) -> dict[str, Any]:
+    backend = _admin(request)
+    catalogue = backend.catalogue
+    if body.model is not None:
+        entry = await _call(catalogue.load, body.model, warm=backend.warm)
+    else:
+        entry = await _call(catalogue.load_local, body.name, Path(body.path or ""), warm=backend.warm)
+    if entry.adapter is None:
+        raise ApiError(400, "the base model is always loaded: name an adapter", param="model")
+    resident = _resident(backend.generator).get(entry.adapter)
+    return {**_card(entry, catalogue), "resident": resident is not None,
+            "slot": None if resident is None else resident["slot"]}
+
+
+@router.post("/adapters/unload")
+async def unload_adapter(body: UnloadBody, request: Request) -> dict[str, Any]:
+    """Evict the adapter from the engine's cache now. It stays served: its next request reads it again.
+    Refused (409) while running requests use it, so nothing is cut off mid-generation."""
+    backend = _admin(request)
+    entry = await _call(backend.catalogue.resolve, body.model, load=False)
+    if entry.adapter is None:
+        raise ApiError(400, "the base model cannot be unloaded", param="model")
+    generator = backend.generator
+    if not isinstance(generator, EngineGenerator):
+        raise ApiError(501, "the peft backend keeps every adapter it loaded in memory and cannot unload; "
+                       f"serve with {env_name('backend')}=engine", code="not_supported", type="server_error")
+    unloaded = await asyncio.to_thread(generator.unload_adapter, entry.adapter)
+    if not unloaded:
+        resident = _resident(generator).get(entry.adapter)
+        if resident is not None:
+            raise ApiError(409, f"{entry.id} is in use by running requests: retry once they finish",
+                           param="model", code="adapter_in_use")
+    return {**_card(entry, backend.catalogue), "unloaded": unloaded}
+
+
+@router.post("/adapters/reload")
+async def reload_adapters(request: Request, body: ReloadBody | None = None) -> dict[str, Any]:
+    """Follow moved `champion` aliases now (what the poller does every `registry_poll_s`)."""
+    backend = _admin(request)
+    if backend.reloader is None:
+        raise ApiError(400, "this server has no model registry to reload from", code="no_registry")
+    names = None if body is None or body.model is None else [_registered_name(backend.catalogue, body.model)]
+    try:
+        changes = await _call(backend.reloader.reload, names)
+    except ApiError:
+        raise
+    except Exception as error:  # noqa: BLE001 - the registry itself failed: nothing was changed
+        log.warning("reload failed: %s", error)
+        raise ApiError(503, f"the model registry could not be read: {type(error).__name__}: {error}",
+                       code="registry_unavailable") from None
+    return {"object": "list", "data": [
+        {"name": change.name, "old_version": change.old_version, "new_version": change.new_version,
+         "changed": change.changed, "error": change.error}
+        for change in changes
+    ]}
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def _admin(request: Request) -> ServingBackend:
+    backend = require_backend(request)
+    if not backend.settings.admin_enabled:
+        raise ApiError(403, "the admin endpoints are turned off on this server (setting admin_enabled, "
+                       f"{env_name('admin_enabled')})", code="admin_disabled")
+    return backend
+
+
+async def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a blocking catalogue call off the event loop; its errors become OpenAI-shaped ones."""
+    try:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    except ModelNotFound as error:
+        raise ApiError(404, str(error), param="model", code="model_not_found") from None
+    except AdapterIncompatible as error:
+        raise ApiError(400, str(error), param="model", code="model_incompatible") from None
+    except InvalidLocalAdapter as error:
+        raise ApiError(400, str(error), param="path", code="invalid_adapter") from None
+    except PathNotAllowed as error:
+        raise ApiError(403, f"{error}; the allowed folders are set by {env_name('adapter_roots')}", param="path",
+                       code="path_not_allowed") from None
+    except AdapterLoadFailed as error:
+        raise ApiError(400, str(error), code="adapter_load_failed") from None
+
+
+def _registered_name(catalogue: AdapterCatalogue, model: str) -> str:
+    if "@" in model or "/" in model:
+        raise ApiError(400, f"reload takes a registered model name (NAME), got `{model}`", param="model")
+    name = model
+    try:
+        entry = catalogue.resolve(name, load=False)
+    except ModelNotFound:
+        return name  # not served yet: the reload may add it, or answer 404
+    if entry.version is None:
+        raise ApiError(400, f"`{name}` is served from a local folder, not the registry: load its path again "
+                       "to reload it", param="model")
+    return name
+
+
+def _listing(backend: ServingBackend) -> dict[str, Any]:
+    catalogue = backend.catalogue
+    resident = []
+    for adapter, row in _resident(backend.generator).items():
+        entry = catalogue.by_adapter(adapter)
+        resident.append({**row, "id": None if entry is None else entry.id,
+                         "name": None if entry is None else entry.name,
+                         "version": None if entry is None else entry.version, "pinned": bool(row["running"])})
+    registered, registry_error = [], None
+    if catalogue.registry is not None:
+        try:
+            registered = [{"name": model.name, "aliases": model.aliases, "versions": list(model.versions)}
+                          for model in catalogue.registry.registered_models()]
+        except Exception as error:  # noqa: BLE001 - the listing still shows what is served
+            registry_error = f"{type(error).__name__}: {error}"
+    generator = backend.generator
+    return {
+        "base_model": catalogue.base.id,
+        "backend": "engine" if isinstance(generator, EngineGenerator) else "peft",
+        "adapter_slots": generator.cache.slots.num_slots if isinstance(generator, EngineGenerator) else None,
+        "registry_poll_s": backend.poller.interval_s if backend.poller is not None else 0,
+        "served": [_card(entry, catalogue) for entry in catalogue.models() if entry.adapter is not None],
+        "resident": resident,
+        "registered": registered,
+        "registry_error": registry_error,
+    }
+
+
+def _resident(generator: Any) -> dict[str, dict[str, Any]]:
+    """adapter name -> {adapter, slot, turbo_heads, running}; the PEFT runner keeps all it loaded."""
+    if isinstance(generator, EngineGenerator):
+        return {row["adapter"]: row for row in generator.resident_adapters()}
+    return {name: {"adapter": name, "slot": None, "turbo_heads": None, "running": 0}
+            for name in sorted(getattr(generator, "adapters", ()))}
+
+
+def _card(entry: ServedModel, catalogue: AdapterCatalogue) -> dict[str, Any]:
+    champion = entry.name is not None and catalogue.champions().get(entry.name) == entry.version
+    return {"id": entry.id, "name": entry.name, "version": entry.version, "adapter": entry.adapter,
+            "source": entry.source, "champion": champion and entry.version is not None,
+            "attached": catalogue.is_attached(entry.adapter or "")}

@@ -1,0 +1,249 @@
+"""The engine's Prometheus metrics in-process (~15 s): a real `EngineGenerator` on the tiny random Llama,
+real LoRA/Turbo adapter folders, feeding `ServingMetrics` on a private `CollectorRegistry`.
+
+No stop token is configured, so every request generates exactly `max_tokens` tokens and the expected
+counts are known. Latency histograms are checked by their counts and by an exact invariant (for a
+request that runs to its length limit, e2e = TTFT + the sum of its inter-token latencies), never by
+wall-clock values. The real-server side (multiprocess gauges, disconnects) is test_serving_disconnect.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from lorafleet.models.base import load_base_model
+from lorafleet.serving.engine.engine import EngineConfig
+from lorafleet.serving.engine_generator import EngineGenerator, StepReport
+from lorafleet.serving.generation import GenerationRequest, SamplingParams, TokenStream
+from lorafleet.serving.metrics import BASE_LABEL, ServingMetrics
+
+from serving_helpers import BASE, add_heads, make_adapter
+
+PROMPTS = [(5, 17, 42, 8, 99), (3, 3, 7), (120, 64, 2, 11, 19, 23, 31, 77, 6), (9,), (44, 45, 46, 47)]
+DEADLINE_S = 60.0  # generous bound on waiting for the engine thread; never a timing assertion
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("metrics-adapters")
+    dirs = {f"a{i}": make_adapter(model_cache, root / f"a{i}", name=f"a{i}", seed=i) for i in range(3)}
+    dirs["turbo"] = add_heads(make_adapter(model_cache, root / "turbo", name="turbo", seed=7), model_cache,
+                              seed=3, num_heads=3)
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def hf_model(model_cache: Path):
+    return load_base_model(BASE, model_cache).model
+
+
+class Served:
+    """A generator wired to its own metrics, closed by the fixture."""
+
+    def __init__(self, hf_model, dirs: dict[str, Path], names: list[str],
+                 record: Callable[[StepReport, ServingMetrics], None] | None = None, **config) -> None:
+        self.metrics = ServingMetrics(CollectorRegistry())
+
+        def on_step(report: StepReport) -> None:
+            self.metrics.observe_engine(report)
+            if record is not None:
+                record(report, self.metrics)
+
+        settings = EngineConfig(**{"kv_cache_mb": 4, "adapter_slots": 2, "max_lora_rank": 8, **config})
+        self.generator = EngineGenerator(hf_model, settings, eos_token_ids=frozenset(), on_step=on_step)
+        for name in names:
+            self.generator.load_adapter(name, dirs[name])
+
+    def value(self, name: str, **labels: str) -> float:
+        return self.metrics.registry.get_sample_value(name, labels) or 0.0
+
+    def submit(self, adapter: str | None, prompt: tuple[int, ...], max_tokens: int) -> TokenStream:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+        return self.generator.submit(GenerationRequest(prompt, params, adapter))
+
+    async def generate(self, adapter: str | None, prompt: tuple[int, ...], max_tokens: int) -> list[int]:
+        return [token async for token in self.submit(adapter, prompt, max_tokens)]
+
+
+@pytest.fixture
+def serve(hf_model, adapter_dirs):
+    made: list[Served] = []
+
+    def build(names: list[str], **kwargs) -> Served:
+        made.append(Served(hf_model, adapter_dirs, names, **kwargs))
+        return made[-1]
+
+    yield build
+    for served in made:
+        served.generator.close()
+
+
+def assert_idle(served: Served) -> None:
+    """Gauges after the last request finished: nothing running, queued or holding KV blocks."""
+    gauges = {name: served.value(name) for name in
+              ("lorafleet_num_requests_running", "lorafleet_num_requests_waiting", "lorafleet_kv_cache_usage_perc")}
+    assert gauges == dict.fromkeys(gauges, 0.0)
+
+
+def test_tokens_requests_and_latencies_match_what_was_generated(serve):
+    served = serve(["a0", "a1"])
+    jobs = [("a0", PROMPTS[0], 12), ("a1", PROMPTS[1], 7), (None, PROMPTS[2], 9), ("a0", PROMPTS[3], 5)]
+
+    async def together():
+        return await asyncio.gather(*(served.generate(*job) for job in jobs))
+
+    outputs = asyncio.run(together())
+    assert [len(tokens) for tokens in outputs] == [n for *_, n in jobs]
+    for adapter in ("a0", "a1", None):
+        label = adapter or BASE_LABEL
+        mine = [i for i, job in enumerate(jobs) if job[0] == adapter]
+        assert served.value("lorafleet_generation_tokens_total", adapter=label) == sum(len(outputs[i]) for i in mine)
+        assert served.value("lorafleet_prompt_tokens_total", adapter=label) == sum(len(jobs[i][1]) for i in mine)
+        assert served.value("lorafleet_request_success_total", adapter=label, finished_reason="length") == len(mine)
+    requests, tokens = len(jobs), sum(len(tokens) for tokens in outputs)
+    assert served.value("lorafleet_time_to_first_token_seconds_count") == requests
+    assert served.value("lorafleet_inter_token_latency_seconds_count") == tokens - requests
+    assert served.value("lorafleet_e2e_request_latency_seconds_count") == requests
+    ttft, itl, e2e = (served.value(f"lorafleet_{name}_seconds_sum")
+                      for name in ("time_to_first_token", "inter_token_latency", "e2e_request_latency"))
+    assert ttft > 0 and e2e == pytest.approx(ttft + itl, rel=1e-9, abs=1e-9)
+    assert served.value("lorafleet_batch_size_count") == served.generator.engine.stats.steps
+    assert_idle(served)
+
+
+def test_adapter_cache_metrics_for_three_adapters_through_two_slots(serve):
+    served = serve(["a0", "a1", "a2"], adapter_slots=2)
+    for adapter in ("a0", "a1", "a2", "a0"):  # one at a time: every adapter must become resident
+        assert len(asyncio.run(served.generate(adapter, PROMPTS[0], 3))) == 3
+    stats = served.generator.cache.stats
+    for name in ("hits", "misses", "loads", "evictions", "failures"):
+        assert served.value(f"lorafleet_adapter_cache_{name}_total") == getattr(stats, name), name
+    assert stats.misses >= 3 and stats.loads >= 3 and stats.failures == 0
+    # Nothing was unloaded: whatever was installed beyond the two slots was evicted.
+    assert stats.evictions == stats.loads - 2 >= 1
+    assert served.value("lorafleet_adapter_load_seconds_count") == stats.loads
+    assert served.value("lorafleet_adapter_cache_resident") == 2 == len(served.generator.cache.resident())
+    assert served.value("lorafleet_adapter_cache_slots") == 2
+    assert served.value("lorafleet_adapter_cache_hits_total") >= 4  # each request found its adapter once
+    # An admin unload on an idle engine shows up too: idle passes of the engine thread report.
+    assert served.generator.unload_adapter(served.generator.cache.resident()[0])
+    deadline = time.monotonic() + DEADLINE_S
+    while served.value("lorafleet_adapter_cache_resident") != 1:
+        assert time.monotonic() < deadline, "the resident gauge never followed the unload"
+        time.sleep(0.05)
+
+
+def test_waiting_and_running_gauges_while_requests_queue(serve):
+    seen: list[tuple[float, float, float]] = []
+
+    def record(report: StepReport, metrics: ServingMetrics) -> None:
+        names = ("lorafleet_num_requests_running", "lorafleet_num_requests_waiting", "lorafleet_kv_cache_usage_perc")
+        seen.append(tuple(metrics.registry.get_sample_value(name) for name in names))
+
+    served = serve([], record=record, max_num_seqs=1)
+
+    async def queued():
+        # Submitted back to back, so the second and third wait while the first (40 tokens) runs.
+        streams = [served.submit(None, prompt, 40) for prompt in PROMPTS[:3]]
+        return [[token async for token in stream] for stream in streams]
+
+    assert [len(tokens) for tokens in asyncio.run(queued())] == [40, 40, 40]
+    assert max(running for running, _, _ in seen) == 1, "max_num_seqs=1: one request runs at a time"
+    assert max(waiting for _, waiting, _ in seen) == 2, "two requests waited behind the first"
+    assert max(kv for _, _, kv in seen) > 0
+    assert seen[-1] == (0.0, 0.0, 0.0)
+    assert_idle(served)
+
+
+def test_preemptions_are_counted_and_prompt_tokens_once_per_request(serve, hf_model):
+    config = hf_model.config
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4  # fp32 K+V
+    tight_mb = 12 * 4 * per_token / 2**20  # 12 blocks of 4 tokens: four 30-token requests cannot fit
+    served = serve([], kv_cache_mb=tight_mb, block_size=4, max_num_seqs=4)
+
+    async def together():
+        return await asyncio.gather(*(served.generate(None, prompt, 24) for prompt in PROMPTS[:4]))
+
+    outputs = asyncio.run(together())
+    engine = served.generator.engine
+    assert engine.stats.preemptions > 0
+    assert served.value("lorafleet_num_preemptions_total") == engine.stats.preemptions
+    # A preempted request is recomputed from its prompt; the metric still counts each prompt once.
+    prompts = sum(len(prompt) for prompt in PROMPTS[:4])
+    assert served.value("lorafleet_prompt_tokens_total", adapter=BASE_LABEL) == prompts
+    assert served.value("lorafleet_inter_token_latency_seconds_count") == sum(len(o) - 1 for o in outputs)
+    assert_idle(served)
+
+
+def test_a_cancelled_stream_is_counted_as_aborted_and_frees_its_blocks(serve):
+    served = serve([])
+
+    async def cancel_early() -> int:
+        stream = served.submit(None, PROMPTS[0], 2000)
+        got = 0
+        async for _ in stream:
+            got += 1
+            if got == 3:
+                stream.cancel()
+        return got
+
+    assert asyncio.run(cancel_early()) == 3
+    deadline = time.monotonic() + DEADLINE_S
+    while served.value("lorafleet_request_success_total", adapter=BASE_LABEL, finished_reason="abort") < 1:
+        assert time.monotonic() < deadline, "the engine thread never reported the abort"
+        time.sleep(0.01)
+    assert_idle(served)
+    allocator = served.generator.engine.allocator
+    assert allocator.num_free() == allocator.num_blocks
+    assert served.value("lorafleet_e2e_request_latency_seconds_count") == 0, "aborts are not latencies"
+    assert served.value("lorafleet_time_to_first_token_seconds_count") == 1
+
+
+def test_speculative_metrics_with_a_turbo_adapter(serve):
+    deliveries: list[int] = []
+
+    def record(report: StepReport, metrics: ServingMetrics) -> None:
+        deliveries.extend(len(output.new_token_ids) for output in report.outputs if output.new_token_ids)
+
+    served = serve(["turbo"], record=record)
+    tokens = asyncio.run(served.generate("turbo", PROMPTS[0], 40))
+    stats = served.generator.engine.stats
+    assert stats.spec_drafts > 0 and stats.spec_accepted_tokens > 0, "the random heads accept some drafts here"
+    assert served.value("lorafleet_spec_decode_num_drafts_total") == stats.spec_drafts
+    assert served.value("lorafleet_spec_decode_num_draft_tokens_total") == stats.spec_draft_tokens
+    assert served.value("lorafleet_spec_decode_num_accepted_tokens_total") == stats.spec_accepted_tokens
+    assert served.value("lorafleet_spec_decode_mean_acceptance_length") == pytest.approx(
+        1 + stats.spec_accepted_tokens / stats.spec_drafts)
+    # Steps delivered several tokens at once, yet every token after the first has its own interval.
+    assert len(tokens) == 40 and len(deliveries) < 40 and sum(deliveries) == 40
+    assert served.value("lorafleet_inter_token_latency_seconds_count") == 39
+    assert served.value("lorafleet_generation_tokens_total", adapter="turbo") == 40
+
+
+def test_prefix_cache_queries_and_hits_are_counted_in_tokens(serve):
+    served = serve(["a0"], block_size=4)
+    prompt = tuple(range(10, 30))  # 20 tokens: 4 full blocks can be reused (one token is always fed)
+
+    async def twice(adapter):
+        first = await served.generate(adapter, prompt, 3)
+        return first, await served.generate(adapter, prompt, 3)
+
+    first, again = asyncio.run(twice(None))
+    assert first == again
+    engine = served.generator.engine
+    deadline = time.monotonic() + DEADLINE_S
+    while served.value("lorafleet_prefix_cache_queries_total") < 2 * len(prompt):
+        assert time.monotonic() < deadline, "the engine thread never reported the second prefill"
+        time.sleep(0.01)
+    assert served.value("lorafleet_prefix_cache_hits_total") == engine.scheduler.prefix_hit_tokens == 16
+    asyncio.run(twice("a0"))  # same tokens under an adapter: its first request cannot reuse the base's K/V
+    while served.value("lorafleet_prefix_cache_queries_total") < 4 * len(prompt):
+        assert time.monotonic() < deadline, "the engine thread never reported the adapter's prefills"
+        time.sleep(0.01)
+    assert served.value("lorafleet_prefix_cache_hits_total") == 32
