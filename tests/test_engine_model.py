@@ -171,6 +171,32 @@ def test_qwen2_bias_and_mistral_sliding_window(family):
     assert_close(outputs[1], hf_logits(hf, prompts["b"] + [98, 97])[-2:])
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_decodes_beside_ragged_chunks_take_split_unpadded_paths(family):
+    """A forward mixing decodes with chunks of very different lengths (a fresh 40-token prompt, short
+    chunks after cached prefixes, a speculative chain) attends per sequence without padding, and the
+    decodes separately; every row must still equal transformers (mistral: sliding window masks too)."""
+    from lorafleet.serving.engine.attention import AttentionPlan, SplitAttentionPlan, plan_attention
+
+    hf = tiny_hf(seed=5, family=family, **({"sliding_window": 6} if family == "mistral" else {}))
+    model = CompactLlama.from_hf(hf)
+    driver = Driver(model)
+    prefixes = {"d1": [5, 6, 7], "d2": [8, 9, 10, 11, 12], "c1": list(range(60, 72)), "c2": [3, 1, 4, 1, 5]}
+    driver.step([(name, tokens, 0, 0) for name, tokens in prefixes.items()])
+    fresh = [(13 * i) % 250 for i in range(40)]
+    feeds = [("d1", [40], 3, 0), ("fresh", fresh, 0, 0), ("c1", [41, 42, 43], 12, 0), ("d2", [44], 5, 0),
+             ("c2", [45, 46], 5, 0)]
+    batch = ForwardBatch.build([f[1] for f in feeds], [f[2] for f in feeds],
+                               [list(range(12 * i, 12 * i + 12)) for i in range(5)], 4, [0] * 5)  # layout only
+    plan = plan_attention(batch, model.shape, model.rope)
+    assert isinstance(plan, SplitAttentionPlan) and plan.chunk_plan.ragged is not None
+    assert isinstance(plan_attention(batch.subset([0, 3])[0], model.shape, model.rope), AttentionPlan)
+    outputs = driver.step(feeds)
+    histories = {name: prefixes.get(name, []) + tokens for name, tokens, _, _ in feeds}
+    for (name, tokens, _, _), logits in zip(feeds, outputs):
+        assert_close(logits, hf_logits(hf, histories[name])[-len(tokens):])
+
+
 def test_from_pretrained_reads_a_sharded_folder_like_from_hf(tmp_path, llama):
     hf, model = llama
     hf.save_pretrained(tmp_path, max_shard_size="20KB")

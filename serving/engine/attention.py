@@ -77,6 +77,22 @@ class ForwardBatch:
             adapter_ids=torch.tensor(adapters, dtype=torch.long)[seq].to(device),
         )
 
+    def subset(self, seqs: list[int]) -> tuple[ForwardBatch, torch.Tensor]:
+        """The sequences `seqs` (indices, in order) as a batch of their own, and their packed token rows."""
+        starts = [0]
+        for n in self.query_lens:
+            starts.append(starts[-1] + n)
+        rows = [r for b in seqs for r in range(starts[b], starts[b + 1])]
+        index = torch.tensor(rows, device=self.positions.device)
+        context_lens = [self.context_lens[b] for b in seqs]
+        seq_index = torch.tensor(seqs, device=self.context_slots.device)
+        return ForwardBatch(
+            input_ids=self.input_ids[index], positions=self.positions[index], slot_mapping=self.slot_mapping[index],
+            query_lens=[self.query_lens[b] for b in seqs], context_lens=context_lens,
+            context_slots=self.context_slots[seq_index, : max(context_lens)].contiguous(),
+            adapter_ids=self.adapter_ids[index],
+        ), index
+
 
 class RotaryTable:
     """cos and sign-folded sin per position, computed once (in fp32, like transformers) and indexed by
@@ -143,6 +159,12 @@ class AttentionPlan:
         device = batch.positions.device
         self.cos, self.sin = rope.lookup(batch.positions, max(batch.context_lens))  # (N, 1, D) each
         self.decode = self.max_query == 1
+        # Chunks of very different lengths: padding them to the longest would multiply the attention
+        # work, so each sequence attends on its own (a loop of B large ops rather than one padded op).
+        self.ragged = None
+        if not self.decode and self.num_seqs > 1 and self.num_seqs * self.max_query > 1.5 * self.num_tokens:
+            self.ragged = self._ragged_layout(batch, shape.sliding_window)
+            return
         # Padded layout (B, Q_max): pad rows repeat their sequence's last token, so their mask rows are
         # valid (no all-masked row, hence no NaN) and they are dropped when unpadding.
         self.query_index = self.output_index = None
@@ -167,6 +189,23 @@ class AttentionPlan:
                 mask &= ctx > query_positions[:, :, None] - window
             self.mask = mask.unsqueeze(1)  # (B, 1, Q, C); in decode Q = 1 broadcasts over grouped heads
 
+    @staticmethod
+    def _ragged_layout(batch: ForwardBatch, window: int | None) -> list[tuple[int, int, int, torch.Tensor | None]]:
+        """Per sequence: its token rows [start, stop), its context length and its mask (None = causal)."""
+        layout, start = [], 0
+        device = batch.positions.device
+        for n, context in zip(batch.query_lens, batch.context_lens):
+            mask = None
+            if context != n or window is not None:  # a chunk after cached K/V: causal, bottom-right aligned
+                query_positions = torch.arange(context - n, context, device=device)[:, None]  # (n, 1)
+                ctx = torch.arange(context, device=device)  # (C,)
+                mask = ctx <= query_positions  # (n, C)
+                if window is not None:
+                    mask &= ctx > query_positions - window
+            layout.append((start, start + n, context, mask))
+            start += n
+        return layout
+
     def attend(self, qkv: torch.Tensor, kv: KVPool, layer: int) -> torch.Tensor:
         """qkv (N, (H+2*KVH)*D) fused projection output -> attention output (N, H*D)."""
         n, heads, kv_heads, dim = self.num_tokens, self.num_heads, self.num_kv_heads, self.head_dim
@@ -176,6 +215,15 @@ class AttentionPlan:
         k, v = kv.gather(layer, self.context_slots)  # (B, C, KVH, D) each
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, KVH, C, D)
         q = qk[:, :heads]  # (N, H, D)
+        if self.ragged is not None:
+            out = q.new_empty(n, heads * dim)
+            for b, (start, stop, context, mask) in enumerate(self.ragged):
+                q_b = q[start:stop].transpose(0, 1).unsqueeze(0)  # (1, H, n_b, D)
+                o = F.scaled_dot_product_attention(q_b, k[b: b + 1, :, :context], v[b: b + 1, :, :context],
+                                                   attn_mask=mask, is_causal=mask is None, scale=self.scale,
+                                                   enable_gqa=heads != kv_heads)  # (1, H, n_b, D)
+                out[start:stop] = o[0].transpose(0, 1).reshape(stop - start, heads * dim)
+            return out
         batch = self.num_seqs
         if self.decode:
             # Query heads h = kvh*G + g share KV head kvh: view them as G query rows of that head.
@@ -189,3 +237,36 @@ class AttentionPlan:
                                              enable_gqa=heads != kv_heads)  # (B, H, Q, D)
         out = out.transpose(1, 2).reshape(batch * self.max_query, heads * dim)  # (B*Q, H*D)
         return out if self.output_index is None else out[self.output_index]
+
+
+class SplitAttentionPlan:
+    """A forward mixing single-token decodes with longer chunks (prefill, speculative chains): two plans.
+
+    One padded layout would pad every decode row to the longest chunk (a 150-token prefill makes each
+    decode attend 150 query rows), so decodes take the unpadded decode path and only the chunks are
+    padded, to their own longest. Same interface as `AttentionPlan`.
+    """
+
+    def __init__(self, batch: ForwardBatch, shape: LlamaShape, rope: RotaryTable) -> None:
+        singles = [b for b, n in enumerate(batch.query_lens) if n == 1]
+        chunks = [b for b, n in enumerate(batch.query_lens) if n > 1]
+        decode_batch, self.decode_rows = batch.subset(singles)
+        chunk_batch, self.chunk_rows = batch.subset(chunks)
+        self.decode_plan = AttentionPlan(decode_batch, shape, rope)
+        self.chunk_plan = AttentionPlan(chunk_batch, shape, rope)
+        self.num_tokens = int(batch.input_ids.shape[0])
+        self.width = shape.num_heads * shape.head_dim
+
+    def attend(self, qkv: torch.Tensor, kv: KVPool, layer: int) -> torch.Tensor:
+        out = qkv.new_empty(self.num_tokens, self.width)  # (N, H*D)
+        for plan, rows in ((self.decode_plan, self.decode_rows), (self.chunk_plan, self.chunk_rows)):
+            out.index_copy_(0, rows, plan.attend(qkv.index_select(0, rows), kv, layer))
+        return out
+
+
+def plan_attention(batch: ForwardBatch, shape: LlamaShape, rope: RotaryTable) -> AttentionPlan | SplitAttentionPlan:
+    """Split decodes from chunks when a forward has both (see `SplitAttentionPlan`), else one plan."""
+    lens = batch.query_lens
+    if 1 in lens and max(lens) > 1 and len(lens) > 1:
+        return SplitAttentionPlan(batch, shape, rope)
+    return AttentionPlan(batch, shape, rope)

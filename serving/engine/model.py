@@ -21,7 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorafleet.serving.engine.attention import AttentionPlan, ForwardBatch, RotaryTable
+from lorafleet.serving.engine.attention import (
+    AttentionPlan,
+    ForwardBatch,
+    RotaryTable,
+    SplitAttentionPlan,
+    plan_attention,
+)
 from lorafleet.serving.engine.kv_cache import KVPool
 from lorafleet.serving.engine.lora_slots import GROUPS, LoraSlots
 
@@ -199,7 +205,7 @@ class DecoderLayer(nn.Module):
         self.down = Projection(weights["down"], prepack=prepack)
         self.eps, self.inter = shape.rms_norm_eps, shape.intermediate_size
 
-    def forward(self, h: torch.Tensor, index: int, kv: KVPool, plan: AttentionPlan,
+    def forward(self, h: torch.Tensor, index: int, kv: KVPool, plan: AttentionPlan | SplitAttentionPlan,
                 lora: LoraSlots | None, routing: Any) -> torch.Tensor:
         x = F.rms_norm(h, h.shape[-1:], self.input_norm, self.eps)  # (N, d)
         qkv = self.qkv(x, self.qkv_bias)  # (N, (H+2KVH)*D)
@@ -256,7 +262,7 @@ class CompactLlama(nn.Module):
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv: KVPool, lora: LoraSlots | None = None) -> torch.Tensor:
         """Run every layer on the packed tokens, writing their K/V; (N, d) final-normed hidden states."""
-        plan = AttentionPlan(batch, self.shape, self.rope)  # masks, RoPE rows, padding: once, not per layer
+        plan = plan_attention(batch, self.shape, self.rope)  # masks, RoPE rows, padding: once, not per layer
         routing = lora.route(batch.adapter_ids) if lora is not None else None
         if routing is not None and not routing.active:
             routing = None  # every row is base (or its adapter adapts nothing here): plain forward
