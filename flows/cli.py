@@ -213,6 +213,9 @@ def bench_serving(
     serve_env: Annotated[list[str] | None, typer.Option(
         help="KEY=VALUE for the server this command starts, repeatable (e.g. LORAFLEET_SERVE_ADAPTER_SLOTS=16)")]
     = None,
+    models: Annotated[str | None, typer.Option(
+        help="comma-separated models to request, most popular first (default: the first --adapters champions)")]
+    = None,
 ) -> None:
     """Closed-loop HTTP load on the OpenAI API: N streaming clients over M adapters with Zipf popularity."""
     import httpx
@@ -230,8 +233,11 @@ def bench_serving(
         env = parse_env_pairs(serve_env or [])
         if url is not None and env:
             raise ValueError("--serve-env configures the server this command starts; it cannot apply to --url")
-        report = serving_bench(_settings(), options, url=url, server_pid=server_pid, n_adapters=adapters,
-                               serve_env=env, console=console)
+        chosen = [name.strip() for name in (models or "").split(",") if name.strip()]
+        if models is not None and not chosen:
+            raise ValueError(f"--models {models!r} names no model")
+        report = serving_bench(_settings(), options, url=url, server_pid=server_pid,
+                               n_adapters=len(chosen) or adapters, serve_env=env, console=console, models=chosen)
     except (ValueError, LookupError, ServerStartError) as error:
         _fail(str(error))
     except httpx.HTTPError as error:

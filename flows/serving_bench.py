@@ -11,7 +11,7 @@ or started: the adapters are whatever that server lists in `/v1/models`.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import httpx
@@ -100,16 +100,20 @@ def user_prompts(settings: Settings, base_model: str, n: int) -> list[str]:
 
 
 def serving_bench(settings: Settings, options: LoadOptions, *, url: str | None, server_pid: int | None,
-                  n_adapters: int, serve_env: Mapping[str, str], console: Console) -> ServingBenchReport:
-    """Measure the server at `url`, or set up adapters and start (then stop) our own when it is None."""
+                  n_adapters: int, serve_env: Mapping[str, str], console: Console,
+                  models: Sequence[str] = ()) -> ServingBenchReport:
+    """Measure the server at `url`, or set up adapters and start (then stop) our own when it is None.
+
+    `models` names exactly what the requests ask for (most popular first; any `model` string the server
+    accepts, e.g. a Turbo adapter against its plain twin); then no bench adapters are created."""
     if n_adapters < 1:
         raise ValueError(f"--adapters must be >= 1, got {n_adapters}")
     base_model = EMBEDDED_MODEL_ID
     prompts = tuple(user_prompts(settings, base_model, N_PROMPTS))
 
     def spec_for(target: str) -> LoadSpec:
-        spec = LoadSpec(url=target, models=tuple(served_adapters(target, n_adapters)), prompts=prompts,
-                        options=options)
+        chosen = tuple(models) if models else tuple(served_adapters(target, n_adapters))
+        spec = LoadSpec(url=target, models=chosen, prompts=prompts, options=options)
         console.print(f"{options.concurrency} clients, {len(spec.models)} adapters (Zipf {options.zipf}, "
                       f"{spec.models[0]} most popular), {len(prompts)} prompts, max {options.max_tokens} "
                       f"tokens, {options.duration_s:g} s against {target}")
@@ -121,7 +125,8 @@ def serving_bench(settings: Settings, options: LoadOptions, *, url: str | None, 
     from lorafleet.models.base import pick_device
     from lorafleet.serving.launcher import start_server
 
-    ensure_bench_adapters(settings, base_model=base_model, count=n_adapters, console=console)
+    if not models:
+        ensure_bench_adapters(settings, base_model=base_model, count=n_adapters, console=console)
     env = {"LORAFLEET_BASE_MODEL": base_model, "HF_HUB_OFFLINE": "1", **serve_env}
     device = str(pick_device(env.get("LORAFLEET_SERVE_DEVICE", "auto")))
     console.print(f"starting the server ({base_model} on {device}"

@@ -85,6 +85,9 @@ class EngineGenerator:
                           dtype=self.model.lm_head_weight.dtype, device=self.model.lm_head_weight.device)
         self.cache = AdapterCache(slots, self.model.shape, self._resolve)
         self.engine = Engine(self.model, config, adapters=self.cache)
+        log.info("engine memory budgets: KV cache %.0f MB (%d blocks of %d tokens), %d adapter slots x %.1f MB "
+                 "(LoRA rank <= %d)", self.engine.kv.nbytes / 2**20, self.engine.allocator.num_blocks,
+                 config.block_size, config.adapter_slots, slots.bytes_per_slot / 2**20, config.max_lora_rank)
         self.on_step = on_step
         self._streams: dict[str, TokenStream] = {}
         self._timings: dict[str, _Timing] = {}

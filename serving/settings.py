@@ -48,7 +48,8 @@ class ServiceSettings(BaseModel):
     max_tokens_per_step: int = Field(512, ge=1, description="engine: packed tokens per forward (prefill chunks)")
     kv_cache_mb: float = Field(512, gt=0, description="engine: KV-cache memory budget")
     adapter_slots: int = Field(16, ge=1, description="engine: adapters resident at once (LRU beyond)")
-    max_lora_rank: int = Field(64, ge=1, description="engine: largest LoRA rank an adapter may have")
+    max_lora_rank: int = Field(16, ge=1, description="engine: largest LoRA rank an adapter may have (vLLM's "
+                               "default too); every slot is sized for it, so memory and LoRA work grow with it")
     speculative_max_batch: int = Field(4, ge=0, description="engine: live requests above which no row drafts")
     prefix_caching: bool = Field(True, description="engine: reuse the K/V of prompt prefixes seen before, "
                                  "per adapter")

@@ -131,6 +131,14 @@ def test_cli_against_a_running_server(server, fleet, tmp_path, monkeypatch):
     assert report["errors"] == 0 and report["completed"] > 0 and report["n_adapters"] == 2
     assert report["rss_mb_after"] > 0
     assert "tokens/s" in result.output
+    # --models names exactly what is requested (any spelling the server accepts), whatever --adapters says.
+    result = CliRunner().invoke(app, ["bench", "serving", "--url", server.url, "--models", "alpha@1, alpha",
+                                      "--concurrency", "2", "--duration", "1", "--max-tokens", "4", "--json",
+                                      str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["n_adapters"] == 2 and set(report["per_adapter_requests"]) <= {"alpha@1", "alpha"}
+    assert sum(report["per_adapter_requests"].values()) == report["completed"] > 0 and report["errors"] == 0
 
 
 def test_cli_refuses_bad_options_before_any_setup(tmp_path, monkeypatch):

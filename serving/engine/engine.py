@@ -46,7 +46,7 @@ class EngineConfig:
     max_waiting: int = 256  # queue bound: beyond it `add_request` raises QueueFull (HTTP 429)
     speculative_max_batch: int = 4  # live sequences above which no row drafts
     adapter_slots: int = 16
-    max_lora_rank: int = 64
+    max_lora_rank: int = 16  # slots are sized (and LoRA work done) at this rank: keep it at the largest in use
     prefix_caching: bool = True  # reuse K/V of prompt prefixes already computed with the same adapter
 
 

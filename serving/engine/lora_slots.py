@@ -107,7 +107,8 @@ class LoraSlots:
         """
         self._check_slot(slot)
         if weights.rank > self.max_rank:
-            raise ValueError(f"adapter rank {weights.rank} exceeds the slots' max_rank {self.max_rank}")
+            raise ValueError(f"adapter rank {weights.rank} exceeds the slots' max_rank {self.max_rank} (raise the "
+                             f"engine's max_lora_rank, LORAFLEET_SERVE_MAX_LORA_RANK for the service)")
         check_weights(weights, self.shape)
         self.clear(slot)
         rank = weights.rank
