@@ -38,6 +38,7 @@ class EngineBenchReport:
     mixed_adapters_tokens_per_s: float
     peft_mixed_batch_tokens_per_s: float
     mixed_adapters_no_prefix_cache_tokens_per_s: float  # the same mixed run with prefix caching off
+    single_adapter_no_prefix_cache_tokens_per_s: float  # and the single-adapter run
     mixed_prefix_cache_hit_rate: float  # prompt tokens of the mixed run whose K/V was reused
     serial_tokens_per_s: float
     cold_load_p50_ms: float
@@ -51,6 +52,9 @@ class EngineBenchReport:
         return {
             "batch1_vs_hf_generate": self.batch1_tokens_per_s / self.hf_generate_tokens_per_s,
             "mixed_vs_single_adapter": self.mixed_adapters_tokens_per_s / self.single_adapter_tokens_per_s,
+            # Like for like: with the prefix cache on, 16 requests of one adapter share more K/V than 2 per adapter.
+            "mixed_vs_single_adapter_no_prefix_cache":
+                self.mixed_adapters_no_prefix_cache_tokens_per_s / self.single_adapter_no_prefix_cache_tokens_per_s,
             "mixed_vs_peft_mixed_batch": self.mixed_adapters_tokens_per_s / self.peft_mixed_batch_tokens_per_s,
             "mixed_no_prefix_cache_vs_peft_mixed_batch":
                 self.mixed_adapters_no_prefix_cache_tokens_per_s / self.peft_mixed_batch_tokens_per_s,
@@ -146,6 +150,8 @@ def measure_engine(hf_model: Any, make_peft: Callable[[], Any], adapter_dirs: di
     peft_model = make_peft()
     progress(f"engine, {n} requests on one adapter")
     single = engine_rate(prompts, [names[0]] * n)
+    progress(f"engine, {n} requests on one adapter, prefix caching off")
+    single_uncached = engine_rate(prompts, [names[0]] * n, prefix_caching=False)
     mixed_names = [names[i % len(names)] for i in range(n)]
     progress(f"engine, {n} requests over {len(names)} adapters")
     mixed = engine_rate(prompts, mixed_names)
@@ -167,5 +173,6 @@ def measure_engine(hf_model: Any, make_peft: Callable[[], Any], adapter_dirs: di
         hf_generate_tokens_per_s=hf_rate, batch1_tokens_per_s=batch1, single_adapter_tokens_per_s=single,
         mixed_adapters_tokens_per_s=mixed, peft_mixed_batch_tokens_per_s=peft_rate,
         mixed_adapters_no_prefix_cache_tokens_per_s=mixed_uncached, mixed_prefix_cache_hit_rate=hit_rate,
+        single_adapter_no_prefix_cache_tokens_per_s=single_uncached,
         serial_tokens_per_s=serial_tokens / serial_seconds, cold_load_p50_ms=statistics.median(cold),
         n_adapters=len(names), n_requests=n, max_new_tokens=max_new_tokens, device=str(compact.lm_head_weight.device))

@@ -165,6 +165,8 @@ def print_engine(report: EngineBenchReport, console: Console) -> None:
     for label, rate in (("transformers generate, batch 1", report.hf_generate_tokens_per_s),
                         ("engine, batch 1", report.batch1_tokens_per_s),
                         (f"engine, {report.n_requests} on one adapter", report.single_adapter_tokens_per_s),
+                        (f"engine, {report.n_requests} on one adapter, no prefix cache",
+                         report.single_adapter_no_prefix_cache_tokens_per_s),
                         (f"engine, {report.n_requests} over {report.n_adapters} adapters",
                          report.mixed_adapters_tokens_per_s),
                         (f"engine, {report.n_requests} over {report.n_adapters} adapters, no prefix cache",

@@ -32,12 +32,13 @@ def test_measure_engine_reports_every_figure_on_the_tiny_model(tmp_path: Path, m
     report = measure_engine(loaded.model, make_peft, dirs, prompts, max_new_tokens=4, pad_id=0, config=config,
                             progress=lines.append)
     rates = [report.hf_generate_tokens_per_s, report.batch1_tokens_per_s, report.single_adapter_tokens_per_s,
-             report.mixed_adapters_tokens_per_s, report.mixed_adapters_no_prefix_cache_tokens_per_s,
+             report.mixed_adapters_tokens_per_s, report.mixed_adapters_no_prefix_cache_tokens_per_s, report.single_adapter_no_prefix_cache_tokens_per_s,
              report.peft_mixed_batch_tokens_per_s, report.serial_tokens_per_s]
     assert all(rate > 0 for rate in rates)
     assert report.n_adapters == 2 and report.n_requests == 4 and report.max_new_tokens == 4
     # Requests 2 and 3 reuse the 2 shared blocks their adapter's first request computed (2 x 32 of 152
     # tokens); the cache was emptied after the warm-up, so nothing else can hit.
     assert report.mixed_prefix_cache_hit_rate == 64 / sum(map(len, prompts))
-    assert set(report.to_dict()["ratios"]) >= {"mixed_vs_peft_mixed_batch", "mixed_no_prefix_cache_vs_peft_mixed_batch"}
+    assert set(report.to_dict()["ratios"]) >= {"mixed_vs_peft_mixed_batch", "mixed_no_prefix_cache_vs_peft_mixed_batch",
+                                               "mixed_vs_single_adapter_no_prefix_cache"}
     assert len(lines) >= 6

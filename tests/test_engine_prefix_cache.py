@@ -16,7 +16,7 @@ from test_engine import PROMPTS, make_engine, run
 from test_engine_scheduler import STOP, reference, target
 
 from lorafleet.serving.engine.kv_cache import BlockAllocator, OutOfBlocks, block_keys, slot_indices
-from lorafleet.serving.engine.scheduler import Scheduler
+from lorafleet.serving.engine.scheduler import Scheduler, SchedulerOutput
 from lorafleet.serving.engine.sequence import SamplingParams, SeqStatus, Sequence
 
 
@@ -109,7 +109,7 @@ class PrefixFakeEngine:
             self.step()
         raise AssertionError("sequences did not finish: the scheduler is stuck")
 
-    def step(self) -> None:
+    def step(self) -> SchedulerOutput:
         out = self.sched.schedule()
         for item in out.scheduled:
             seq, start = item.seq, item.seq.num_computed
@@ -134,6 +134,7 @@ class PrefixFakeEngine:
             else:
                 seq.output_ids.append(token)
                 self.sched.after_step(seq, seq.num_computed)
+        return out
 
 
 def shared_prefix_workload(n: int, seed: int) -> list[Sequence]:
@@ -207,3 +208,24 @@ def test_engine_outputs_with_prefix_caching_equal_without(compact, adapters):
     assert cached_engine.scheduler.prefix_hit_tokens >= 12 * 32  # round two: 2 blocks of 16 per request
     small = make_engine(compact, adapters, kv_cache_mb=0.05, speculative_max_batch=16)  # evicts as it goes
     assert serve(small) == plain
+
+
+def test_a_request_waits_one_step_for_a_prefix_another_is_computing():
+    """Cache-aware admission: of two requests with the same first block arriving together, the second
+    waits while the first computes it, then reuses it; a different adapter's request does not wait."""
+    sched = Scheduler(BlockAllocator(32, 4), max_num_seqs=8, max_tokens_per_step=64, max_waiting=8,
+                      prefix_caching=True)
+    params = SamplingParams(max_new_tokens=2)
+    first, twin, other = (Sequence(rid, list(range(4, 14)) + [tail], params) for rid, tail in
+                          (("first", 20), ("twin", 21), ("other", 22)))
+    other.cache_salt = "x"
+    for seq in (first, twin, other):
+        sched.add(seq)
+    engine = PrefixFakeEngine(sched)
+    step1 = engine.step()
+    assert [item.seq.request_id for item in step1.scheduled] == ["first", "other"]
+    step2 = engine.step()
+    (admitted,) = [item for item in step2.scheduled if item.seq is twin]
+    assert admitted.num_tokens == 3 and sched.prefix_hit_tokens == 8  # two cached blocks reused, 3 tokens fed
+    engine.run()
+    assert sched.prefix_hit_tokens == 8

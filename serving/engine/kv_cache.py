@@ -131,6 +131,9 @@ class BlockAllocator:
         self._by_key.clear()
         self._key_of.clear()
 
+    def is_cached(self, key: BlockKey) -> bool:
+        return key in self._by_key
+
     def match_prefix(self, keys: Iterable[BlockKey]) -> list[int]:
         """The registered blocks of the longest run of `keys` from the start, each now held once more."""
         matched = []

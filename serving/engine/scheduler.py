@@ -227,10 +227,11 @@ class Scheduler:
 
     def _admit_waiting(self, budget: int, ready: Callable[[Sequence], bool], out: SchedulerOutput) -> int:
         admitted = False
+        computing = self._first_blocks_in_flight()
         for seq in list(self._waiting):
             if budget <= 0 or len(self._running) >= self.max_num_seqs:
                 break
-            if not ready(seq):
+            if not ready(seq) or self._wait_for_prefix(seq, computing):
                 continue
             self._match_prefix(seq)  # num_computed: 0, or the tokens whose K/V the prefix cache holds
             num_tokens = min(seq.num_tokens - seq.num_computed, budget)
@@ -248,6 +249,8 @@ class Scheduler:
             out.scheduled.append(ScheduledSeq(seq, num_tokens, seq.num_computed + num_tokens == seq.num_tokens))
             budget -= num_tokens
             admitted = True
+            if self.prefix_caching and seq.num_registered == 0 and seq.block_keys:
+                computing.add(seq.block_keys[0])
         if admitted:  # one O(waiting) rebuild instead of a deque.remove per admitted sequence
             self._waiting = deque(s for s in self._waiting if s.status is SeqStatus.WAITING)
         return budget
@@ -273,6 +276,21 @@ class Scheduler:
         matched = self.allocator.match_prefix(keys[: (seq.num_tokens - 1) // size])
         seq.blocks.extend(matched)
         seq.num_computed = seq.num_registered = len(matched) * size
+
+    def _first_blocks_in_flight(self) -> set:
+        """Keys of first blocks that running sequences are computing now (not in the cache yet)."""
+        if not self.prefix_caching:
+            return set()
+        return {seq.block_keys[0] for seq in self._running if seq.num_registered == 0 and seq.block_keys}
+
+    def _wait_for_prefix(self, seq: Sequence, computing: set) -> bool:
+        """Cache-aware admission (as SGLang schedules): a request whose first block another request is
+        computing right now waits one step and then reuses it, instead of computing the same K/V twice.
+        The other request is running and registers the block when this step ends, so the wait is short."""
+        if not computing:
+            return False
+        keys = block_keys(seq.all_ids, seq.cache_salt, self.allocator.block_size, seq.block_keys)
+        return bool(keys) and keys[0] in computing and not self.allocator.is_cached(keys[0])
 
     def _register(self, seq: Sequence) -> None:
         """Offer every newly completed full block of computed K/V to the prefix cache."""
