@@ -229,3 +229,50 @@ def test_a_request_waits_one_step_for_a_prefix_another_is_computing():
     assert admitted.num_tokens == 3 and sched.prefix_hit_tokens == 8  # two cached blocks reused, 3 tokens fed
     engine.run()
     assert sched.prefix_hit_tokens == 8
+
+
+def test_a_sequence_that_hit_the_cache_registers_its_later_blocks():
+    """Multi-turn chats: turn 2 (turn 1's tokens + more) must leave its own full blocks cached for turn 3."""
+    sched = Scheduler(BlockAllocator(32, 4), max_num_seqs=4, max_tokens_per_step=64, max_waiting=8,
+                      prefix_caching=True)
+    engine = PrefixFakeEngine(sched)
+    turn1 = list(range(4, 13))  # 9 tokens: 2 full blocks
+    sched.add(Sequence("turn1", turn1, SamplingParams(max_new_tokens=1)))
+    engine.run()
+    turn2 = turn1 + list(range(20, 36))  # 25 tokens: 6 full blocks, the first 2 cached
+    sched.add(Sequence("turn2", turn2, SamplingParams(max_new_tokens=1)))
+    engine.run()
+    assert sched.prefix_hit_tokens == 8 and sched.allocator.num_cached() == 6
+    sched.add(Sequence("turn3", turn2 + [40, 41], SamplingParams(max_new_tokens=1)))
+    engine.run()
+    assert sched.prefix_hit_tokens == 8 + 24
+
+
+def test_eviction_takes_a_chain_from_its_tail():
+    alloc = BlockAllocator(4, 2)
+    chain = alloc.allocate(3)
+    keys = keys_of([1, 2, 3, 4, 5, 6], block_size=2)
+    for block, key in zip(chain, keys):
+        alloc.register(block, key)
+    alloc.free(chain)
+    alloc.allocate(2)  # one truly free block, then one cached block must go: the chain's last
+    assert alloc.match_prefix(keys) == chain[:2]
+
+
+def test_a_new_salt_discards_keys_computed_with_the_old_one():
+    sched = Scheduler(BlockAllocator(16, 4), max_num_seqs=4, max_tokens_per_step=64, max_waiting=8,
+                      prefix_caching=True)
+    engine = PrefixFakeEngine(sched)
+    prompt = list(range(4, 13))
+    old = Sequence("old weights", prompt, SamplingParams(max_new_tokens=1))
+    old.cache_salt = "adapter\x00v1"
+    sched.add(old)
+    engine.run()
+    again = Sequence("reloaded", prompt, SamplingParams(max_new_tokens=1))
+    again.cache_salt = "adapter\x00v1"
+    again.block_keys.extend(block_keys(prompt, "adapter\x00v1", 4, []))  # keys from before the reload
+    again.keys_salt = "adapter\x00v1"
+    again.cache_salt = "adapter\x00v2"  # the adapter was reloaded with new weights meanwhile
+    sched.add(again)
+    engine.run()  # the fake engine's cache check fails if v1's K/V were read under v2
+    assert sched.prefix_hit_tokens == 0

@@ -130,7 +130,9 @@ def test_adapter_cache_metrics_for_three_adapters_through_two_slots(serve):
     assert served.value("lorafleet_adapter_load_seconds_count") == stats.loads
     assert served.value("lorafleet_adapter_cache_resident") == 2 == len(served.generator.cache.resident())
     assert served.value("lorafleet_adapter_cache_slots") == 2
-    assert served.value("lorafleet_adapter_cache_hits_total") >= 4  # each request found its adapter once
+    # Three warm-ups and four requests, each counted at most once as a hit or a miss (one that finds its
+    # adapter still loading is neither), never once per engine step it waits.
+    assert stats.hits >= 1 and stats.misses >= 3 and stats.hits + stats.misses <= 7
     # An admin unload on an idle engine shows up too: idle passes of the engine thread report.
     assert served.generator.unload_adapter(served.generator.cache.resident()[0])
     deadline = time.monotonic() + DEADLINE_S

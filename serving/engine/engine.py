@@ -222,8 +222,9 @@ class Engine:
         live = self._live.get(seq.request_id)
         if live is not None and live.pinned:
             return True
-        # `request`, not a lookup: an adapter evicted while this sequence waited is loaded again.
-        if self.adapters.request(seq.adapter) is None:
+        # `request` when not resident: an adapter evicted while this sequence waited is loaded again
+        # (a plain lookup otherwise, so each request counts one cache hit or miss, not one per step).
+        if self.adapters.slot_of(seq.adapter) is None and self.adapters.request(seq.adapter) is None:
             return False
         # K/V depends on the adapter's weights: share cached prefixes only within one loaded identity.
         seq.cache_salt = f"{seq.adapter}\x00{self.adapters.identity_of(seq.adapter)}"

@@ -13,13 +13,17 @@ flat slot `blocks[p // block_size] * block_size + p % block_size` of every layer
 
 from __future__ import annotations
 
+import hashlib
+import os
+from array import array
 from collections import OrderedDict
 from collections.abc import Iterable
 from collections.abc import Sequence as SequenceABC
 
 import torch
 
-BlockKey = tuple[int, str, tuple[int, ...]]  # (hash of the previous block's key, salt, tokens)
+BlockKey = bytes  # keyed digest of (previous block's key, salt, this block's tokens): names the whole prefix
+_KEY_SECRET = os.urandom(16)  # per process: nobody can craft a prompt whose key collides with another's
 
 
 class OutOfBlocks(RuntimeError):
@@ -33,7 +37,7 @@ class BlockAllocator:
     most likely still warm in the CPU cache, and reuse order stays deterministic for tests.
 
     Prefix caching (vLLM's automatic prefix caching, in integers): a full block whose K/V is computed
-    can be `register`ed under a `BlockKey` (its tokens, the key of the block before it, and a salt
+    can be `register`ed under a `BlockKey` (a digest of its tokens, the key of the block before it and a salt
     naming the adapter, since an adapter's LoRA changes every layer's K/V). Blocks are reference
     counted: `match_prefix` lends registered blocks to a new sequence, and a registered block nobody
     holds is not free but *evictable*: it keeps its K/V for the next request with the same prefix
@@ -60,6 +64,10 @@ class BlockAllocator:
     def holders(self, block: int) -> int:
         """How many sequences hold `block` (0: free or evictable); a block held twice is read-only."""
         return self._refs.get(block, 0)
+
+    def num_unused(self) -> int:
+        """Blocks free without forgetting any cached prefix (what optional work, like drafts, may take)."""
+        return len(self._free)
 
     def num_cached(self) -> int:
         """Registered blocks (held or evictable): what the prefix cache currently remembers."""
@@ -108,7 +116,9 @@ class BlockAllocator:
             if self._refs[block] == 0:
                 del self._refs[block]
                 released.append(block)
-        for block in released:
+        # A chain's tail is evicted before its head: matching stops at the first missing block, so an
+        # evicted head would strand the rest of its chain in the cache.
+        for block in reversed(released):
             if block in self._key_of:
                 self._evictable[block] = None  # newest at the end: evicted last
         self._free.extend(reversed([b for b in released if b not in self._key_of]))
@@ -151,12 +161,16 @@ class BlockAllocator:
 def block_keys(tokens: SequenceABC[int], salt: str, block_size: int, known: list[BlockKey]) -> list[BlockKey]:
     """Keys of the full blocks of `tokens`, extending `known` (the keys already computed) in place.
 
-    A key is (hash of the previous block's key, salt, this block's tokens): the chain makes a block's
-    key name its whole prefix, and the exact tokens make a hash collision harmless (dict equality).
+    A key is a 128-bit keyed BLAKE2b digest of (the previous block's key, salt, this block's tokens), so
+    it names the whole prefix; the per-process secret makes a deliberate collision (one tenant's prompt
+    crafted to read another's cached K/V, vLLM's CVE-2025-25183) infeasible.
     """
+    salt_bytes = salt.encode()
     for start in range(len(known) * block_size, len(tokens) - block_size + 1, block_size):
-        parent = hash(known[-1]) if known else 0
-        known.append((parent, salt, tuple(tokens[start: start + block_size])))
+        digest = hashlib.blake2b(known[-1] if known else b"", key=_KEY_SECRET, digest_size=16)
+        digest.update(len(salt_bytes).to_bytes(4, "little") + salt_bytes)
+        digest.update(array("q", tokens[start: start + block_size]).tobytes())
+        known.append(digest.digest())
     return known
 
 

@@ -191,7 +191,8 @@ class Scheduler:
                 # Drafts are an optimisation: trimmed to the budget and to blocks free right now, they
                 # never skip a decode nor preempt anyone. The engine reads seq.lookahead after schedule().
                 num_tokens = 1
-                room = (len(seq.blocks) + self.allocator.num_free()) * self.allocator.block_size - seq.num_tokens
+                # Only truly free blocks: optional drafts must not evict cached prefixes.
+                room = (len(seq.blocks) + self.allocator.num_unused()) * self.allocator.block_size - seq.num_tokens
                 seq.lookahead = max(0, min(seq.lookahead, budget - 1, room))
             if not self._reserve(seq, seq.num_computed + num_tokens + seq.lookahead, out.preempted):
                 break  # seq preempted itself: it was the newest running sequence, none follow it
@@ -272,10 +273,11 @@ class Scheduler:
         if not self.prefix_caching:
             return
         size = self.allocator.block_size
-        keys = block_keys(seq.all_ids, seq.cache_salt, size, seq.block_keys)
+        keys = self._keys(seq)
         matched = self.allocator.match_prefix(keys[: (seq.num_tokens - 1) // size])
         seq.blocks.extend(matched)
-        seq.num_computed = seq.num_registered = len(matched) * size
+        seq.num_computed = len(matched) * size
+        seq.num_registered = len(matched)
 
     def _first_blocks_in_flight(self) -> set:
         """Keys of first blocks that running sequences are computing now (not in the cache yet)."""
@@ -289,8 +291,18 @@ class Scheduler:
         The other request is running and registers the block when this step ends, so the wait is short."""
         if not computing:
             return False
-        keys = block_keys(seq.all_ids, seq.cache_salt, self.allocator.block_size, seq.block_keys)
-        return bool(keys) and keys[0] in computing and not self.allocator.is_cached(keys[0])
+        if seq.num_tokens < self.allocator.block_size:
+            return False
+        fresh = seq.block_keys and seq.keys_salt == seq.cache_salt  # no list rebuild per waiting step
+        first = seq.block_keys[0] if fresh else self._keys(seq)[0]
+        return first in computing and not self.allocator.is_cached(first)
+
+    def _keys(self, seq: Sequence) -> list:
+        """`seq`'s block keys, recomputed from scratch when its salt changed (its adapter was reloaded)."""
+        if seq.keys_salt != seq.cache_salt:
+            seq.block_keys.clear()
+            seq.keys_salt = seq.cache_salt
+        return block_keys(seq.all_ids, seq.cache_salt, self.allocator.block_size, seq.block_keys)
 
     def _register(self, seq: Sequence) -> None:
         """Offer every newly completed full block of computed K/V to the prefix cache."""
@@ -301,7 +313,7 @@ class Scheduler:
         full = min(min(seq.num_computed, seq.num_tokens) // size, len(seq.blocks))
         if full <= seq.num_registered:
             return
-        keys = block_keys(seq.all_ids, seq.cache_salt, size, seq.block_keys)
+        keys = self._keys(seq)
         for i in range(seq.num_registered, full):
             self.allocator.register(seq.blocks[i], keys[i])
         seq.num_registered = full

@@ -81,6 +81,7 @@ class Sequence:
     lookahead: int = 0  # draft tokens wanted per decode step; schedule() may lower it to what it reserved
     cache_salt: str = ""  # prefix caching: sequences share K/V blocks only under the same salt (adapter)
     block_keys: list = field(default_factory=list, repr=False)  # prefix-cache keys of its full blocks so far
+    keys_salt: str = ""  # the salt `block_keys` were computed with (a new salt invalidates them)
     num_registered: int = 0  # leading blocks already registered in the prefix cache
 
     def __post_init__(self) -> None:
