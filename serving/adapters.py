@@ -16,7 +16,8 @@ Every registry version (and every load of a local folder) gets its own generator
 its LRU adapter cache. At start-up only the first `warm_limit` champions are attached (the cache's
 capacity: attaching 100 champions to 16 slots would only evict in a loop); the rest are attached on
 first use. Adapters trained on a different base model are refused: their deltas would be applied to
-weights they were never trained against.
+weights they were never trained against. Local folders follow the rules of `local_adapters`. A failed
+admin load undoes only what it added: an entry that was already served stays served.
 """
 
 from __future__ import annotations
@@ -32,20 +33,21 @@ from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
-from lorafleet.models.adapter_dir import (
-    MANIFEST_FILE,
-    PEFT_CONFIG_FILE,
-    AdapterManifest,
-    InvalidAdapterDir,
-    validate_adapter_dir,
-)
+from lorafleet.models.adapter_dir import AdapterManifest, InvalidAdapterDir
 from lorafleet.models.embedded import EMBEDDED_MODEL_ID
+from lorafleet.serving.local_adapters import (
+    Fingerprint,
+    InvalidLocalAdapter,
+    check_local_name,
+    folder_fingerprint,
+    inside_roots,
+    read_local_manifest,
+)
 from lorafleet.serving.registry_reader import CHAMPION, FetchedAdapter, RegistryReader, VersionNotFound
 
 log = logging.getLogger(__name__)
 
 MODELS_URI = "models:/"
-_LOCAL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 class ModelNotFound(LookupError):
@@ -60,19 +62,11 @@ class AdapterIncompatible(ValueError):
     """The adapter exists but cannot run on the served base model (HTTP 400)."""
 
 
-class InvalidLocalAdapter(ValueError):
-    """A local adapter request names a bad folder or name (HTTP 400)."""
-
-
-class PathNotAllowed(PermissionError):
-    """A local adapter folder outside every configured adapter root (HTTP 403)."""
-
-
 class AdapterLoadFailed(RuntimeError):
     """The adapter's files could not be loaded into the generator; nothing was changed (HTTP 400)."""
 
 
-class AdapterLoader(Protocol):
+class AdapterLoader(Protocol):  # the engine also has `unload_adapter`, used to undo a failed load
     def load_adapter(self, name: str, adapter_dir: Path) -> None: ...
 
 
@@ -153,7 +147,7 @@ class AdapterCatalogue:
         self._gates: dict[str, threading.Lock] = {}  # one download / one attach at a time per key
         self._versions: dict[tuple[str, int], ServedModel] = {}
         self._champions: dict[str, int] = {}
-        self._local: dict[str, tuple[ServedModel, tuple]] = {}  # name -> (entry, folder fingerprint)
+        self._local: dict[str, tuple[ServedModel, Fingerprint]] = {}  # name -> (entry, folder fingerprint)
         self._paths: dict[str, Path] = {}  # generator adapter name -> folder
         self._by_adapter: dict[str, ServedModel] = {}
         self._attached: set[str] = set()
@@ -166,7 +160,7 @@ class AdapterCatalogue:
         served = []
         for adapter in fetched:
             try:
-                entry = self._install(adapter)
+                entry, _ = self._install(adapter)
             except AdapterIncompatible as error:
                 log.warning("not serving champion %s version %s: %s", adapter.name, adapter.version, error)
                 continue
@@ -183,26 +177,15 @@ class AdapterCatalogue:
         """Map a request's `model` to an adapter, downloading and attaching it first if needed (blocking).
 
         With `load=False` nothing is downloaded or attached: what is not installed yet is ModelNotFound."""
-        if model == self.base.id:
-            return self.base
-        name, selector = split_model(model)
-        if selector is None:
-            with self._lock:
-                local = self._local.get(name)
-            if local is not None:
-                return self._attach(local[0]) if load else local[0]
-        if selector is None or selector == CHAMPION:
-            version = self._champion_version(model, name, load)
-        elif selector.isdigit():
-            version = int(selector)
-        else:
-            version = self._alias_version(model, name, selector)
-        return self._version(model, name, version, load)
+        return self._resolve(model, load)[0]
 
     def load(self, model: str, *, warm: Warm | None = None) -> ServedModel:
-        """The admin load: resolve, attach and make resident now. A registry version that cannot be
-        loaded is forgotten again (unless it is a champion), so a failed load changes nothing."""
-        entry = self.resolve(model)
+        """The admin load: resolve, attach and make resident now.
+
+        A registry version this call added that cannot be loaded is forgotten again (unless it is a
+        champion), so a failed load changes nothing. A version that was served before stays served:
+        requests may be running on it, and its read may still finish (the failure is reported)."""
+        entry, created = self._resolve(model, True)
         if entry.adapter is None or warm is None:
             return entry
         try:
@@ -210,9 +193,11 @@ class AdapterCatalogue:
         except Exception as error:
             with self._lock:
                 champion = entry.name is not None and self._champions.get(entry.name) == entry.version
-            if entry.version is not None and not champion:
+            if created and entry.version is not None and not champion:
                 self._forget(entry)
-            raise AdapterLoadFailed(f"{entry.id} could not be loaded: {error}") from error
+                raise AdapterLoadFailed(f"{entry.id} could not be loaded: {error}") from error
+            raise AdapterLoadFailed(f"{entry.id} could not be loaded now: {error}; it stays served and is read "
+                                    "again by its next request") from error
         return entry
 
     def models(self) -> list[ServedModel]:
@@ -261,7 +246,7 @@ class AdapterCatalogue:
                 raise AdapterIncompatible(f"`{adapter.name}` is served from a local folder on this server")
             old = self._champions.get(adapter.name)
             old_entry = self._versions.get((adapter.name, old)) if old is not None else None
-        entry = self._install(adapter)
+        entry, _ = self._install(adapter)
         if old_entry is not None and self.is_attached(old_entry.adapter or ""):
             self._attach(entry)
             if warm is not None:
@@ -277,18 +262,15 @@ class AdapterCatalogue:
 
         Loading the same unchanged folder again is a no-op; a changed folder (or another one) gets a new
         generator adapter name, so requests in flight keep the weights they started with."""
-        folder = self._inside_roots(Path(path))
-        if not _LOCAL_NAME.match(name) or name == self.base.id:
-            raise InvalidLocalAdapter(
-                f"adapter name {name!r} is not usable: 1-64 letters, digits, '.', '_' or '-', not the base model id"
-            )
+        folder = inside_roots(Path(path), self._roots)
+        check_local_name(name, self.base.id)
         with self._lock:
             if name in self._champions or any(key[0] == name for key in self._versions):
                 raise InvalidLocalAdapter(f"`{name}` names a registry model on this server: pick another name")
-        if not folder.is_dir():
-            raise InvalidLocalAdapter(f"{folder} is not a directory")
-        manifest = self._local_manifest(folder)
-        fingerprint = _fingerprint(folder)
+        manifest = read_local_manifest(folder)
+        if manifest is not None:
+            self._check_compatible(str(folder), None, manifest)
+        fingerprint = folder_fingerprint(folder)
         with self._lock:
             current = self._local.get(name)
             fresh = current is None or current[1] != fingerprint
@@ -322,6 +304,24 @@ class AdapterCatalogue:
 
     # -- internals -----------------------------------------------------------------------------
 
+    def _resolve(self, model: str, load: bool) -> tuple[ServedModel, bool]:
+        """`resolve`, and whether this call added the entry (only the base and registry versions are added)."""
+        if model == self.base.id:
+            return self.base, False
+        name, selector = split_model(model)
+        if selector is None:
+            with self._lock:
+                local = self._local.get(name)
+            if local is not None:
+                return (self._attach(local[0]) if load else local[0]), False
+        if selector is None or selector == CHAMPION:
+            version = self._champion_version(model, name, load)
+        elif selector.isdigit():
+            version = int(selector)
+        else:
+            version = self._alias_version(model, name, selector)
+        return self._version(model, name, version, load)
+
     def _champion_version(self, model: str, name: str, load: bool) -> int:
         with self._lock:
             pinned = self._champions.get(name)
@@ -340,10 +340,11 @@ class AdapterCatalogue:
         except VersionNotFound as error:
             raise ModelNotFound(model, str(error)) from None
 
-    def _version(self, model: str, name: str, version: int, load: bool) -> ServedModel:
+    def _version(self, model: str, name: str, version: int, load: bool) -> tuple[ServedModel, bool]:
         key = (name, version)
         with self._lock:
             entry = self._versions.get(key)
+        created = False
         if entry is None and not load:
             raise ModelNotFound(model, f"{name} version {version} is not loaded on this server")
         if entry is None:
@@ -355,16 +356,17 @@ class AdapterCatalogue:
                     raise ModelNotFound(model, str(error)) from None
                 except InvalidAdapterDir as error:
                     raise AdapterIncompatible(f"{name} version {version} is not a usable adapter: {error}") from None
-                entry = self._install(fetched)
-        return self._attach(entry) if load else entry
+                entry, created = self._install(fetched)
+        return (self._attach(entry) if load else entry), created
 
-    def _install(self, adapter: FetchedAdapter) -> ServedModel:
-        """Record a version (idempotent); nothing is read into the generator until `_attach`."""
+    def _install(self, adapter: FetchedAdapter) -> tuple[ServedModel, bool]:
+        """Record a version (idempotent: True only for the call that added it); nothing is read into the
+        generator until `_attach`."""
         self._check_compatible(adapter.name, adapter.version, adapter.manifest)
         key = (adapter.name, adapter.version)
         with self._lock:
             if key in self._versions:
-                return self._versions[key]
+                return self._versions[key], False
             runner_name = self._unique_adapter_name(adapter.name, f"v{adapter.version}")
             entry = ServedModel(
                 id=f"{adapter.name}@{adapter.version}",
@@ -379,16 +381,23 @@ class AdapterCatalogue:
             self._versions[key] = entry
             self._paths[runner_name] = adapter.path
             self._by_adapter[runner_name] = entry
-        return entry
+        return entry, True
 
     def _attach(self, entry: ServedModel) -> ServedModel:
-        """Hand the entry to the generator once (blocking for PEFT; the engine reads in the background)."""
+        """Hand the entry to the generator once (blocking for PEFT; the engine reads in the background).
+
+        An entry forgotten since the caller resolved it (its admin load failed) is ModelNotFound: asking
+        again resolves the name afresh."""
         adapter = entry.adapter
         if adapter is None or self.is_attached(adapter):
             return entry
-        with self._gate(f"attach:{adapter}"):
+        with self._gate(f"attach:{adapter}"):  # `_forget` takes it too: never half attached, half forgotten
             if not self.is_attached(adapter):
-                self._loader.load_adapter(adapter, self._paths[adapter])
+                with self._lock:
+                    path = self._paths.get(adapter)
+                if path is None:
+                    raise ModelNotFound(entry.id, "its loading failed just now and it was dropped: ask again")
+                self._loader.load_adapter(adapter, path)
                 with self._lock:
                     self._attached.add(adapter)
                 log.info("attached %s (adapter %s)", entry.id, adapter)
@@ -399,37 +408,20 @@ class AdapterCatalogue:
             return self._gates.setdefault(key, threading.Lock())
 
     def _forget(self, entry: ServedModel) -> None:
-        with self._lock:
-            if entry.version is not None and entry.name is not None:
-                self._versions.pop((entry.name, entry.version), None)
-            self._by_adapter.pop(entry.adapter or "", None)
-            self._paths.pop(entry.adapter or "", None)
-            self._attached.discard(entry.adapter or "")
-
-    def _inside_roots(self, path: Path) -> Path:
-        if not self._roots:
-            raise PathNotAllowed("loading adapters from local paths is off: no adapter roots are configured "
-                                 "(setting adapter_roots)")
-        if not path.is_absolute():
-            raise InvalidLocalAdapter(f"the adapter path must be absolute, got {str(path)!r}")
-        real = path.resolve()  # symlinks followed: a link inside a root to a folder elsewhere is outside
-        if not any(real.is_relative_to(root) for root in self._roots):
-            roots = ", ".join(str(root) for root in self._roots)
-            raise PathNotAllowed(f"{path} is not under an adapter root ({roots})")
-        return real
-
-    def _local_manifest(self, folder: Path) -> AdapterManifest | None:
-        """The manifest, checked like a registry version's; None for a plain PEFT folder (no lorafleet.json),
-        whose base model can only be checked by its weight shapes when it is read."""
-        if not (folder / MANIFEST_FILE).exists() and (folder / PEFT_CONFIG_FILE).exists():
-            log.warning("%s has no %s: serving it as a plain PEFT adapter", folder, MANIFEST_FILE)
-            return None
-        try:
-            manifest = validate_adapter_dir(folder)
-        except InvalidAdapterDir as error:
-            raise InvalidLocalAdapter(str(error)) from None
-        self._check_compatible(str(folder), None, manifest)
-        return manifest
+        """Undo what a failed load added, in the generator's cache too: the read it started may still be
+        running, and would otherwise fill a slot under a name nothing can request any more."""
+        adapter = entry.adapter or ""
+        with self._gate(f"attach:{adapter}"):
+            with self._lock:
+                if entry.version is not None and entry.name is not None:
+                    self._versions.pop((entry.name, entry.version), None)
+                self._by_adapter.pop(adapter, None)
+                self._paths.pop(adapter, None)
+                attached = adapter in self._attached
+                self._attached.discard(adapter)
+            unload = getattr(self._loader, "unload_adapter", None)
+            if attached and unload is not None:  # refused while running requests use it: LRU drops it later
+                unload(adapter)
 
     def _check_compatible(self, name: str, version: int | None, manifest: AdapterManifest) -> None:
         label = f"adapter {name}" + ("" if version is None else f" version {version}")
@@ -456,12 +448,6 @@ class AdapterCatalogue:
         if self.registry is None:
             raise ModelNotFound(model, "this server has no model registry")
         return self.registry
-
-
-def _fingerprint(folder: Path) -> tuple:
-    """Changes when any file in the folder is rewritten: a retrained adapter in the same place reloads."""
-    return tuple(sorted((item.name, item.stat().st_size, item.stat().st_mtime_ns)
-                        for item in folder.iterdir() if item.is_file()))
 
 
 def _epoch(iso_time: str) -> int:

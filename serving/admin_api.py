@@ -24,13 +24,12 @@ from lorafleet.serving.adapters import (
     AdapterCatalogue,
     AdapterIncompatible,
     AdapterLoadFailed,
-    InvalidLocalAdapter,
     ModelNotFound,
-    PathNotAllowed,
     ServedModel,
 )
 from lorafleet.serving.backend import ServingBackend
 from lorafleet.serving.engine_generator import EngineGenerator
+from lorafleet.serving.local_adapters import InvalidLocalAdapter, PathNotAllowed
 from lorafleet.serving.openai_api import ApiError, require_backend
 from lorafleet.serving.settings import env_name
 

@@ -147,11 +147,12 @@ class EngineGenerator:
 
         Returns its slot (0: Turbo heads only), or None when every slot is pinned by running requests
         (a later step installs it). Raises AdapterNotFound for an unknown name, the cache's
-        AdapterLoadError when the files cannot be read, TimeoutError when reading takes longer."""
+        AdapterLoadError when the files cannot be read, TimeoutError when reading takes longer.
+        Only this adapter's read is waited for: other reads queued or in flight do not count."""
         slot = self.cache.request(name)
         if slot is not None:
             return slot
-        if not self.cache.wait_loading(timeout):
+        if not self.cache.wait_read(name, timeout):
             raise TimeoutError(f"adapter {name!r} was not read within {timeout} s")
         with self._lock:  # holding the step lock: no forward runs while the slots are written
             self.cache.install_ready()

@@ -9,20 +9,25 @@ idle adapter. (The engine's own `AdapterCache.refresh()` is for a name whose *fo
 registry version's folder never does.)
 
 `ChampionReloader` is shared by the admin endpoint and the poller thread, and serialises them: two
-reloads racing could otherwise re-point `NAME` to the older of two moves.
+reloads racing could otherwise re-point `NAME` to the older of two moves. A reload can take minutes
+(a download and a warm-up per moved name), so the poller hands it its stop event: a stopping poller
+gives up waiting for another reload at once and ends its own after the name in progress.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from lorafleet.serving.adapters import AdapterCatalogue, ModelNotFound, Warm
 from lorafleet.serving.registry_reader import CHAMPION, VersionNotFound
 
 log = logging.getLogger(__name__)
+
+_STOP_CHECK_S = 0.1  # how often a reload waiting for another one checks whether it should give up
 
 
 @dataclass(frozen=True)
@@ -47,14 +52,19 @@ class ChampionReloader:
         self._add_new = add_new
         self._lock = threading.Lock()
 
-    def reload(self, names: Sequence[str] | None = None) -> list[ChampionChange]:
+    def reload(self, names: Sequence[str] | None = None, *, stop: threading.Event | None = None
+               ) -> list[ChampionChange]:
         """Follow the registry's `champion` aliases for `names` (None: every served name, plus, with
         `add_new`, champions promoted since start-up). A registry outage raises (nothing changes); a version that cannot
-        be downloaded or loaded is reported in its change and the name keeps serving what it did."""
+        be downloaded or loaded is reported in its change and the name keeps serving what it did.
+
+        Once `stop` is set, the names not started yet are left as they are (and not listed)."""
         registry = self.catalogue.registry
         if registry is None:
             raise ModelNotFound(", ".join(names or ()) or "*", "this server has no model registry")
-        with self._lock:
+        with self._held(stop) as held:
+            if not held:
+                return []
             serving = self.catalogue.champions()
             if names is None:
                 targets: dict[str, int | None] = {name: None for name in serving}
@@ -62,7 +72,28 @@ class ChampionReloader:
                                if self._add_new or name in serving)
             else:
                 targets = {name: self._champion_alias(name) for name in names}
-            return [self._follow(name, version, serving.get(name)) for name, version in sorted(targets.items())]
+            changes = []
+            for name, version in sorted(targets.items()):
+                if stop is not None and stop.is_set():
+                    log.info("reload stopped before %s: %d of %d names done", name, len(changes), len(targets))
+                    break
+                changes.append(self._follow(name, version, serving.get(name)))
+            return changes
+
+    @contextmanager
+    def _held(self, stop: threading.Event | None) -> Iterator[bool]:
+        """The reload lock; without it (False) once `stop` is set while another reload holds it."""
+        if stop is None:
+            self._lock.acquire()
+        else:
+            while not self._lock.acquire(timeout=_STOP_CHECK_S):
+                if stop.is_set():
+                    yield False
+                    return
+        try:
+            yield True
+        finally:
+            self._lock.release()
 
     def _champion_alias(self, name: str) -> int:
         try:
@@ -107,7 +138,8 @@ class RegistryPoller:
         return self
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Returns once the thread has ended (a poll in progress finishes first) or after `timeout`."""
+        """Returns once the thread has ended or after `timeout`. A poll in progress finishes the name it is
+        loading and skips the rest; one waiting for an admin reload gives up."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
@@ -125,7 +157,7 @@ class RegistryPoller:
         while not self._stop.wait(self.interval_s):
             error = None
             try:
-                for change in self.reloader.reload():
+                for change in self.reloader.reload(stop=self._stop):
                     if change.changed:
                         log.info("registry poll: %s moved from version %s to %s", change.name,
                                  change.old_version, change.new_version)

@@ -4,20 +4,34 @@ backend (`build_backend`) and a real SQLite MLflow registry, on the tiny random 
 Registry: alpha v1 (champion) + v2 (challenger), beta v1, gamma v1 (champion) + v2 (for reload), delta
 v1 (champion) + v2 (for the poller). The engine has 3 adapter slots, so of the 4 champions only 3 are
 read at start-up. Every answer is compared with plain PEFT greedy decoding of that adapter alone.
+The failure-path tests (slow reads, failed warms, stopping the poller mid-reload) each get a backend
+of their own that served nothing yet (`fresh`), so what other tests loaded neither hides nor causes them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
-from lorafleet.models.adapter_dir import read_manifest
-from lorafleet.serving.adapters import AdapterCatalogue, PathNotAllowed
+from lorafleet.models.adapter_dir import TURBO_CONFIG_FILE, read_manifest
+from lorafleet.serving.adapters import AdapterCatalogue, AdapterLoadFailed, ModelNotFound, ServedModel
 from lorafleet.serving.backend import build_backend
+from lorafleet.serving.local_adapters import (
+    InvalidLocalAdapter,
+    PathNotAllowed,
+    check_local_name,
+    folder_fingerprint,
+    inside_roots,
+    read_local_manifest,
+)
 from lorafleet.serving.openai_api import create_app
 from lorafleet.serving.registry_poller import ChampionReloader, RegistryPoller
 from lorafleet.serving.registry_reader import FetchedAdapter, RegistryReader
@@ -75,6 +89,13 @@ def service_settings(fleet: Fleet, **overrides) -> ServiceSettings:
 @pytest.fixture(scope="module")
 def backend(fleet: Fleet):
     backend = build_backend(service_settings(fleet))
+    yield backend
+    backend.close()
+
+
+@pytest.fixture
+def fresh(fleet: Fleet):
+    backend = build_backend(service_settings(fleet, load_champions=False, base_model=BASE))
     yield backend
     backend.close()
 
@@ -312,3 +333,139 @@ def test_the_peft_backend_lists_and_loads_but_cannot_unload(fleet):
             admin_error(http.post("/admin/adapters/unload", json={"model": "alpha@2"}), 501, "not_supported")
     finally:
         peft.close()
+
+
+# -- failure paths of admin loads, warms and reloads ------------------------------------------------
+
+
+def release_pipe(pipe: Path, timeout: float = 30.0) -> None:
+    """Let the reader blocked on the named pipe `pipe` go on: it reads an empty file (and fails)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+            return
+        except OSError as error:  # ENXIO: the reader has not opened the pipe yet
+            if error.errno != errno.ENXIO or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+def timed_out(seen: list[ServedModel]):
+    """A warm-up that gives up (what `warm_adapter` does after its timeout); the read it started goes on."""
+    def warm(entry: ServedModel) -> None:
+        seen.append(entry)
+        raise TimeoutError(f"adapter {entry.adapter!r} was not read in time (slow disk)")
+    return warm
+
+
+def test_warming_an_adapter_does_not_wait_for_an_unrelated_slow_read(fresh, fleet, tmp_path):
+    # A read that blocks until the test lets it go: the folder's Turbo config is a pipe nobody writes.
+    stuck = tmp_path / "stuck"
+    stuck.mkdir()
+    os.mkfifo(stuck / TURBO_CONFIG_FILE)
+    generator = fresh.generator
+    try:
+        generator.load_adapter("quick", fleet.dirs["local"])  # its read starts first (one reader thread)
+        generator.load_adapter("stuck", stuck)  # queued behind it; never finishes on its own
+        slot = generator.warm_adapter("quick", timeout=30)
+        assert slot is not None and generator.cache.slot_of("quick") == slot
+    finally:
+        release_pipe(stuck / TURBO_CONFIG_FILE)
+    assert generator.cache.wait_loading(30)  # the reader thread is free again before the backend closes
+
+
+def test_a_failed_warm_of_a_version_already_served_keeps_it_served(fresh, fleet):
+    catalogue = fresh.catalogue
+    served = catalogue.load("alpha@2", warm=fresh.warm)
+    with pytest.raises(AdapterLoadFailed, match="slow disk"):
+        catalogue.load("alpha@2", warm=timed_out([]))  # reported ...
+    assert catalogue.resolve("alpha@2", load=False) == served  # ... but clients keep what they use
+    assert catalogue.is_attached(served.adapter) and served.adapter in fresh.generator.cache.resident()
+    assert catalogue.resolve("alpha@2").adapter == served.adapter, "not fetched again under a new name"
+    with TestClient(create_app(fresh)) as http:
+        assert answer(http, "alpha@2") == fleet.expected["alpha@2"]
+
+
+def test_a_failed_admin_load_leaves_no_orphan_in_the_engine(fresh, fleet):
+    catalogue, cache = fresh.catalogue, fresh.generator.cache
+    seen: list[ServedModel] = []
+    with pytest.raises(AdapterLoadFailed, match="slow disk"):
+        catalogue.load("gamma@1", warm=timed_out(seen))
+    (dropped,) = seen
+    with pytest.raises(ModelNotFound):  # this call created the entry: it is forgotten again
+        catalogue.resolve("gamma@1", load=False)
+    assert cache.wait_loading(30)  # the read the failed load started has ended ...
+    cache.install_ready()  # ... and is not installed (what the idle stepping thread does; no forward runs)
+    assert dropped.adapter not in cache.resident()
+    # A request that resolved the entry just before it was forgotten gets a clear error, not a KeyError.
+    with pytest.raises(ModelNotFound, match="gamma@1"):
+        catalogue._attach(dropped)
+    again = catalogue.load("gamma@1", warm=fresh.warm)
+    assert again.adapter != dropped.adapter and again.adapter in cache.resident()
+    with TestClient(create_app(fresh)) as http:
+        assert answer(http, "gamma@1") == fleet.expected["gamma"]
+
+
+def test_stopping_the_poller_does_not_wait_for_the_rest_of_a_reload(fresh, fleet):
+    catalogue = fresh.catalogue
+    registry = catalogue.registry
+    # Serve the version that is *not* the champion of two names: one reload would move both.
+    stale = {name: 3 - registry.version_for_alias(name, "champion") for name in ("alpha", "gamma")}
+    catalogue.install_champions([registry.fetch(name, version) for name, version in stale.items()])
+    entered, release, warmed = threading.Event(), threading.Event(), []
+
+    def gated_warm(entry: ServedModel) -> object:
+        warmed.append(entry.id)
+        entered.set()
+        assert release.wait(60)
+        return fresh.warm(entry)
+
+    reloader = ChampionReloader(catalogue, warm=gated_warm, add_new=False)
+    poller = RegistryPoller(reloader, 0.01).start()
+    try:
+        assert entered.wait(60), "the poller never reached the first name"
+        poller.stop(timeout=0)  # asked to stop while `alpha` (sorted first) is being loaded
+    finally:
+        release.set()
+        poller.stop(timeout=30)
+    assert not poller.alive
+    assert warmed == [f"alpha@{3 - stale['alpha']}"], "the names after the one in progress are left alone"
+    assert catalogue.champions() == {"alpha": 3 - stale["alpha"], "gamma": stale["gamma"]}
+
+    # An admin reload in progress: a poller waiting for it stops at once, without waiting for it.
+    entered.clear()
+    release.clear()
+    admin = threading.Thread(target=reloader.reload, args=(["gamma"],))
+    admin.start()
+    try:
+        assert entered.wait(60), "the admin reload never reached `gamma`"
+        waiting = RegistryPoller(reloader, 0.01).start()
+        assert not waiting.wait_polls(1, timeout=0.3), "no poll completes while the admin reload runs"
+        waiting.stop(timeout=30)
+        assert not waiting.alive
+    finally:
+        release.set()
+        admin.join(60)
+    assert catalogue.champions()["gamma"] == 3 - stale["gamma"]
+
+
+def test_local_folder_rules_live_in_their_own_module(fleet, tmp_path):
+    roots = (fleet.roots.resolve(),)
+    folder = fleet.dirs["local"]
+    assert inside_roots(folder, roots) == folder.resolve()
+    with pytest.raises(PathNotAllowed, match="not under an adapter root"):
+        inside_roots(fleet.dirs["alpha"], roots)
+    with pytest.raises(PathNotAllowed, match="adapter_roots"):
+        inside_roots(folder, ())
+    with pytest.raises(InvalidLocalAdapter, match="usable"):
+        check_local_name(BASE, BASE)
+    check_local_name("team.mine-2", BASE)
+    assert read_local_manifest(folder).task.name == "local"
+    with pytest.raises(InvalidLocalAdapter, match="not a directory"):
+        read_local_manifest(tmp_path / "missing")
+    copy = shutil.copytree(folder, tmp_path / "copy")
+    before = folder_fingerprint(copy)
+    assert folder_fingerprint(copy) == before
+    (copy / "adapter_config.json").write_text((copy / "adapter_config.json").read_text() + " ")
+    assert folder_fingerprint(copy) != before

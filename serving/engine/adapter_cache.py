@@ -313,6 +313,18 @@ class AdapterCache:
         done, not_done = cf.wait(futures, timeout=timeout, return_when=return_when)
         return not not_done if return_when == cf.ALL_COMPLETED else bool(done)
 
+    def wait_read(self, name: str, timeout: float | None = None) -> bool:
+        """Block until the read of `name` in flight (if any) ends; True if so, False on timeout.
+
+        Only this adapter's read: an admin warm-up of one adapter must not time out behind a slow,
+        unrelated one (which `wait_loading` would wait for too)."""
+        with self._lock:
+            pending = self._pending.get(name)
+        if pending is None:
+            return True
+        done, _ = cf.wait([pending.future], timeout=timeout)
+        return bool(done)
+
     def close(self) -> None:
         """Stop the reader threads; reads not started yet are cancelled."""
         self._executor.shutdown(wait=True, cancel_futures=True)
