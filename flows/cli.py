@@ -27,6 +27,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 # Everything runs offline; Prefect's temporary server would otherwise try to send analytics.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# A first start on a fresh PREFECT_HOME migrates its SQLite database; on a busy 2-core machine that can take longer
+# than Prefect's 20 s default, and the flow would then fail before it began.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def _settings():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -48,16 +49,20 @@ def test_killed_finetune_resumes_into_the_same_mlflow_run(tmp_path, cli_env):
     settings = Settings.from_env()
     checkpoints = settings.checkpoints_dir / "resumable"
 
-    process = subprocess.Popen(LORAFLEET + ["finetune", str(config)], env=cli_env, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log_path = tmp_path / "first-attempt.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(LORAFLEET + ["finetune", str(config)], env=cli_env, start_new_session=True,
+                                   stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 240
         while not list(checkpoints.glob("*/step-*/state.json")):
-            assert process.poll() is None, "finetune exited before its first checkpoint"
-            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            log_tail = log_path.read_text(errors="replace")[-4000:]
+            assert process.poll() is None, f"finetune exited before its first checkpoint:\n{log_tail}"
+            assert time.monotonic() < deadline, f"no checkpoint within 240 s:\n{log_tail}"
             time.sleep(0.2)
     finally:
-        os.killpg(process.pid, signal.SIGKILL)  # the whole group: CLI and its Prefect server
+        with contextlib.suppress(ProcessLookupError):  # already gone when it failed; the assertion says why
+            os.killpg(process.pid, signal.SIGKILL)  # the whole group: CLI and its Prefect server
         process.wait()
     assert not list(checkpoints.glob("*/DONE"))
 
