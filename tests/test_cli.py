@@ -42,6 +42,10 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float = 300) -> subpr
     return subprocess.run(LORAFLEET + args, check=False, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def _tail(log_path: Path, chars: int = 4000) -> str:
+    return log_path.read_text(errors="replace")[-chars:]
+
+
 def test_killed_finetune_resumes_into_the_same_mlflow_run(tmp_path, cli_env):
     data = write_copy_task(tmp_path / "copy.jsonl")
     config = tmp_path / "copy.yaml"
@@ -56,9 +60,9 @@ def test_killed_finetune_resumes_into_the_same_mlflow_run(tmp_path, cli_env):
     try:
         deadline = time.monotonic() + 240
         while not list(checkpoints.glob("*/step-*/state.json")):
-            log_tail = log_path.read_text(errors="replace")[-4000:]
-            assert process.poll() is None, f"finetune exited before its first checkpoint:\n{log_tail}"
-            assert time.monotonic() < deadline, f"no checkpoint within 240 s:\n{log_tail}"
+            # An assert's message is evaluated only when it fails, so the log is read only then.
+            assert process.poll() is None, f"finetune exited before its first checkpoint:\n{_tail(log_path)}"
+            assert time.monotonic() < deadline, f"no checkpoint within 240 s:\n{_tail(log_path)}"
             time.sleep(0.2)
     finally:
         with contextlib.suppress(ProcessLookupError):  # already gone when it failed; the assertion says why
