@@ -7,7 +7,11 @@ batch (`adapter_names=`) and one request at a time with PEFT switching adapters.
 
 The engine's prefix cache is emptied before every measured run, so a run reuses only K/V computed
 within itself (the 16 requests share the task's system prompt; two per adapter in the mixed run), never
-K/V left over from an earlier figure; the mixed run is also measured with prefix caching off.
+K/V left over from an earlier figure. That favours one adapter: its 16 requests compute the system
+prompt once, the mixed run once per adapter (LoRA on k/v makes K/V adapter-specific; vLLM keys its
+prefix blocks by LoRA id for the same reason). So the single and mixed runs are also measured like for
+like twice: with prefix caching off, and warm, as a server in steady state runs them (each adapter's
+system prompt cached by earlier requests with other user turns, `warm_prompts`).
 """
 
 from __future__ import annotations
@@ -39,7 +43,10 @@ class EngineBenchReport:
     peft_mixed_batch_tokens_per_s: float
     mixed_adapters_no_prefix_cache_tokens_per_s: float  # the same mixed run with prefix caching off
     single_adapter_no_prefix_cache_tokens_per_s: float  # and the single-adapter run
+    mixed_adapters_warm_prefix_tokens_per_s: float  # mixed run after other requests cached each system prompt
+    single_adapter_warm_prefix_tokens_per_s: float  # and the single-adapter run
     mixed_prefix_cache_hit_rate: float  # prompt tokens of the mixed run whose K/V was reused
+    mixed_warm_prefix_cache_hit_rate: float  # the same in the warm mixed run
     serial_tokens_per_s: float
     cold_load_p50_ms: float
     n_adapters: int
@@ -55,9 +62,13 @@ class EngineBenchReport:
             # Like for like: with the prefix cache on, 16 requests of one adapter share more K/V than 2 per adapter.
             "mixed_vs_single_adapter_no_prefix_cache":
                 self.mixed_adapters_no_prefix_cache_tokens_per_s / self.single_adapter_no_prefix_cache_tokens_per_s,
+            "mixed_vs_single_adapter_warm_prefix":
+                self.mixed_adapters_warm_prefix_tokens_per_s / self.single_adapter_warm_prefix_tokens_per_s,
             "mixed_vs_peft_mixed_batch": self.mixed_adapters_tokens_per_s / self.peft_mixed_batch_tokens_per_s,
             "mixed_no_prefix_cache_vs_peft_mixed_batch":
                 self.mixed_adapters_no_prefix_cache_tokens_per_s / self.peft_mixed_batch_tokens_per_s,
+            "mixed_warm_prefix_vs_peft_mixed_batch":
+                self.mixed_adapters_warm_prefix_tokens_per_s / self.peft_mixed_batch_tokens_per_s,
             "mixed_vs_serial": self.mixed_adapters_tokens_per_s / self.serial_tokens_per_s,
         }
 
@@ -97,8 +108,12 @@ def hf_generate(model: Any, prompts: Sequence[list[int]], max_new_tokens: int, *
 
 def measure_engine(hf_model: Any, make_peft: Callable[[], Any], adapter_dirs: dict[str, Path],
                    prompts: Sequence[list[int]], *, max_new_tokens: int, pad_id: int,
-                   config: EngineConfig | None = None, progress: Callable[[str], None] = print) -> EngineBenchReport:
+                   warm_prompts: Sequence[list[int]], config: EngineConfig | None = None,
+                   progress: Callable[[str], None] = print) -> EngineBenchReport:
     """Every figure of the report, measured in this process on the same prompts.
+
+    `warm_prompts` (as many as `prompts`, other user turns of the same task) fill the prefix cache
+    before the warm runs, one request per measured request with the same adapter.
 
     `make_peft()` wraps `hf_model` with every adapter of `adapter_dirs` loaded under its name; it is
     called after the engine copied the base weights and the plain `generate` baseline ran, because
@@ -126,10 +141,15 @@ def measure_engine(hf_model: Any, make_peft: Callable[[], Any], adapter_dirs: di
 
     hit_rates: list[float] = []  # prefix-cache hit rate of each measured engine run
 
+    if len(warm_prompts) != n:
+        raise ValueError(f"warm_prompts needs one prompt per request ({n}), got {len(warm_prompts)}")
+
     def engine_rate(batch: Sequence[list[int]], adapters: Sequence[str | None], *, prefix_caching: bool = True,
-                    ) -> float:
+                    warm: bool = False) -> float:
         run_engine(engine, batch[:2], adapters[:2], 4)  # warm-up
         engine.allocator.forget_cached()
+        if warm:  # steady state: earlier traffic of the same adapters left its prompt prefixes cached
+            run_engine(engine, warm_prompts, adapters, 1)
         scheduler = engine.scheduler
         scheduler.prefix_caching = prefix_caching
         queried, hit = scheduler.prefix_query_tokens, scheduler.prefix_hit_tokens
@@ -152,12 +172,17 @@ def measure_engine(hf_model: Any, make_peft: Callable[[], Any], adapter_dirs: di
     single = engine_rate(prompts, [names[0]] * n)
     progress(f"engine, {n} requests on one adapter, prefix caching off")
     single_uncached = engine_rate(prompts, [names[0]] * n, prefix_caching=False)
+    progress(f"engine, {n} requests on one adapter, warm prefix cache")
+    single_warm = engine_rate(prompts, [names[0]] * n, warm=True)
     mixed_names = [names[i % len(names)] for i in range(n)]
     progress(f"engine, {n} requests over {len(names)} adapters")
     mixed = engine_rate(prompts, mixed_names)
     hit_rate = hit_rates[-1]
     progress(f"engine, {n} requests over {len(names)} adapters, prefix caching off")
     mixed_uncached = engine_rate(prompts, mixed_names, prefix_caching=False)
+    progress(f"engine, {n} requests over {len(names)} adapters, warm prefix cache")
+    mixed_warm = engine_rate(prompts, mixed_names, warm=True)
+    warm_hit_rate = hit_rates[-1]
     progress(f"PEFT static mixed batch of {n}")
     hf_generate(peft_model, prompts[:2], 4, pad_id=pad_id, adapter_names=mixed_names[:2])
     seconds, tokens = hf_generate(peft_model, prompts, max_new_tokens, pad_id=pad_id, adapter_names=mixed_names)
@@ -174,5 +199,7 @@ def measure_engine(hf_model: Any, make_peft: Callable[[], Any], adapter_dirs: di
         mixed_adapters_tokens_per_s=mixed, peft_mixed_batch_tokens_per_s=peft_rate,
         mixed_adapters_no_prefix_cache_tokens_per_s=mixed_uncached, mixed_prefix_cache_hit_rate=hit_rate,
         single_adapter_no_prefix_cache_tokens_per_s=single_uncached,
+        mixed_adapters_warm_prefix_tokens_per_s=mixed_warm, single_adapter_warm_prefix_tokens_per_s=single_warm,
+        mixed_warm_prefix_cache_hit_rate=warm_hit_rate,
         serial_tokens_per_s=serial_tokens / serial_seconds, cold_load_p50_ms=statistics.median(cold),
         n_adapters=len(names), n_requests=n, max_new_tokens=max_new_tokens, device=str(compact.lm_head_weight.device))

@@ -128,7 +128,8 @@ def engine_bench(settings: Settings, *, n_adapters: int, n_requests: int, max_ne
     loaded = load_base_model("smollm2-135m-instruct", settings.model_cache_dir)
     console.print(f"preparing {n_adapters} random r=16 adapters of {loaded.resolved.model_id}")
     dirs = random_adapters(loaded, settings.home / "bench" / "adapters", n_adapters)
-    prompts = bench_prompts(loaded.tokenizer, settings, n_requests)
+    prompts = bench_prompts(loaded.tokenizer, settings, 2 * n_requests)
+    prompts, warm_prompts = prompts[:n_requests], prompts[n_requests:]
     names = list(dirs)
 
     def make_peft() -> Any:
@@ -138,8 +139,9 @@ def engine_bench(settings: Settings, *, n_adapters: int, n_requests: int, max_ne
         return peft_model.eval()
 
     console.print(f"{n_requests} ViGGO-like prompts, greedy, {max_new_tokens} new tokens each")
-    return measure_engine(loaded.model, make_peft, dirs, prompts, max_new_tokens=max_new_tokens,
-                          pad_id=loaded.tokenizer.pad_token_id or 0, progress=console.print)
+    return measure_engine(loaded.model, make_peft, dirs, prompts, warm_prompts=warm_prompts,
+                          max_new_tokens=max_new_tokens, pad_id=loaded.tokenizer.pad_token_id or 0,
+                          progress=console.print)
 
 
 def bench_prompts(tokenizer: Any, settings: Settings, n: int) -> list[list[int]]:
@@ -171,10 +173,15 @@ def print_engine(report: EngineBenchReport, console: Console) -> None:
                          report.mixed_adapters_tokens_per_s),
                         (f"engine, {report.n_requests} over {report.n_adapters} adapters, no prefix cache",
                          report.mixed_adapters_no_prefix_cache_tokens_per_s),
+                        (f"engine, {report.n_requests} on one adapter, warm prefix cache",
+                         report.single_adapter_warm_prefix_tokens_per_s),
+                        (f"engine, {report.n_requests} over {report.n_adapters} adapters, warm prefix cache",
+                         report.mixed_adapters_warm_prefix_tokens_per_s),
                         ("PEFT static mixed batch (adapter_names=)", report.peft_mixed_batch_tokens_per_s),
                         ("serial, transformers + PEFT", report.serial_tokens_per_s)):
         table.add_row(label, f"{rate:.1f}")
     console.print(table)
     console.print("  ".join(f"{key} {value:.2f}x" for key, value in report.ratios.items())
                   + f"  cold load p50 {report.cold_load_p50_ms:.1f} ms"
-                  + f"  prefix-cache hit rate (mixed) {report.mixed_prefix_cache_hit_rate:.0%}")
+                  + f"  prefix-cache hit rate (mixed) {report.mixed_prefix_cache_hit_rate:.0%}"
+                  + f" (warm {report.mixed_warm_prefix_cache_hit_rate:.0%})")

@@ -25,12 +25,13 @@ def test_measure_engine_reports_every_figure_on_the_tiny_model(tmp_path: Path, m
 
     shared = list(range(5, 41))  # 36 shared tokens = 2 full blocks of 16, as a system prompt would be
     prompts = [shared + [50 + i, 60 + i] for i in range(4)]
+    warm_prompts = [shared + [70 + i, 80 + i] for i in range(4)]  # other user turns, same system prompt
     lines: list[str] = []
     # 40 tokens per step admits one request per step: each adapter's second request finds the first's
     # prefix computed (requests admitted in the same step cannot share: neither is computed yet).
     config = EngineConfig(adapter_slots=2, max_lora_rank=8, max_tokens_per_step=40)
-    report = measure_engine(loaded.model, make_peft, dirs, prompts, max_new_tokens=4, pad_id=0, config=config,
-                            progress=lines.append)
+    report = measure_engine(loaded.model, make_peft, dirs, prompts, warm_prompts=warm_prompts, max_new_tokens=4,
+                            pad_id=0, config=config, progress=lines.append)
     rates = [report.hf_generate_tokens_per_s, report.batch1_tokens_per_s, report.single_adapter_tokens_per_s,
              report.mixed_adapters_tokens_per_s, report.mixed_adapters_no_prefix_cache_tokens_per_s, report.single_adapter_no_prefix_cache_tokens_per_s,
              report.peft_mixed_batch_tokens_per_s, report.serial_tokens_per_s]
@@ -39,6 +40,10 @@ def test_measure_engine_reports_every_figure_on_the_tiny_model(tmp_path: Path, m
     # Requests 2 and 3 reuse the 2 shared blocks their adapter's first request computed (2 x 32 of 152
     # tokens); the cache was emptied after the warm-up, so nothing else can hit.
     assert report.mixed_prefix_cache_hit_rate == 64 / sum(map(len, prompts))
+    # Warm: the warm-up requests left both adapters' shared blocks cached, so all 4 requests reuse them.
+    assert report.mixed_warm_prefix_cache_hit_rate == 4 * 32 / sum(map(len, prompts))
     assert set(report.to_dict()["ratios"]) >= {"mixed_vs_peft_mixed_batch", "mixed_no_prefix_cache_vs_peft_mixed_batch",
-                                               "mixed_vs_single_adapter_no_prefix_cache"}
+                                               "mixed_vs_single_adapter_no_prefix_cache",
+                                               "mixed_vs_single_adapter_warm_prefix",
+                                               "mixed_warm_prefix_vs_peft_mixed_batch"}
     assert len(lines) >= 6

@@ -16,7 +16,7 @@ from test_engine_model import Driver, assert_close, hf_logits, tiny_hf
 from lorafleet.models.tiny import tiny_llama_config
 from lorafleet.serving.engine.adapter_weights import LORA_MODULES, random_lora, read_peft_adapter
 from lorafleet.serving.engine.lora_slots import LoraSlots, reference_lora_delta
-from lorafleet.serving.engine.model import CompactLlama
+from lorafleet.serving.engine.model import CompactLlama, LlamaShape
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -106,29 +106,51 @@ def test_adapter_rows_differ_from_base_rows(tiny, three_adapters):
         assert (adapted - base).abs().max() > 0.05, slot
 
 
+@pytest.mark.parametrize("path", ["auto", "dense", "segmented"])
 @pytest.mark.parametrize("ids", [
-    [0, 1, 2, 3, 0, 3, 1, 1, 2, 0],  # dense: a one-hot over slots 1..3
-    [0, 0, 3, 3, 3, 0],  # dense over a single used slot with base rows
+    [0, 1, 2, 3, 0, 3, 1, 1, 2, 0],  # a one-hot over slots 1..3 (dense) or 8 runs (segmented)
+    [0, 0, 3, 3, 3, 0],  # a single used slot with base rows
     [2] * 5,  # one adapter on every row: no mask
-    [1] * 40 + [0] * 10 + [3] * 30,  # segmented: few long runs
+    [1] * 40 + [0] * 10 + [3] * 30,  # few long runs (prefill chunks)
 ])
-def test_fast_delta_equals_reference(tiny, three_adapters, ids):
+def test_fast_delta_equals_reference(tiny, three_adapters, ids, path):
     _, model = tiny
     slots = three_adapters
     adapter_ids = torch.tensor(ids)
+    routing = slots.route(adapter_ids, path=path)
+    if path != "auto" and set(ids) != {2}:  # one adapter on every row stays unmasked dense unless forced
+        assert (routing.runs is not None) == (path == "segmented")
     used = set(ids) - {0}
     generator = torch.Generator().manual_seed(len(ids))
     for layer in range(model.shape.num_layers):
         for module in LORA_MODULES:
             a_stack, b_stack = slots.stacks(layer, module)
             x = torch.randn(len(ids), a_stack.shape[-1], generator=generator)
-            fast = slots.delta(layer, module, x, adapter_ids)
+            fast = slots.delta(layer, module, x, routing)
             if not any(module in slots.targets(s) for s in used):
                 assert fast is None, module
                 continue
             reference = reference_lora_delta(x, a_stack, b_stack, adapter_ids)
             assert reference.abs().max() > 0
             assert_close(fast, reference, atol=1e-5)
+
+
+def test_route_picks_segments_for_prefill_and_one_hot_for_decode():
+    """The cost model on SmolLM2's widths (2 layers: the choice is per layer): 8 adapters' prompt chunks
+    go segmented (dense would multiply every prompt token by all 8 adapters), a 16-row decode batch over
+    the same 8 adapters stays dense (3 ops per group instead of 2 per adapter)."""
+    shape = LlamaShape(hidden_size=576, intermediate_size=1536, num_layers=2, num_heads=9, num_kv_heads=3,
+                       head_dim=64, vocab_size=49152, rms_norm_eps=1e-5, rope_theta=1e5, rope_scaling=None,
+                       tie_word_embeddings=True, attention_bias=False, max_position_embeddings=8192)
+    slots = LoraSlots(shape, num_slots=8, max_rank=16)
+    for slot in range(1, 9):
+        slots.load(slot, random_lora(shape, 16, ATTENTION, seed=slot))
+    prefill = torch.repeat_interleave(torch.arange(1, 9), 64)  # 512 rows, 8 runs of 64
+    decode = torch.repeat_interleave(torch.arange(1, 9), 2)  # 16 rows, sorted by slot as the engine packs them
+    assert slots.route(prefill).runs is not None
+    assert slots.route(decode).runs is None and slots.route(decode).mask is not None
+    with pytest.raises(ValueError, match="path"):
+        slots.route(decode, path="fastest")
 
 
 def test_delta_is_none_for_base_rows_and_unknown_modules(tiny, three_adapters):

@@ -256,10 +256,17 @@ class Engine:
 
     # ----- one forward --------------------------------------------------------------------------
     def _pack(self, scheduled: list[ScheduledSeq]) -> tuple[ForwardBatch, list[tuple[int, int]]]:
-        """Tokens, positions and blocks of every scheduled sequence; `rows[i]` = (first row, count)."""
-        tokens, starts, blocks, adapters, rows = [], [], [], [], []
+        """Tokens, positions and blocks of every scheduled sequence; `rows[i]` = (first row, count).
+
+        Sequences are packed grouped by adapter slot (stable, so the scheduler's order holds within a
+        slot): the LoRA rows of one adapter are then one contiguous run, which is what lets the
+        segmented LoRA path (`LoraSlots.route`) multiply each row by its own adapter only."""
+        tokens, starts, blocks, adapters = [], [], [], []
+        rows: list[tuple[int, int]] = [(0, 0)] * len(scheduled)
         offset = 0
-        for item in scheduled:
+        order = sorted(range(len(scheduled)), key=lambda i: self._live[scheduled[i].seq.request_id].slot)
+        for position in order:
+            item = scheduled[position]
             seq, live = item.seq, self._live[item.seq.request_id]
             chunk = seq.all_ids[seq.num_computed: seq.num_computed + item.num_tokens]
             if item.samples and seq.lookahead:
@@ -268,7 +275,7 @@ class Engine:
             starts.append(seq.num_computed)
             blocks.append(seq.blocks)
             adapters.append(live.slot)
-            rows.append((offset, len(chunk)))
+            rows[position] = (offset, len(chunk))
             offset += len(chunk)
             if seq.num_computed < len(seq.prompt_ids):
                 self.stats.prompt_tokens += min(item.num_tokens, len(seq.prompt_ids) - seq.num_computed)
