@@ -111,6 +111,34 @@ def test_mixed_adapter_batch_equals_each_request_alone(compact, adapters, oracle
     assert len(distinct) >= 2  # adapters really change outputs: routing bugs cannot hide
 
 
+def test_eight_adapters_and_base_in_one_batch_equal_each_request_alone(compact, tmp_path, model_cache):
+    """The issue's invariant at full width: 8 adapters + base rows share forwards (checked on the batches
+    the model really ran), and every answer equals the same request alone on a fresh engine."""
+    eight = {f"e{i}": make_adapter(model_cache, tmp_path / f"e{i}", name=f"e{i}", seed=20 + i) for i in range(8)}
+    requests = [(f"e{i}", i % len(PROMPTS)) for i in range(8)] + [(None, 1), ("e3", 4), (None, 2)]
+    engine = make_engine(compact, eight, adapter_slots=8)
+    widest = 0
+    forward = engine.model.forward
+
+    def recording_forward(batch, *args, **kwargs):
+        nonlocal widest
+        widest = max(widest, len(set(batch.adapter_ids.tolist())))
+        return forward(batch, *args, **kwargs)
+
+    engine.model.forward = recording_forward
+    try:
+        for name in eight:  # resident before the run, so the requests join one batch from the first step
+            engine.adapters.request(name)
+        engine.adapters.wait_loading(timeout=60)
+        together = run(engine, requests)
+    finally:
+        del engine.model.forward  # the module-scoped model must not keep the recorder
+    assert widest == 9, f"the widest forward mixed {widest} slots, not 8 adapters + base"
+    for i, request in enumerate(requests):
+        assert together[f"r{i}"] == run(make_engine(compact, eight, adapter_slots=8), [request])["r0"], request
+    assert len({tuple(together[f"r{i}"]) for i in range(8)}) >= 4  # adapters really differ
+
+
 def test_speculative_greedy_equals_plain_inside_mixed_batches(compact, adapters, oracle):
     requests = [("turbo", i) for i in range(len(PROMPTS))] + [("a1", 0), (None, 2)]
     engine = make_engine(compact, adapters, speculative_max_batch=16)

@@ -216,7 +216,7 @@ class LoraSlots:
         lo, hi = routing.lo, routing.hi + 1
         xa = torch.mm(x, a[lo:hi].reshape(-1, a.shape[-1]).t())  # (N, k*M*R)
         if routing.mask is not None:
-            xa = (xa.view(x.shape[0], hi - lo, -1) * routing.mask).view(x.shape[0], -1)
+            xa.view(x.shape[0], hi - lo, -1).mul_(routing.mask)  # xa is fresh: mask in place, no copy
         return out.addmm_(xa, bt[lo:hi].reshape(-1, bt.shape[-1]))
 
     def delta(self, layer: int, module: str, x: torch.Tensor,
