@@ -15,6 +15,7 @@ from typing import Any
 from lorafleet.models.base import load_base_model
 from lorafleet.serving.adapters import AdapterCatalogue, ServedModel, Warm, choose_base_model, fetch_champions
 from lorafleet.serving.engine.engine import EngineConfig
+from lorafleet.serving.engine.openmp_pool import release_thread_pool
 from lorafleet.serving.engine_generator import EngineGenerator
 from lorafleet.serving.generation import TokenGenerator
 from lorafleet.serving.metrics import ServingMetrics
@@ -99,6 +100,7 @@ def _generator(settings: ServiceSettings, loaded: Any, metrics: ServingMetrics |
         except ValueError as error:  # e.g. an architecture the compact model does not implement
             log.warning("engine unavailable for %s (%s): serving with PEFT + generate", loaded.resolved.model_id,
                         error)
+    release_thread_pool()  # the model was loaded on this thread; only the runner's thread computes now
     return GenerationRunner(
         loaded.model,
         pad_token_id=loaded.tokenizer.pad_token_id,

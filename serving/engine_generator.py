@@ -34,6 +34,7 @@ from lorafleet.serving.engine.adapter_cache import AdapterCache, AdapterNotFound
 from lorafleet.serving.engine.engine import Engine, EngineConfig, RequestOutput
 from lorafleet.serving.engine.lora_slots import LoraSlots
 from lorafleet.serving.engine.model import CompactLlama
+from lorafleet.serving.engine.openmp_pool import release_thread_pool
 from lorafleet.serving.engine.scheduler import QueueFull
 from lorafleet.serving.engine.sequence import SamplingParams as EngineSampling
 from lorafleet.serving.generation import GenerationRequest, GeneratorBusy, TokenStream
@@ -96,6 +97,8 @@ class EngineGenerator:
         self._stop = threading.Event()
         self._ids = itertools.count()
         self._report([], [])  # metrics show the idle engine (gauges, cache capacity) from the start
+        # This thread prepacked the weights; its idle OpenMP team would slow every step by ~50% on 2 cores.
+        release_thread_pool()
         self._thread = threading.Thread(target=self._work, name="lorafleet-engine", daemon=True)
         self._thread.start()
 
@@ -155,7 +158,10 @@ class EngineGenerator:
         if not self.cache.wait_read(name, timeout):
             raise TimeoutError(f"adapter {name!r} was not read within {timeout} s")
         with self._lock:  # holding the step lock: no forward runs while the slots are written
-            self.cache.install_ready()
+            try:
+                self.cache.install_ready()
+            finally:  # the slot copies ran here, off the stepping thread (see openmp_pool)
+                release_thread_pool()
             slot, error = self.cache.slot_of(name), self.cache.error(name)
         if error is not None:
             raise error

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from lorafleet.models import adapter_dir as files
 from lorafleet.models.turbo_heads import TurboHeads, load_heads
 from lorafleet.serving.engine.adapter_weights import LoraWeights, read_peft_adapter
+from lorafleet.serving.engine.openmp_pool import release_thread_pool
 
 if TYPE_CHECKING:
     from lorafleet.serving.engine.lora_slots import LoraSlots
@@ -354,6 +355,8 @@ class AdapterCache:
             loaded = self._reader(resolved.path, self.shape)
         except Exception as error:
             raise AdapterLoadError(resolved, f"{type(error).__name__}: {error}") from error
+        finally:  # this idle reader thread must not keep an OpenMP team: it slows every engine step
+            release_thread_pool()
         if loaded.weights is None and loaded.heads is None:
             raise AdapterLoadError(resolved, "the reader returned neither LoRA weights nor Turbo heads")
         if loaded.weights is not None and loaded.weights.rank > self.slots.max_rank:

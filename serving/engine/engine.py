@@ -332,7 +332,11 @@ class Engine:
                 draft_owners.append((live, heads))
             else:
                 live.drafts = []
-        self._draft(draft_states, draft_owners)
+        if len(self._live) > self.config.speculative_max_batch:  # nobody drafts next step: skip the heads
+            for live, _ in draft_owners:
+                live.drafts = []
+        else:
+            self._draft(draft_states, draft_owners)
         return outputs
 
     def _emit(self, live: _Live, tokens: list[int]) -> RequestOutput:
