@@ -42,8 +42,11 @@ def on_new_thread(fn: Callable[[], T]) -> T:
         finally:
             torch.set_num_threads(previous)
 
-    warm_up = threading.Thread(target=parallel_op)  # one-time threads (allocator, runtime) start here, not
-    warm_up.start()                                  # inside a measurement; its OpenMP team ends with it
+    # One-time threads (allocator, runtime) start here, not inside a measurement. The warm-up frees its
+    # OpenMP worker itself, which joins it: a worker left to end with its thread exits asynchronously
+    # and could vanish in the middle of the next count.
+    warm_up = threading.Thread(target=lambda: (parallel_op(), release_thread_pool()))
+    warm_up.start()
     warm_up.join(WAIT_S)
     thread = threading.Thread(target=target)
     thread.start()

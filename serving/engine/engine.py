@@ -247,9 +247,13 @@ class Engine:
             return None
         return self.adapters.heads(live.seq.adapter)
 
+    def _speculating(self) -> bool:
+        """Whether rows with heads draft at the current number of live sequences."""
+        return len(self._live) <= self.config.speculative_max_batch
+
     def _plan_speculation(self) -> None:
         """Decide per sequence whether it drafts this step (the scheduler reserves blocks for it)."""
-        speculate = len(self._live) <= self.config.speculative_max_batch
+        speculate = self._speculating()
         for live in self._live.values():
             decoding = live.seq.status == SeqStatus.RUNNING and live.seq.num_computed == live.seq.num_tokens - 1
             live.seq.lookahead = len(live.drafts) if speculate and decoding and live.drafts else 0
@@ -332,11 +336,11 @@ class Engine:
                 draft_owners.append((live, heads))
             else:
                 live.drafts = []
-        if len(self._live) > self.config.speculative_max_batch:  # nobody drafts next step: skip the heads
+        if self._speculating():
+            self._draft(draft_states, draft_owners)
+        else:  # nobody verifies drafts next step: skip the heads
             for live, _ in draft_owners:
                 live.drafts = []
-        else:
-            self._draft(draft_states, draft_owners)
         return outputs
 
     def _emit(self, live: _Live, tokens: list[int]) -> RequestOutput:

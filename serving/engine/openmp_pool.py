@@ -34,7 +34,8 @@ def _runtime() -> ctypes.CDLL | None:
     if not maps.is_file():  # not Linux: nothing to look up; releasing is then a no-op
         return None
     for line in maps.read_text().splitlines():
-        path = line.split()[-1] if line.split() else ""
+        fields = line.split()
+        path = fields[-1] if fields else ""
         if any(Path(path).name.startswith(name) for name in _RUNTIMES):
             try:
                 library = ctypes.CDLL(path)
@@ -56,4 +57,3 @@ def release_thread_pool() -> bool:
     if runtime is None:
         return False
     return runtime.omp_pause_resource_all(_OMP_PAUSE_SOFT) == 0
-
