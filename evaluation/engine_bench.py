@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.generation.streamers import BaseStreamer
 
 from lorafleet.evaluation.generation import left_pad
 from lorafleet.serving.engine.adapter_cache import AdapterCache, ResolvedAdapter
@@ -38,6 +39,8 @@ from lorafleet.serving.engine.sequence import SamplingParams
 class EngineBenchReport:
     hf_generate_tokens_per_s: float
     batch1_tokens_per_s: float
+    hf_decode_ms_per_token: float  # batch 1, after the first token (prefill excluded): time per output token
+    batch1_decode_ms_per_token: float  # the engine's, same prompt
     single_adapter_tokens_per_s: float
     mixed_adapters_tokens_per_s: float
     peft_mixed_batch_tokens_per_s: float
@@ -58,6 +61,8 @@ class EngineBenchReport:
     def ratios(self) -> dict[str, float]:
         return {
             "batch1_vs_hf_generate": self.batch1_tokens_per_s / self.hf_generate_tokens_per_s,
+            # Decode alone: tokens/s above include the prompt's prefill, which is compute-bound on both sides.
+            "batch1_decode_vs_hf_decode": self.hf_decode_ms_per_token / self.batch1_decode_ms_per_token,
             "mixed_vs_single_adapter": self.mixed_adapters_tokens_per_s / self.single_adapter_tokens_per_s,
             # Like for like: with the prefix cache on, 16 requests of one adapter share more K/V than 2 per adapter.
             "mixed_vs_single_adapter_no_prefix_cache":
@@ -91,6 +96,46 @@ def run_engine(engine: Engine, prompts: Sequence[list[int]], adapters: Sequence[
     elapsed = time.perf_counter() - start
     tokens = [outputs[f"r{i}"] for i in range(len(prompts))]
     return sum(map(len, tokens)) / elapsed, tokens
+
+
+def engine_decode_ms_per_token(engine: Engine, prompt: list[int], max_new_tokens: int) -> float:
+    """One request alone: the mean time of the steps after its first token (vLLM's time per output token)."""
+    engine.add_request("decode", list(prompt), SamplingParams(max_new_tokens=max_new_tokens), None)
+    seconds, tokens, started = 0.0, 0, False
+    while engine.has_unfinished():
+        start = time.perf_counter()
+        new = sum(len(out.new_token_ids) for out in engine.step())
+        if started:
+            seconds, tokens = seconds + time.perf_counter() - start, tokens + new
+        started = started or new > 0
+    if not tokens:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: at least 2 tokens are needed to time decoding")
+    return seconds / tokens * 1000
+
+
+class _TokenClock(BaseStreamer):
+    """Stamps each `put` of `generate` (the prompt first, then one call per new token)."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def put(self, value: Any) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def hf_decode_ms_per_token(model: Any, prompt: list[int], max_new_tokens: int, *, pad_id: int) -> float:
+    """`generate` at batch 1: the mean gap between its new tokens after the first (prefill excluded)."""
+    clock = _TokenClock()
+    with torch.inference_mode():
+        model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                       do_sample=False, pad_token_id=pad_id, streamer=clock)
+    tokens = clock.stamps[1:]  # stamps[0] is the prompt
+    if len(tokens) < 2:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: at least 2 tokens are needed to time decoding")
+    return (tokens[-1] - tokens[0]) / (len(tokens) - 1) * 1000
 
 
 def hf_generate(model: Any, prompts: Sequence[list[int]], max_new_tokens: int, *, pad_id: int,
@@ -167,6 +212,12 @@ def measure_engine(hf_model: Any, make_peft: Callable[[], Any], adapter_dirs: di
     hf_generate(hf_model, one, 4, pad_id=pad_id)
     hf_runs = [hf_generate(hf_model, one, max_new_tokens, pad_id=pad_id) for _ in range(3)]
     hf_rate = statistics.median(tokens / seconds for seconds, tokens in hf_runs)
+    progress("decode alone (prefill excluded), batch 1: transformers generate and engine, interleaved")
+    hf_decode, engine_decode = [], []
+    for _ in range(3):
+        hf_decode.append(hf_decode_ms_per_token(hf_model, prompts[0], max_new_tokens, pad_id=pad_id))
+        engine.allocator.forget_cached()
+        engine_decode.append(engine_decode_ms_per_token(engine, prompts[0], max_new_tokens))
     peft_model = make_peft()
     progress(f"engine, {n} requests on one adapter")
     single = engine_rate(prompts, [names[0]] * n)
@@ -195,7 +246,9 @@ def measure_engine(hf_model: Any, make_peft: Callable[[], Any], adapter_dirs: di
         serial_seconds, serial_tokens = serial_seconds + seconds, serial_tokens + tokens
     cache.close()
     return EngineBenchReport(
-        hf_generate_tokens_per_s=hf_rate, batch1_tokens_per_s=batch1, single_adapter_tokens_per_s=single,
+        hf_generate_tokens_per_s=hf_rate, batch1_tokens_per_s=batch1,
+        hf_decode_ms_per_token=statistics.median(hf_decode),
+        batch1_decode_ms_per_token=statistics.median(engine_decode), single_adapter_tokens_per_s=single,
         mixed_adapters_tokens_per_s=mixed, peft_mixed_batch_tokens_per_s=peft_rate,
         mixed_adapters_no_prefix_cache_tokens_per_s=mixed_uncached, mixed_prefix_cache_hit_rate=hit_rate,
         single_adapter_no_prefix_cache_tokens_per_s=single_uncached,

@@ -181,6 +181,8 @@ def print_engine(report: EngineBenchReport, console: Console) -> None:
                         ("serial, transformers + PEFT", report.serial_tokens_per_s)):
         table.add_row(label, f"{rate:.1f}")
     console.print(table)
+    console.print(f"decode alone, batch 1 (ms per token after the first): transformers generate "
+                  f"{report.hf_decode_ms_per_token:.1f}, engine {report.batch1_decode_ms_per_token:.1f}")
     console.print("  ".join(f"{key} {value:.2f}x" for key, value in report.ratios.items())
                   + f"  cold load p50 {report.cold_load_p50_ms:.1f} ms"
                   + f"  prefix-cache hit rate (mixed) {report.mixed_prefix_cache_hit_rate:.0%}"

@@ -36,6 +36,7 @@ def test_measure_engine_reports_every_figure_on_the_tiny_model(tmp_path: Path, m
              report.mixed_adapters_tokens_per_s, report.mixed_adapters_no_prefix_cache_tokens_per_s, report.single_adapter_no_prefix_cache_tokens_per_s,
              report.peft_mixed_batch_tokens_per_s, report.serial_tokens_per_s]
     assert all(rate > 0 for rate in rates)
+    assert report.hf_decode_ms_per_token > 0 and report.batch1_decode_ms_per_token > 0
     assert report.n_adapters == 2 and report.n_requests == 4 and report.max_new_tokens == 4
     # Requests 2 and 3 reuse the 2 shared blocks their adapter's first request computed (2 x 32 of 152
     # tokens); the cache was emptied after the warm-up, so nothing else can hit.
@@ -45,5 +46,6 @@ def test_measure_engine_reports_every_figure_on_the_tiny_model(tmp_path: Path, m
     assert set(report.to_dict()["ratios"]) >= {"mixed_vs_peft_mixed_batch", "mixed_no_prefix_cache_vs_peft_mixed_batch",
                                                "mixed_vs_single_adapter_no_prefix_cache",
                                                "mixed_vs_single_adapter_warm_prefix",
-                                               "mixed_warm_prefix_vs_peft_mixed_batch"}
+                                               "mixed_warm_prefix_vs_peft_mixed_batch",
+                                               "batch1_decode_vs_hf_decode"}
     assert len(lines) >= 6
