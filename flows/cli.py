@@ -188,7 +188,8 @@ def bench_engine(
     json_out: Annotated[Path, typer.Option("--json", help="where to write the JSON report")] = Path("engine.json"),
     adapters: Annotated[int, typer.Option(help="random r=16 adapters the mixed batch spreads over")] = 8,
     requests: Annotated[int, typer.Option(help="concurrent requests")] = 16,
-    max_new_tokens: Annotated[int, typer.Option(help="new tokens per request")] = 32,
+    max_new_tokens: Annotated[int, typer.Option(min=2, help="new tokens per request (decode is timed after the first)")]
+    = 32,
 ) -> None:
     """The engine vs transformers generate, PEFT mixed batches and serial PEFT, on the same requests."""
     from lorafleet.flows.bench import engine_bench, print_engine, write_json
