@@ -129,9 +129,10 @@ class _TokenClock(BaseStreamer):
 def hf_decode_ms_per_token(model: Any, prompt: list[int], max_new_tokens: int, *, pad_id: int) -> float:
     """`generate` at batch 1: the mean gap between its new tokens after the first (prefill excluded)."""
     clock = _TokenClock()
+    ids, mask = left_pad([prompt], pad_id, "cpu")  # (1, T): the same inputs as `hf_generate`'s
     with torch.inference_mode():
-        model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                       do_sample=False, pad_token_id=pad_id, streamer=clock)
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                       min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, streamer=clock)
     tokens = clock.stamps[1:]  # stamps[0] is the prompt
     if len(tokens) < 2:
         raise ValueError(f"max_new_tokens={max_new_tokens}: at least 2 tokens are needed to time decoding")
