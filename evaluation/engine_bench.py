@@ -12,6 +12,10 @@ prompt once, the mixed run once per adapter (LoRA on k/v makes K/V adapter-speci
 prefix blocks by LoRA id for the same reason). So the single and mixed runs are also measured like for
 like twice: with prefix caching off, and warm, as a server in steady state runs them (each adapter's
 system prompt cached by earlier requests with other user turns, `warm_prompts`).
+
+Those six engine runs and the PEFT mixed batch are measured in interleaved rounds and reported as
+medians: each run lasts a few seconds, and on a shared 2-core VM one pass alone moved the
+one-vs-many-adapters ratio by more than 0.1 between two invocations.
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ class EngineBenchReport:
     n_adapters: int
     n_requests: int
     max_new_tokens: int
+    rounds: int  # the single, mixed and PEFT mixed-batch figures are medians over this many interleaved rounds
+    round_tokens_per_s: dict[str, list[float]]  # every round's rate of those figures, to show their spread
     device: str
 
     @property
@@ -154,7 +160,7 @@ def hf_generate(model: Any, prompts: Sequence[list[int]], max_new_tokens: int, *
 
 def measure_engine(hf_model: Any, make_peft: Callable[[], Any], adapter_dirs: dict[str, Path],
                    prompts: Sequence[list[int]], *, max_new_tokens: int, pad_id: int,
-                   warm_prompts: Sequence[list[int]], config: EngineConfig | None = None,
+                   warm_prompts: Sequence[list[int]], config: EngineConfig | None = None, rounds: int = 3,
                    progress: Callable[[str], None] = print) -> EngineBenchReport:
     """Every figure of the report, measured in this process on the same prompts.
 
@@ -167,6 +173,10 @@ def measure_engine(hf_model: Any, make_peft: Callable[[], Any], adapter_dirs: di
     """
     names = list(adapter_dirs)
     n = len(prompts)
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
+    if len(warm_prompts) != n:
+        raise ValueError(f"warm_prompts needs one prompt per request ({n}), got {len(warm_prompts)}")
     compact = CompactLlama.from_hf(hf_model)
     shape = compact.shape
     max_rank = max(read_peft_adapter(path, shape).rank for path in adapter_dirs.values())
@@ -186,9 +196,6 @@ def measure_engine(hf_model: Any, make_peft: Callable[[], Any], adapter_dirs: di
     engine = Engine(compact, config or EngineConfig(adapter_slots=len(names)), adapters=cache)
 
     hit_rates: list[float] = []  # prefix-cache hit rate of each measured engine run
-
-    if len(warm_prompts) != n:
-        raise ValueError(f"warm_prompts needs one prompt per request ({n}), got {len(warm_prompts)}")
 
     def engine_rate(batch: Sequence[list[int]], adapters: Sequence[str | None], *, prefix_caching: bool = True,
                     warm: bool = False) -> float:
@@ -220,25 +227,29 @@ def measure_engine(hf_model: Any, make_peft: Callable[[], Any], adapter_dirs: di
         engine.allocator.forget_cached()
         engine_decode.append(engine_decode_ms_per_token(engine, prompts[0], max_new_tokens))
     peft_model = make_peft()
-    progress(f"engine, {n} requests on one adapter")
-    single = engine_rate(prompts, [names[0]] * n)
-    progress(f"engine, {n} requests on one adapter, prefix caching off")
-    single_uncached = engine_rate(prompts, [names[0]] * n, prefix_caching=False)
-    progress(f"engine, {n} requests on one adapter, warm prefix cache")
-    single_warm = engine_rate(prompts, [names[0]] * n, warm=True)
     mixed_names = [names[i % len(names)] for i in range(n)]
-    progress(f"engine, {n} requests over {len(names)} adapters")
-    mixed = engine_rate(prompts, mixed_names)
-    hit_rate = hit_rates[-1]
-    progress(f"engine, {n} requests over {len(names)} adapters, prefix caching off")
-    mixed_uncached = engine_rate(prompts, mixed_names, prefix_caching=False)
-    progress(f"engine, {n} requests over {len(names)} adapters, warm prefix cache")
-    mixed_warm = engine_rate(prompts, mixed_names, warm=True)
-    warm_hit_rate = hit_rates[-1]
-    progress(f"PEFT static mixed batch of {n}")
-    hf_generate(peft_model, prompts[:2], 4, pad_id=pad_id, adapter_names=mixed_names[:2])
-    seconds, tokens = hf_generate(peft_model, prompts, max_new_tokens, pad_id=pad_id, adapter_names=mixed_names)
-    peft_rate = tokens / seconds
+    runs = {  # figure: (label, adapters, prefix caching, warm)
+        "single": (f"{n} requests on one adapter", [names[0]] * n, True, False),
+        "single_uncached": (f"{n} requests on one adapter, prefix caching off", [names[0]] * n, False, False),
+        "single_warm": (f"{n} requests on one adapter, warm prefix cache", [names[0]] * n, True, True),
+        "mixed": (f"{n} requests over {len(names)} adapters", mixed_names, True, False),
+        "mixed_uncached": (f"{n} requests over {len(names)} adapters, prefix caching off", mixed_names, False, False),
+        "mixed_warm": (f"{n} requests over {len(names)} adapters, warm prefix cache", mixed_names, True, True),
+    }
+    rates: dict[str, list[float]] = {figure: [] for figure in [*runs, "peft"]}
+    hits: dict[str, list[float]] = {figure: [] for figure in runs}
+    hf_generate(peft_model, prompts[:2], 4, pad_id=pad_id, adapter_names=mixed_names[:2])  # warm-up
+    # Rounds interleave every figure, so a slow spell of a shared machine lands on all of them alike and
+    # each figure is a median: one pass measured the one-vs-many-adapters ratio anywhere from 0.71 to 0.85.
+    for round_no in range(1, rounds + 1):
+        for figure, (label, adapters, prefix_caching, warm) in runs.items():
+            rates[figure].append(engine_rate(prompts, adapters, prefix_caching=prefix_caching, warm=warm))
+            hits[figure].append(hit_rates[-1])
+            progress(f"round {round_no}/{rounds}: engine, {label}: {rates[figure][-1]:.1f} tokens/s")
+        seconds, tokens = hf_generate(peft_model, prompts, max_new_tokens, pad_id=pad_id, adapter_names=mixed_names)
+        rates["peft"].append(tokens / seconds)
+        progress(f"round {round_no}/{rounds}: PEFT static mixed batch of {n}: {rates['peft'][-1]:.1f} tokens/s")
+    rate = {figure: statistics.median(values) for figure, values in rates.items()}
     progress(f"serial: {n} requests one at a time through PEFT")
     serial_seconds, serial_tokens = 0.0, 0
     for prompt, name in zip(prompts, mixed_names):
@@ -249,11 +260,14 @@ def measure_engine(hf_model: Any, make_peft: Callable[[], Any], adapter_dirs: di
     return EngineBenchReport(
         hf_generate_tokens_per_s=hf_rate, batch1_tokens_per_s=batch1,
         hf_decode_ms_per_token=statistics.median(hf_decode),
-        batch1_decode_ms_per_token=statistics.median(engine_decode), single_adapter_tokens_per_s=single,
-        mixed_adapters_tokens_per_s=mixed, peft_mixed_batch_tokens_per_s=peft_rate,
-        mixed_adapters_no_prefix_cache_tokens_per_s=mixed_uncached, mixed_prefix_cache_hit_rate=hit_rate,
-        single_adapter_no_prefix_cache_tokens_per_s=single_uncached,
-        mixed_adapters_warm_prefix_tokens_per_s=mixed_warm, single_adapter_warm_prefix_tokens_per_s=single_warm,
-        mixed_warm_prefix_cache_hit_rate=warm_hit_rate,
+        batch1_decode_ms_per_token=statistics.median(engine_decode), single_adapter_tokens_per_s=rate["single"],
+        mixed_adapters_tokens_per_s=rate["mixed"], peft_mixed_batch_tokens_per_s=rate["peft"],
+        mixed_adapters_no_prefix_cache_tokens_per_s=rate["mixed_uncached"],
+        mixed_prefix_cache_hit_rate=statistics.median(hits["mixed"]),
+        single_adapter_no_prefix_cache_tokens_per_s=rate["single_uncached"],
+        mixed_adapters_warm_prefix_tokens_per_s=rate["mixed_warm"],
+        single_adapter_warm_prefix_tokens_per_s=rate["single_warm"],
+        mixed_warm_prefix_cache_hit_rate=statistics.median(hits["mixed_warm"]),
         serial_tokens_per_s=serial_tokens / serial_seconds, cold_load_p50_ms=statistics.median(cold),
-        n_adapters=len(names), n_requests=n, max_new_tokens=max_new_tokens, device=str(compact.lm_head_weight.device))
+        n_adapters=len(names), n_requests=n, max_new_tokens=max_new_tokens, rounds=rounds,
+        round_tokens_per_s=rates, device=str(compact.lm_head_weight.device))

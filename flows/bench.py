@@ -121,7 +121,7 @@ def write_random_adapters(base: Any, folder: Path, names: Sequence[str], *, rank
     return dirs
 
 
-def engine_bench(settings: Settings, *, n_adapters: int, n_requests: int, max_new_tokens: int,
+def engine_bench(settings: Settings, *, n_adapters: int, n_requests: int, max_new_tokens: int, rounds: int,
                  console: Console) -> EngineBenchReport:
     from peft import PeftModel
 
@@ -141,7 +141,7 @@ def engine_bench(settings: Settings, *, n_adapters: int, n_requests: int, max_ne
     console.print(f"{n_requests} ViGGO-like prompts, greedy, {max_new_tokens} new tokens each")
     return measure_engine(loaded.model, make_peft, dirs, prompts, warm_prompts=warm_prompts,
                           max_new_tokens=max_new_tokens, pad_id=loaded.tokenizer.pad_token_id or 0,
-                          progress=console.print)
+                          rounds=rounds, progress=console.print)
 
 
 def bench_prompts(tokenizer: Any, settings: Settings, n: int) -> list[list[int]]:

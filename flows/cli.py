@@ -190,12 +190,13 @@ def bench_engine(
     requests: Annotated[int, typer.Option(help="concurrent requests")] = 16,
     max_new_tokens: Annotated[int, typer.Option(min=2, help="new tokens per request (decode is timed after the first)")]
     = 32,
+    rounds: Annotated[int, typer.Option(min=1, help="interleaved rounds of the batched runs (medians reported)")] = 3,
 ) -> None:
     """The engine vs transformers generate, PEFT mixed batches and serial PEFT, on the same requests."""
     from lorafleet.flows.bench import engine_bench, print_engine, write_json
 
     report = engine_bench(_settings(), n_adapters=adapters, n_requests=requests, max_new_tokens=max_new_tokens,
-                          console=console)
+                          rounds=rounds, console=console)
     print_engine(report, console)
     write_json(report, json_out)
     console.print(f"wrote {json_out}")

@@ -31,13 +31,17 @@ def test_measure_engine_reports_every_figure_on_the_tiny_model(tmp_path: Path, m
     # prefix computed (requests admitted in the same step cannot share: neither is computed yet).
     config = EngineConfig(adapter_slots=2, max_lora_rank=8, max_tokens_per_step=40)
     report = measure_engine(loaded.model, make_peft, dirs, prompts, warm_prompts=warm_prompts, max_new_tokens=4,
-                            pad_id=0, config=config, progress=lines.append)
+                            pad_id=0, config=config, rounds=2, progress=lines.append)
     rates = [report.hf_generate_tokens_per_s, report.batch1_tokens_per_s, report.single_adapter_tokens_per_s,
              report.mixed_adapters_tokens_per_s, report.mixed_adapters_no_prefix_cache_tokens_per_s, report.single_adapter_no_prefix_cache_tokens_per_s,
              report.peft_mixed_batch_tokens_per_s, report.serial_tokens_per_s]
     assert all(rate > 0 for rate in rates)
     assert report.hf_decode_ms_per_token > 0 and report.batch1_decode_ms_per_token > 0
-    assert report.n_adapters == 2 and report.n_requests == 4 and report.max_new_tokens == 4
+    assert report.n_adapters == 2 and report.n_requests == 4 and report.max_new_tokens == 4 and report.rounds == 2
+    assert sum("round 2/2" in line for line in lines) == 7  # six engine runs and the PEFT batch, again
+    assert all(len(values) == 2 for values in report.round_tokens_per_s.values())
+    mixed_rounds = report.round_tokens_per_s["mixed"]
+    assert min(mixed_rounds) <= report.mixed_adapters_tokens_per_s <= max(mixed_rounds)
     # Requests 2 and 3 reuse the 2 shared blocks their adapter's first request computed (2 x 32 of 152
     # tokens); the cache was emptied after the warm-up, so nothing else can hit.
     assert report.mixed_prefix_cache_hit_rate == 64 / sum(map(len, prompts))
