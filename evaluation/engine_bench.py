@@ -195,10 +195,9 @@ def measure_engine(hf_model: Any, make_peft: Callable[[], Any], adapter_dirs: di
     cache.install_ready()
     engine = Engine(compact, config or EngineConfig(adapter_slots=len(names)), adapters=cache)
 
-    hit_rates: list[float] = []  # prefix-cache hit rate of each measured engine run
-
     def engine_rate(batch: Sequence[list[int]], adapters: Sequence[str | None], *, prefix_caching: bool = True,
-                    warm: bool = False) -> float:
+                    warm: bool = False) -> tuple[float, float]:
+        """→ (tokens/s, prefix-cache hit rate: prompt tokens of this run whose K/V was reused)."""
         run_engine(engine, batch[:2], adapters[:2], 4)  # warm-up
         engine.allocator.forget_cached()
         if warm:  # steady state: earlier traffic of the same adapters left its prompt prefixes cached
@@ -207,15 +206,15 @@ def measure_engine(hf_model: Any, make_peft: Callable[[], Any], adapter_dirs: di
         scheduler.prefix_caching = prefix_caching
         queried, hit = scheduler.prefix_query_tokens, scheduler.prefix_hit_tokens
         try:
-            return run_engine(engine, batch, adapters, max_new_tokens)[0]
+            rate = run_engine(engine, batch, adapters, max_new_tokens)[0]
         finally:
             scheduler.prefix_caching = True
-            queried = scheduler.prefix_query_tokens - queried
-            hit_rates.append((scheduler.prefix_hit_tokens - hit) / queried if queried else 0.0)
+        queried = scheduler.prefix_query_tokens - queried
+        return rate, (scheduler.prefix_hit_tokens - hit) / queried if queried else 0.0
 
     progress("engine batch 1")
     one = [prompts[0]]
-    batch1 = statistics.median(engine_rate(one, [None]) for _ in range(3))
+    batch1 = statistics.median(engine_rate(one, [None])[0] for _ in range(3))
     progress("transformers generate batch 1")
     hf_generate(hf_model, one, 4, pad_id=pad_id)
     hf_runs = [hf_generate(hf_model, one, max_new_tokens, pad_id=pad_id) for _ in range(3)]
@@ -243,8 +242,9 @@ def measure_engine(hf_model: Any, make_peft: Callable[[], Any], adapter_dirs: di
     # each figure is a median: one pass measured the one-vs-many-adapters ratio anywhere from 0.71 to 0.85.
     for round_no in range(1, rounds + 1):
         for figure, (label, adapters, prefix_caching, warm) in runs.items():
-            rates[figure].append(engine_rate(prompts, adapters, prefix_caching=prefix_caching, warm=warm))
-            hits[figure].append(hit_rates[-1])
+            rate, hit_rate = engine_rate(prompts, adapters, prefix_caching=prefix_caching, warm=warm)
+            rates[figure].append(rate)
+            hits[figure].append(hit_rate)
             progress(f"round {round_no}/{rounds}: engine, {label}: {rates[figure][-1]:.1f} tokens/s")
         seconds, tokens = hf_generate(peft_model, prompts, max_new_tokens, pad_id=pad_id, adapter_names=mixed_names)
         rates["peft"].append(tokens / seconds)

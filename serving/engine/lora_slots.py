@@ -19,7 +19,7 @@ Rows are routed once per forward (`route`), not per layer:
     padded with zero rows), then two `bmm` over the slots lo..hi and one `index_add_` back: each row
     meets only its own adapter, in 5 ops. Best for decode batches over several adapters: the dense
     path's GEMM at 16 rows computes k times the useful work and ran at a third of the speed of merely
-    reading the weights (8 adapters, 30 layers: dense 11.7 ms, padded 4.7 ms, reading 3.1 ms).
+    reading the weights (8 adapters, 30 layers: dense 10.6 ms, padded 5.2 ms, reading 3.1 ms).
 `route` picks the cheapest by a small cost model (`_path_cost`); the engine packs rows sorted by slot,
 so a batch has one run per adapter. Every path must equal `reference_lora_delta`, the plain
 gather + bmm (STYLE rule 7; tests check each path on the same rows).
@@ -28,7 +28,7 @@ gather + bmm (STYLE rule 7; tests check each path on the same rows).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 
@@ -52,14 +52,14 @@ MODULE_GROUP: dict[str, tuple[str, int]] = {m: (g, i) for g, ms in GROUPS.items(
 _FLOPS_PER_S = 1.5e11
 _BYTES_PER_S = 1.5e10
 _SECONDS_PER_OP = 8e-6
-# A product of one batch of few rows (a decode batch) with many slots' weights at once reached about 40%
-# of `_FLOPS_PER_S` (16 rows x 8 slots of r=16: 11.7 ms per 30 layers against 3.1 ms to read the weights).
+# A dense product of few rows (a decode batch) with several slots' weights at once reached about 40%
+# of `_FLOPS_PER_S` (16 rows x 8 slots of r=16: 10.6 ms per 30 layers against 3.1 ms to read the weights).
 _SMALL_GEMM_ROWS = 64
-_CACHE_BYTES_PER_S = 5e10  # row copies of the padded path (gather, index_add_), mostly in cache
 _SMALL_GEMM_EFFICIENCY = 0.4
+_CACHE_BYTES_PER_S = 5e10  # row copies of the padded path (gather, index_add_), mostly in cache
 
 LoraPath = Literal["auto", "dense", "segmented", "padded"]
-PATHS: tuple[str, ...] = ("auto", "dense", "segmented", "padded")
+PATHS: tuple[str, ...] = get_args(LoraPath)
 
 
 @dataclass(frozen=True)
@@ -220,9 +220,9 @@ class LoraSlots:
         Dense multiplies all `num_rows` rows by the `span` slots lo..hi (reading all their weights) in
         3 ops per group; segmented multiplies each run by its own slot (reading only the `num_used`
         slots) in 2 ops per run and group; padded multiplies `span` groups of `width` rows by their own
-        slot in 5 ops per group, plus copying those rows in and out. Compute and weight reads overlap, so a
-        path costs the larger. Dense
-        products of many slots at few rows run far below the GEMM peak (`_SMALL_GEMM_EFFICIENCY`).
+        slot in 5 ops per group, plus copying those rows in and out. Compute and weight reads overlap, so
+        a path costs the larger. Dense products of several slots at few rows run far below the GEMM peak
+        (`_SMALL_GEMM_EFFICIENCY`).
         """
         seconds = 0.0
         for group in active:
