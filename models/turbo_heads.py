@@ -8,6 +8,11 @@ block per head, `h + W_up · SiLU(W_down · h)`, projected by the model's own LM
 
 `W_up` starts at zero: every head starts as "predict the next token", a useful prior for structured
 text, and training moves each one to its own offset.
+
+Loading is a trust boundary (the server loads other teams' heads next to everyone's requests): the
+config's sizes are bounded and, given the base model's sizes, must match them before anything is
+allocated; tensor names, shapes and dtypes are checked from the safetensors header before a tensor is
+read; every value must be finite. Errors name the file and field, never the values in the file.
 """
 
 from __future__ import annotations
@@ -18,11 +23,23 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
-from safetensors.torch import load_file, save_file
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from safetensors.torch import save_file
 from torch import nn
 
-from .adapter_dir import TURBO_CONFIG_FILE, TURBO_WEIGHTS_FILE
+from .adapter_dir import (
+    TURBO_CONFIG_FILE,
+    TURBO_WEIGHTS_FILE,
+    adapter_file,
+    describe_invalid,
+    read_adapter_text,
+)
+from .tensor_files import read_checked_tensors, shown
+
+# Bounds on turbo_config.json, checked before the heads are built: far past real models (SmolLM2:
+# d=576, V=49152; Llama 3 70B: d=8192, V=128256), far below sizes that would exhaust memory.
+MAX_HIDDEN_SIZE = 65536
+MAX_VOCAB_SIZE = 1 << 21
 
 
 class TurboHeadsConfig(BaseModel):
@@ -31,9 +48,30 @@ class TurboHeadsConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     num_heads: int = Field(4, ge=1, le=8, description="K: head k predicts the token k+1 positions ahead")
-    hidden_size: int = Field(ge=1, description="d of the base model")
-    block_size: int = Field(ge=1, description="r: inner width of each residual block")
-    vocab_size: int = Field(ge=1, description="V of the base model's LM head (for parameter reports)")
+    hidden_size: int = Field(ge=1, le=MAX_HIDDEN_SIZE, description="d of the base model")
+    block_size: int = Field(ge=1, le=MAX_HIDDEN_SIZE, description="r: inner width of each residual block")
+    vocab_size: int = Field(ge=1, le=MAX_VOCAB_SIZE, description="V of the base model's LM head (for parameter "
+                                                                 "reports)")
+
+    @model_validator(mode="after")
+    def _block_fits(self) -> TurboHeadsConfig:
+        if self.block_size > self.hidden_size:  # heads are small residual blocks (r <= d), never wider
+            raise ValueError(f"block_size ({self.block_size}) must not exceed hidden_size ({self.hidden_size})")
+        return self
+
+    def check_base(self, hidden_size: int | None, vocab_size: int | None, source: str) -> None:
+        """Refuse heads made for another base model: they would fail (or draft garbage) at serving time."""
+        for field, expected in (("hidden_size", hidden_size), ("vocab_size", vocab_size)):
+            value = getattr(self, field)
+            if expected is not None and value != expected:
+                raise ValueError(f"{source}: {field}: is {value} but the base model's is {expected} (heads "
+                                 f"trained for another base model?)")
+
+    def state_shapes(self) -> dict[str, tuple[int, int]]:
+        """The tensor names and shapes `TurboHeads(self).state_dict()` has, without building it."""
+        d, r = self.hidden_size, self.block_size
+        return {name: shape for k in range(self.num_heads)
+                for name, shape in ((f"heads.{k}.down.weight", (r, d)), (f"heads.{k}.up.weight", (d, r)))}
 
 
 class ResidualHead(nn.Module):
@@ -96,13 +134,51 @@ def save_heads(heads: TurboHeads, folder: Path) -> None:
     save_file(state, str(folder / TURBO_WEIGHTS_FILE))
 
 
-def load_heads(folder: Path, *, device: torch.device | str = "cpu") -> TurboHeads:
-    """Rebuild heads from `turbo_config.json` + `turbo_heads.safetensors` (never unpickles anything)."""
+def load_heads(folder: Path, *, device: torch.device | str = "cpu", hidden_size: int | None = None,
+               vocab_size: int | None = None) -> TurboHeads:
+    """Rebuild heads from `turbo_config.json` + `turbo_heads.safetensors` (never unpickles anything).
+
+    With the base model's `hidden_size` / `vocab_size`, heads made for another base are refused before
+    anything is allocated (the server passes them; training-side callers know their own model)."""
     folder = Path(folder)
-    config = TurboHeadsConfig.model_validate(json.loads((folder / TURBO_CONFIG_FILE).read_text()))
+    config = read_heads_config(folder)
+    config_path = folder / TURBO_CONFIG_FILE
+    config.check_base(hidden_size, vocab_size, str(config_path))
+    weights_path = adapter_file(folder, TURBO_WEIGHTS_FILE)  # confined to the folder, like every adapter file
+    expected = config.state_shapes()
+
+    def check(name: str, declared: tuple[int, ...]) -> None:
+        if name not in expected:
+            raise ValueError(f"{weights_path}: tensor {shown(name)} is not a weight of {config.num_heads} heads "
+                             f"(expected {', '.join(sorted(expected))})")
+        if declared != expected[name]:
+            raise ValueError(f"{weights_path}: tensor {shown(name)} has shape {declared}, but {config_path.name} "
+                             f"implies {expected[name]}")
+
+    tensors = read_checked_tensors(weights_path, check)
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise ValueError(f"{weights_path}: tensor {missing[0]!r} is missing ({len(missing)} of {len(expected)} "
+                         f"expected tensors are)")
     heads = TurboHeads(config)
-    heads.load_state_dict(load_file(str(folder / TURBO_WEIGHTS_FILE)))
+    heads.load_state_dict(tensors)
     return heads.to(device).eval()
+
+
+def read_heads_config(folder: Path) -> TurboHeadsConfig:
+    """`turbo_config.json` validated; errors give file, field and rule, never the file's values."""
+    path = Path(folder) / TURBO_CONFIG_FILE
+    try:
+        raw = json.loads(read_adapter_text(Path(folder), TURBO_CONFIG_FILE))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:  # positions only, never the text
+        where = f"line {error.lineno} column {error.colno}" if isinstance(error, json.JSONDecodeError) \
+            else f"byte {error.start}"
+        raise ValueError(f"{path} is not valid UTF-8 JSON ({where})") from None
+    try:
+        return TurboHeadsConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ValueError(f"{path} is not a valid Turbo heads config: "
+                         f"{describe_invalid(TURBO_CONFIG_FILE, error)}") from None
 
 
 def has_heads(folder: Path) -> bool:

@@ -37,10 +37,18 @@ from lorafleet.serving.engine.model import CompactLlama
 from lorafleet.serving.engine.openmp_pool import release_thread_pool
 from lorafleet.serving.engine.scheduler import QueueFull
 from lorafleet.serving.engine.sequence import SamplingParams as EngineSampling
-from lorafleet.serving.generation import GenerationRequest, GeneratorBusy, TokenStream
+from lorafleet.serving.generation import GenerationRequest, GeneratorBusy, RequestRejected, TokenStream
 
 log = logging.getLogger(__name__)
 _IDLE_WAIT_S = 0.5
+# The engine's field names as the API's request names them (RequestRejected.param).
+_API_PARAMS = {"prompt_ids": "prompt", "max_new_tokens": "max_tokens", "adapter": "model", "stop_token_ids": "stop"}
+
+
+def _rejected(error: Exception) -> RequestRejected:
+    """An engine refusal as the service's 400, its `param` renamed to the API's field."""
+    param = getattr(error, "param", None)
+    return RequestRejected(str(error), param=_API_PARAMS.get(param, param))
 
 
 @dataclass
@@ -104,16 +112,25 @@ class EngineGenerator:
 
     # ----- TokenGenerator ------------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> TokenStream:
+        """Queue `request`. Anything the engine refuses raises RequestRejected (HTTP 400, `param` named as
+        the API names it), a full queue GeneratorBusy, an unknown adapter AdapterNotFound; nothing is
+        queued or allocated then."""
         stream = TokenStream(loop=asyncio.get_running_loop())
-        params = EngineSampling(max_new_tokens=request.params.max_tokens, temperature=request.params.temperature,
-                                top_p=request.params.top_p, seed=request.params.seed,
-                                stop_token_ids=self.eos_token_ids | set(request.params.stop_token_ids))
+        try:
+            params = EngineSampling(max_new_tokens=request.params.max_tokens,
+                                    temperature=request.params.temperature, top_p=request.params.top_p,
+                                    seed=request.params.seed,
+                                    stop_token_ids=self.eos_token_ids | set(request.params.stop_token_ids))
+        except (TypeError, ValueError) as error:
+            raise _rejected(error) from None
         request_id = f"req-{next(self._ids)}"
         with self._lock:
             try:
                 self.engine.add_request(request_id, list(request.prompt_ids), params, request.adapter)
             except QueueFull as error:
                 raise GeneratorBusy(f"{self.engine.num_waiting()} requests are waiting: {error}") from error
+            except (TypeError, ValueError) as error:  # AdapterNotFound (a LookupError) passes through: 404
+                raise _rejected(error) from None
             self._streams[request_id] = stream
             self._timings[request_id] = _Timing(request.adapter, len(request.prompt_ids), time.monotonic())
         self._wake.set()
@@ -215,6 +232,8 @@ class EngineGenerator:
         try:
             outputs = self.engine.step()
         except Exception as error:
+            # The engine fails only the request an error belongs to (`Engine.step`); this is the last
+            # resort for a failure it could not attribute (a bookkeeping bug), not a normal path.
             log.exception("engine step failed; failing the requests in flight")
             outputs = []
             for request_id in list(self._streams):

@@ -26,6 +26,16 @@ class GeneratorBusy(RuntimeError):
     """The request queue is full: the caller should retry later (HTTP 429)."""
 
 
+class RequestRejected(ValueError):
+    """The generator cannot run this request as asked (HTTP 400); nothing was queued or allocated.
+
+    `param` names the request field at fault when one is (`seed`, `max_tokens`, `prompt`...)."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request decoding knobs. `temperature == 0` means greedy decoding."""

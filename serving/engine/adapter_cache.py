@@ -87,7 +87,9 @@ def read_adapter_dir(path: Path, shape: LlamaShape, *, device: Any = "cpu") -> L
     """The default reader: PEFT LoRA files and/or Turbo heads of one adapter directory.
 
     Either file of a pair triggers its reader, so a folder missing one half fails with that reader's
-    error naming the missing file instead of being served silently without it."""
+    error naming the missing file instead of being served silently without it. Both readers check
+    every tensor against `shape` (names, shapes, dtypes from the header, then finite values) before
+    the adapter can become resident."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory")
@@ -97,7 +99,9 @@ def read_adapter_dir(path: Path, shape: LlamaShape, *, device: Any = "cpu") -> L
         raise FileNotFoundError(f"{path} holds neither PEFT LoRA files ({files.PEFT_CONFIG_FILE}) "
                                 f"nor Turbo heads ({files.TURBO_CONFIG_FILE})")
     weights = read_peft_adapter(path, shape) if has_lora else None
-    heads = load_heads(path, device=device) if has_heads else None
+    # Heads are checked against the base model's sizes before anything is allocated for them.
+    heads = load_heads(path, device=device, hidden_size=shape.hidden_size, vocab_size=shape.vocab_size) \
+        if has_heads else None
     return LoadedAdapter(weights=weights, heads=heads)
 
 

@@ -5,6 +5,10 @@ adapter: it needs only the A/B matrices and the scaling. Reading them directly a
 with an error naming the file and field, every PEFT feature whose forward is not plain
 `W x + s * B A x` (DoRA, biases, modules_to_save, embedding targets...): serving such an adapter with
 the plain formula would silently give wrong outputs.
+
+The files are untrusted (another team's adapter shares the process): tensor names, shapes and dtypes
+are checked from the safetensors header against the base model before any tensor is loaded, every
+value must be finite, and error messages name files and fields but never quote free text from them.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lorafleet.models.adapter_dir import adapter_file, read_adapter_text
+from lorafleet.models.tensor_files import read_checked_tensors, shown
+
 if TYPE_CHECKING:
     from lorafleet.serving.engine.model import LlamaShape
 
@@ -28,6 +35,8 @@ LORA_MODULES = ATTENTION_MODULES + MLP_MODULES
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+MAX_RANK = 4096  # a rank past any real LoRA: refused before its tensors are read
+_BIAS_VALUES = ("none", "all", "lora_only")  # PEFT's own values: safe to quote back
 
 # PEFT options that change the forward away from `W x + s * B A x`: set to anything truthy, we refuse.
 _UNSUPPORTED_OPTIONS = {
@@ -80,33 +89,41 @@ def module_dims(shape: LlamaShape, module: str) -> tuple[int, int]:
 def read_peft_adapter(folder: Path, shape: LlamaShape) -> LoraWeights:
     """Read a PEFT LoRA directory, checking every tensor against the base model's shape."""
     folder = Path(folder)
-    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-    if not config_path.is_file():
+    config_path = folder / CONFIG_FILE
+    if not config_path.exists():
         raise FileNotFoundError(f"{config_path} not found: {folder} is not a PEFT adapter directory")
-    if not weights_path.is_file():
+    if not (folder / WEIGHTS_FILE).exists():
         extra = " (only safetensors weights are read; adapter_model.bin is not)" \
             if (folder / "adapter_model.bin").exists() else ""
-        raise FileNotFoundError(f"{weights_path} not found{extra}")
+        raise FileNotFoundError(f"{folder / WEIGHTS_FILE} not found{extra}")
+    # Both files confined to the folder (no link out of it, no FIFO): see models.adapter_dir.adapter_file.
+    weights_path = adapter_file(folder, WEIGHTS_FILE)
     try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{config_path} is not valid JSON: {error}") from error
+        config = json.loads(read_adapter_text(folder, CONFIG_FILE))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:  # positions only, never the text
+        where = f"line {error.lineno} column {error.colno}" if isinstance(error, json.JSONDecodeError) \
+            else f"byte {error.start}"
+        raise ValueError(f"{config_path} is not valid UTF-8 JSON ({where})") from None
+    if not isinstance(config, dict):  # a bad file, not a bad argument: ValueError like every other refusal
+        raise ValueError(f"{config_path} must hold a JSON object, got a {type(config).__name__}")  # noqa: TRY004
     rank, scaling = _check_config(config, config_path)
 
-    from safetensors.torch import load_file
+    def check(key: str, declared: tuple[int, ...]) -> None:
+        layer, module, which = _parse_key(key, weights_path)
+        if not 0 <= layer < shape.num_layers:
+            raise ValueError(f"{weights_path}: tensor {shown(key)} is for layer {layer}, outside the base model's "
+                             f"{shape.num_layers} layers")
+        fan_in, fan_out = module_dims(shape, module)
+        expected = (rank, fan_in) if which == "A" else (fan_out, rank)
+        if declared != expected:
+            raise ValueError(f"{weights_path}: tensor {shown(key)} has shape {declared}; rank {rank} on this base "
+                             f"model needs {expected} (an adapter trained on another base model?)")
 
-    tensors = load_file(str(weights_path), device="cpu")
+    tensors = read_checked_tensors(weights_path, check)
     a: dict[tuple[int, str], torch.Tensor] = {}
     b: dict[tuple[int, str], torch.Tensor] = {}
     for key, tensor in tensors.items():
-        match = _KEY.search(key)
-        if match is None:
-            raise ValueError(f"{weights_path}: tensor {key!r} is not a LoRA A/B weight of a Llama projection "
-                             f"(embedding targets, biases and DoRA magnitudes are not supported)")
-        layer, module, which = int(match.group(1)), match.group(2), match.group(3)
-        if module not in LORA_MODULES:
-            raise ValueError(f"{weights_path}: tensor {key!r} targets {module!r}; the engine serves LoRA on "
-                             f"{', '.join(LORA_MODULES)} only")
+        layer, module, which = _parse_key(key, weights_path)
         (a if which == "A" else b)[(layer, module)] = tensor
     if not a:
         raise ValueError(f"{weights_path} holds no LoRA weights")
@@ -115,26 +132,50 @@ def read_peft_adapter(folder: Path, shape: LlamaShape) -> LoraWeights:
     return weights
 
 
+def _parse_key(key: str, weights_path: Path) -> tuple[int, str, str]:
+    """(layer, module, "A" or "B") of a PEFT LoRA tensor name; anything else is refused, by name."""
+    match = _KEY.search(key)
+    if match is None:
+        raise ValueError(f"{weights_path}: tensor {shown(key)} is not a LoRA A/B weight of a Llama projection "
+                         f"(embedding targets, biases and DoRA magnitudes are not supported)")
+    layer, module, which = int(match.group(1)), match.group(2), match.group(3)
+    if module not in LORA_MODULES:
+        raise ValueError(f"{weights_path}: tensor {shown(key)} targets {module!r}; the engine serves LoRA on "
+                         f"{', '.join(LORA_MODULES)} only")
+    return layer, module, which
+
+
+def _shown(value: object, known: tuple[str, ...] = ()) -> str:
+    """A config value for an error message: numbers and PEFT's own option names, never free text."""
+    if isinstance(value, int) and abs(value) >= 10**40:
+        return "a huge int"
+    if value is None or isinstance(value, (bool, int, float)) or (isinstance(value, str) and value in known):
+        return repr(value)
+    return f"a {type(value).__name__}"
+
+
 def _check_config(config: dict, path: Path) -> tuple[int, float]:
     if config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{path}: peft_type={config.get('peft_type')!r}; only LORA adapters are served")
+        raise ValueError(f"{path}: peft_type is {_shown(config.get('peft_type'))}, not 'LORA'; only LORA adapters "
+                         f"are served")
     for field, what in _UNSUPPORTED_OPTIONS.items():
         if config.get(field):
-            raise ValueError(f"{path}: {field}={config[field]!r} is not supported ({what} changes the "
-                             f"LoRA forward; the engine serves plain LoRA)")
+            raise ValueError(f"{path}: {field} is set; it is not supported ({what} changes the LoRA forward; "
+                             f"the engine serves plain LoRA)")
     if config.get("bias", "none") != "none":
-        raise ValueError(f"{path}: bias={config['bias']!r} is not supported (only bias='none')")
+        raise ValueError(f"{path}: bias={_shown(config['bias'], _BIAS_VALUES)} is not supported (only bias='none')")
     rank, alpha = config.get("r"), config.get("lora_alpha")
-    if not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"{path}: r={rank!r} must be a positive integer")
-    if not isinstance(alpha, (int, float)) or alpha <= 0:
-        raise ValueError(f"{path}: lora_alpha={alpha!r} must be a positive number")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= MAX_RANK:
+        raise ValueError(f"{path}: r={_shown(rank)} must be an integer in [1, {MAX_RANK}]")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
+        raise ValueError(f"{path}: lora_alpha={_shown(alpha)} must be a finite positive number")
     scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     return rank, float(scaling)
 
 
 def check_weights(weights: LoraWeights, shape: LlamaShape, *, source: str = "LoraWeights") -> None:
-    """Every A has its B and every matrix fits the base model: catches an adapter of another base."""
+    """Every A has its B, every matrix fits the base model (catches an adapter of another base) and
+    every value is finite (one NaN would make every answer of this adapter garbage)."""
     if set(weights.a) != set(weights.b):
         odd = min(set(weights.a) ^ set(weights.b))
         raise ValueError(f"{source}: layer {odd[0]} {odd[1]} has lora_A without lora_B or the reverse")
@@ -149,6 +190,13 @@ def check_weights(weights: LoraWeights, shape: LlamaShape, *, source: str = "Lor
                 f"{source}: layer {layer} {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
                 f"rank {weights.rank} on this base model needs ({weights.rank}, {fan_in}) and "
                 f"({fan_out}, {weights.rank}) (an adapter trained on another base model?)")
+        for which, tensor in (("lora_A", a), ("lora_B", b)):
+            if not tensor.is_floating_point():
+                raise ValueError(f"{source}: layer {layer} {module} {which} is {tensor.dtype}, not a float tensor")
+            if not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{source}: layer {layer} {module} {which} holds non-finite values (NaN or Inf)")
+    if not math.isfinite(weights.scaling):
+        raise ValueError(f"{source}: scaling {weights.scaling} is not finite")
 
 
 def random_lora(shape: LlamaShape, rank: int, target_modules: Iterable[str], *, seed: int,

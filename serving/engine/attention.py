@@ -62,6 +62,10 @@ class ForwardBatch:
         table = torch.tensor([t + [0] * (max_blocks - len(t)) for t in blocks], dtype=torch.long)  # (B, nb)
         slots = (table[:, :, None] * block_size + torch.arange(block_size)).view(count, -1)  # (B, nb*bs)
         context_slots = slots[:, : max(context_lens)]  # (B, C_max)
+        # Padding past a sequence's context reads its own position 0, never a slot that may hold another
+        # sequence's K/V (a stale or foreign NaN there survives the mask: softmax weight 0 x NaN = NaN).
+        past_end = torch.arange(context_slots.shape[1]) >= torch.tensor(context_lens)[:, None]  # (B, C_max)
+        context_slots = torch.where(past_end, context_slots[:, :1], context_slots)
         lens = torch.tensor(query_lens)
         seq = torch.repeat_interleave(torch.arange(count), lens)  # (N,) sequence of each packed token
         first = torch.tensor(start_positions) - (torch.cumsum(lens, 0) - lens)  # position minus packed index

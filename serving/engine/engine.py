@@ -13,11 +13,18 @@ decoding because verification keeps only tokens the target itself picks (`models
 
 The engine is single-threaded on purpose: the async front (`serving/engine_generator.py`) owns the thread that
 calls `step`, and adapter loading happens elsewhere but is installed here, between forwards.
+
+Isolation (one tenant never hurts another): `add_request` checks everything before it changes any
+state. In `step`, what one request or adapter causes fails that request only: per-row work is guarded
+row by row, non-finite logits end their row with an error, and a shared forward that raises is rerun
+one sequence at a time so only those that still raise fail (`isolation.py`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,11 +33,28 @@ from typing import Any, Literal
 import torch
 
 from lorafleet.models.speculative import verify
+from lorafleet.serving.engine.isolation import (
+    NonFiniteValues,
+    RowLogits,
+    describe,
+    draft_rows,
+    row_logits,
+    run_isolated,
+)
 from lorafleet.serving.engine.kv_cache import BlockAllocator, KVPool
 from lorafleet.serving.engine.lora_slots import LoraSlots
 from lorafleet.serving.engine.model import CompactLlama, ForwardBatch
-from lorafleet.serving.engine.scheduler import ScheduledSeq, Scheduler
-from lorafleet.serving.engine.sequence import SamplingParams, SeqStatus, Sequence
+from lorafleet.serving.engine.scheduler import QueueFull, ScheduledSeq, Scheduler
+from lorafleet.serving.engine.sequence import (
+    TOKEN_ID_MAX,
+    InvalidRequest,
+    SamplingParams,
+    SeqStatus,
+    Sequence,
+    check_prompt,
+)
+
+log = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 
@@ -123,36 +147,49 @@ class Engine:
         self.clock = clock
         self._live: dict[str, _Live] = {}
         self._seeds = itertools.count(1)
+        self._unresolvable: dict[str, str] = {}  # request id -> why its adapter name no longer resolves
 
     # ----- the API ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                     adapter: str | None = None) -> None:
-        """Queue a request. Bad input raises here (ValueError, QueueFull, AdapterNotFound), before
-        anything is allocated, so a refused request leaves no state behind."""
+        """Queue a request, all or nothing: every check runs and every object that can fail (the
+        sequence, the RNG, the adapter lookup) is built before any state changes, so a refused request
+        (InvalidRequest, QueueFull, AdapterNotFound) leaves the engine exactly as it was."""
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id must be a non-empty string, got {type(request_id).__name__}")
         if request_id in self._live:
             raise ValueError(f"request_id {request_id!r} is already live")
-        if not prompt_ids:
-            raise ValueError("prompt_ids is empty: generation needs at least one prompt token")
-        vocab = self.model.shape.vocab_size
-        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
-            raise ValueError(f"prompt_ids contain a token id outside the vocabulary [0, {vocab})")
-        limit = self.model.shape.max_position_embeddings
-        if len(prompt_ids) + params.max_new_tokens > limit:
-            raise ValueError(f"prompt of {len(prompt_ids)} tokens + max_new_tokens {params.max_new_tokens} "
-                             f"exceeds the model's context length {limit}")
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequest(f"params must be a SamplingParams, got {type(params).__name__}")
+        if adapter is not None and (not isinstance(adapter, str) or not adapter):
+            raise InvalidRequest("adapter must be a non-empty string or None", param="adapter")
+        prompt = check_prompt(prompt_ids, params, vocab_size=self.model.shape.vocab_size,
+                              limits=((self.model.shape.max_position_embeddings, "the model's context length"),
+                                      (self.scheduler.capacity_tokens, "the KV cache's capacity")))
+        if self.scheduler.num_waiting() >= self.scheduler.max_waiting:
+            raise QueueFull(f"request {request_id!r} refused: {self.scheduler.num_waiting()} requests already "
+                            f"waiting (max_waiting={self.scheduler.max_waiting})")
+        seq = Sequence(request_id=request_id, prompt_ids=prompt, params=params, adapter=adapter)
+        generator = self._generator(params)
         if adapter is not None:
             if self.adapters is None:
                 raise LookupError(f"adapter {adapter!r} requested but this engine serves the base model only")
             self.adapters.request(adapter)  # AdapterNotFound now; otherwise starts loading on a miss
-        seq = Sequence(request_id=request_id, prompt_ids=list(prompt_ids), params=params, adapter=adapter)
+        # State changes from here on; nothing below refuses a request the checks above accepted.
         self.scheduler.add(seq)
-        seed = params.seed if params.seed is not None else next(self._seeds) + int(self.clock() * 1e6)
-        generator = None
-        if params.temperature > 0:
-            generator = torch.Generator(device=self.device).manual_seed(int(seed))
         self._live[request_id] = _Live(seq=seq, generator=generator)
         key = adapter or ""
         self.stats.requests_by_adapter[key] = self.stats.requests_by_adapter.get(key, 0) + 1
+
+    def _generator(self, params: SamplingParams) -> torch.Generator | None:
+        """The request's own RNG (None for greedy); seeded from the clock when the request gives no seed."""
+        if params.temperature == 0:
+            return None
+        seed = params.seed if params.seed is not None else (next(self._seeds) + int(self.clock() * 1e6)) % TOKEN_ID_MAX
+        try:
+            return torch.Generator(device=self.device).manual_seed(int(seed))
+        except (RuntimeError, ValueError, OverflowError) as error:
+            raise InvalidRequest(f"seed {seed} is not accepted by the engine's RNG: {error}", param="seed") from error
 
     def abort(self, request_id: str) -> bool:
         """Cancel a waiting or running request and free its KV blocks; False if it was not live."""
@@ -174,10 +211,13 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
-        """One scheduling decision, one forward, one LM-head call; outputs of every touched request."""
+        """One scheduling decision, one forward, one LM-head call; outputs of every touched request.
+
+        A failure caused by one request or adapter fails that request only (see the module docstring)."""
         outputs = self._install_adapters()
         self._plan_speculation()
         plan = self.scheduler.schedule(self._adapter_ready)
+        outputs.extend(self._fail_unresolvable())
         self.stats.preemptions += len(plan.preempted)
         for seq in plan.finished:  # outgrew the whole KV pool: ends for length, as vLLM does
             live = self._live.pop(seq.request_id)
@@ -189,16 +229,42 @@ class Engine:
             live = self._live[seq.request_id]
             live.drafts = []
             self._unpin(live)
-        if not plan.scheduled:
-            return outputs
+        scheduled = []
         for item in plan.scheduled:
-            self._pin(self._live[item.seq.request_id])
-        batch, rows = self._pack(plan.scheduled)
-        hidden = self.model(batch, self.kv, self.lora)  # (N, d)
+            failure = self._pin(self._live[item.seq.request_id])
+            if failure is None:
+                scheduled.append(item)
+            else:
+                outputs.append(self._fail(item.seq.request_id, failure))
+        if not scheduled:
+            return outputs
+        scheduled, rows, hidden, failed = self._forward(scheduled)
+        outputs.extend(failed)
+        if not scheduled:
+            return outputs
         self.stats.steps += 1
-        self.stats.last_batch_size = len(plan.scheduled)
-        outputs.extend(self._advance(plan.scheduled, rows, hidden))
+        self.stats.last_batch_size = len(scheduled)
+        outputs.extend(self._advance(scheduled, rows, hidden))
         return outputs
+
+    def _forward(self, scheduled: list[ScheduledSeq]
+                 ) -> tuple[list[ScheduledSeq], list[tuple[int, int]], torch.Tensor | None, list[RequestOutput]]:
+        """One forward of every scheduled sequence; if it raises, one forward per sequence.
+
+        Rerunning is safe: a forward writes K/V only at positions >= each sequence's `num_computed`, in
+        blocks it holds alone (prefix-cache hits end before `num_computed`; registration waits for
+        `after_step`), and nothing counts those positions as computed until `_advance`, so a rerun just
+        rewrites them. Returns the sequences that ran, their (first row, count) in `hidden`, and the
+        failures of those that raised on their own."""
+        def run(items: list[ScheduledSeq]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+            batch, rows = self._pack(items)
+            return self.model(batch, self.kv, self.lora), rows  # (N, d)
+
+        result = run_isolated(scheduled, run)
+        failed = [self._fail(item.seq.request_id, f"the forward pass failed for this request "
+                                                  f"({self._what(item.seq)}): {describe(error)}")
+                  for item, error in result.failures]
+        return result.kept, result.rows, result.hidden, failed
 
     # ----- adapters -----------------------------------------------------------------------------
     def _install_adapters(self) -> list[RequestOutput]:
@@ -222,20 +288,36 @@ class Engine:
         live = self._live.get(seq.request_id)
         if live is not None and live.pinned:
             return True
-        # `request` when not resident: an adapter evicted while this sequence waited is loaded again
-        # (a plain lookup otherwise, so each request counts one cache hit or miss, not one per step).
-        if self.adapters.slot_of(seq.adapter) is None and self.adapters.request(seq.adapter) is None:
+        try:
+            # `request` when not resident: an adapter evicted while this sequence waited is loaded again
+            # (a plain lookup otherwise, so each request counts one cache hit or miss, not one per step).
+            if self.adapters.slot_of(seq.adapter) is None and self.adapters.request(seq.adapter) is None:
+                return False
+        except Exception as error:  # noqa: BLE001 - e.g. the name was removed while the request waited
+            # Failed after `schedule` returns: the scheduler is iterating its queue right now.
+            self._unresolvable[seq.request_id] = f"adapter {seq.adapter!r} cannot be loaded: {describe(error)}"
             return False
         # K/V depends on the adapter's weights: share cached prefixes only within one loaded identity.
         seq.cache_salt = f"{seq.adapter}\x00{self.adapters.identity_of(seq.adapter)}"
         return True
 
-    def _pin(self, live: _Live) -> None:
+    def _fail_unresolvable(self) -> list[RequestOutput]:
+        failed = [self._fail(request_id, message) for request_id, message in self._unresolvable.items()
+                  if request_id in self._live]
+        self._unresolvable.clear()
+        return failed
+
+    def _pin(self, live: _Live) -> str | None:
+        """Pin the adapter of a scheduled sequence; a reason to fail it when its slot vanished meanwhile."""
         if live.pinned or live.seq.adapter is None:
-            return
+            return None
         self.adapters.pin(live.seq.adapter)
-        live.slot = self.adapters.slot_of(live.seq.adapter)
-        live.pinned = True
+        slot = self.adapters.slot_of(live.seq.adapter)
+        if slot is None:  # unloaded by another thread between scheduling and pinning
+            self.adapters.unpin(live.seq.adapter)
+            return f"adapter {live.seq.adapter!r} was unloaded while this request was being scheduled"
+        live.slot, live.pinned = slot, True
+        return None
 
     def _unpin(self, live: _Live) -> None:
         if live.pinned:
@@ -281,67 +363,86 @@ class Engine:
             adapters.append(live.slot)
             rows[position] = (offset, len(chunk))
             offset += len(chunk)
-            if seq.num_computed < len(seq.prompt_ids):
-                self.stats.prompt_tokens += min(item.num_tokens, len(seq.prompt_ids) - seq.num_computed)
         batch = ForwardBatch.build(tokens, starts, blocks, self.config.block_size, adapters, self.device)
         return batch, rows
 
     def _advance(self, scheduled: list[ScheduledSeq], rows: list[tuple[int, int]],
                  hidden: torch.Tensor) -> list[RequestOutput]:
-        """Verify/sample every sequence that reached the end of its tokens; move the rest along."""
-        sampling = [(item, start, count) for item, (start, count) in zip(scheduled, rows) if item.samples]
+        """Verify/sample every sequence that reached the end of its tokens; move the rest along.
+
+        Each row's work is guarded on its own: whatever one row raises fails that request only."""
+        outputs: list[RequestOutput] = []
+        sampling = []
         for item, (start, count) in zip(scheduled, rows):
-            if not item.samples:  # a prefill chunk short of the prompt's end: nothing to emit yet
-                item.seq.num_computed += item.num_tokens
-                self.scheduler.after_step(item.seq, item.seq.num_computed)
+            seq = item.seq
+            if seq.num_computed < len(seq.prompt_ids):
+                self.stats.prompt_tokens += min(item.num_tokens, len(seq.prompt_ids) - seq.num_computed)
+            if item.samples:
+                sampling.append((item, start, count))
+                continue
+            try:  # a prefill chunk short of the prompt's end: nothing to emit yet
+                self.scheduler.after_step(seq, seq.num_computed + item.num_tokens)
+            except Exception as error:  # noqa: BLE001 - this request's own failure
+                outputs.append(self._fail_row(seq, error))
         if not sampling:
-            return []
+            return outputs
         # Logit rows: every position of a drafting chain, else the last position only.
-        index = []
-        for item, start, count in sampling:
-            k = item.seq.lookahead
-            index.extend(range(start + count - 1 - k, start + count))
-        logits = self.model.logits(hidden[torch.tensor(index, device=self.device)])  # (M, V)
-        greedy_tokens = logits.argmax(dim=-1).tolist()  # (M,) cheap, used by every greedy row
-        outputs, cursor, draft_states, draft_owners = [], 0, [], []
-        for item, start, count in sampling:
+        spans = [(start + count - 1 - item.seq.lookahead, item.seq.lookahead + 1) for item, start, count in sampling]
+        logits = row_logits(self.model.logits, hidden, spans)  # per row, or the exception computing it raised
+        draft_states, draft_owners = [], []
+        for (item, start, count), row in zip(sampling, logits):
             seq, live = item.seq, self._live[item.seq.request_id]
-            k = seq.lookahead
-            drafts = live.drafts[:k]
-            if live.generator is None:
-                targets = greedy_tokens[cursor: cursor + k + 1]
-                accepted = next((j for j in range(k) if targets[j] != drafts[j]), k)
-                emitted = targets[: accepted + 1]
-            else:
-                result = verify(torch.tensor([drafts], dtype=torch.long, device=self.device),
-                                logits[cursor: cursor + k + 1].unsqueeze(0),
-                                temperature=seq.params.temperature, top_p=seq.params.top_p,
-                                generator=live.generator)
-                accepted = int(result.accepted[0])
-                emitted = result.emitted(0)
-            cursor += k + 1
-            if k:
-                self.stats.spec_drafts += 1
-                self.stats.spec_draft_tokens += k
-                self.stats.spec_accepted_tokens += accepted
-            seq.num_computed += item.num_tokens + accepted  # x and the accepted drafts are in the cache
-            output = self._emit(live, emitted)
+            try:
+                output, accepted = self._sample_row(item, live, row)
+            except Exception as error:  # noqa: BLE001 - this request's own failure
+                outputs.append(self._fail_row(seq, error))
+                continue
             outputs.append(output)
             if output.finished:
                 continue
-            self.scheduler.after_step(seq, seq.num_computed)  # rolls back blocks past rejected drafts
             heads = self._heads(live)
             if heads is not None:
-                draft_states.append(hidden[start + count - 1 - k + accepted])
+                draft_states.append(hidden[start + count - 1 - seq.lookahead + accepted])
                 draft_owners.append((live, heads))
             else:
                 live.drafts = []
         if self._speculating():
-            self._draft(draft_states, draft_owners)
+            failures = self._draft(draft_states, draft_owners)
+            for i, output in enumerate(outputs):
+                if output.request_id in failures and output.request_id in self._live:
+                    failed = self._fail(output.request_id, failures[output.request_id])
+                    outputs[i] = dataclasses.replace(failed, new_token_ids=output.new_token_ids)
         else:  # nobody verifies drafts next step: skip the heads
             for live, _ in draft_owners:
                 live.drafts = []
         return outputs
+
+    def _sample_row(self, item: ScheduledSeq, live: _Live, row: RowLogits | Exception) -> tuple[RequestOutput, int]:
+        """Verify the row's drafts and sample its next tokens from its (k+1, V) logits; append them."""
+        if isinstance(row, Exception):
+            raise row
+        seq, (logits, targets, finite) = item.seq, row
+        if not finite:  # garbage in every token it would sample (or a crash inside multinomial)
+            raise NonFiniteValues(f"{self._what(seq)} produced non-finite values (NaN or Inf) for this request")
+        k = seq.lookahead
+        drafts = live.drafts[:k]
+        if live.generator is None:
+            accepted = next((j for j in range(k) if targets[j] != drafts[j]), k)
+            emitted = targets[: accepted + 1]
+        else:
+            result = verify(torch.tensor([drafts], dtype=torch.long, device=self.device), logits.unsqueeze(0),
+                            temperature=seq.params.temperature, top_p=seq.params.top_p, generator=live.generator)
+            accepted = int(result.accepted[0])
+            emitted = result.emitted(0)
+        if k:
+            self.stats.spec_drafts += 1
+            self.stats.spec_draft_tokens += k
+            self.stats.spec_accepted_tokens += accepted
+        seq.num_computed += item.num_tokens + accepted  # x and the accepted drafts are in the cache
+        output = self._emit(live, emitted)
+        if not output.finished:
+            self.scheduler.after_step(seq, seq.num_computed)  # rolls back blocks past rejected drafts
+        return output, accepted
 
     def _emit(self, live: _Live, tokens: list[int]) -> RequestOutput:
         """Append `tokens` up to the request's budget and first stop token; finish it if done."""
@@ -367,32 +468,26 @@ class Engine:
                              finish_reason=reason, num_prompt_tokens=len(seq.prompt_ids),
                              num_output_tokens=len(seq.output_ids))
 
-    def _draft(self, states: list[torch.Tensor], owners: list[tuple[_Live, Any]]) -> None:
-        """Next step's drafts: each row's heads over the state that produced its newest token.
-
-        Rows sharing heads (the same adapter) go through the heads together; all head states then
-        share one LM-head call, whose cost on CPU is mostly reading the (V × d) weight once.
-        """
+    def _draft(self, states: list[torch.Tensor], owners: list[tuple[_Live, Any]]) -> dict[str, str]:
+        """Next step's drafts: each row's heads over the state that produced its newest token
+        (`isolation.draft_rows`); returns request id -> why, for rows whose heads failed."""
         if not states:
-            return
-        groups: dict[int, list[int]] = {}
-        for i, (_, heads) in enumerate(owners):
-            groups.setdefault(id(heads), []).append(i)
-        head_states, order = [], []
-        for members in groups.values():
-            heads = owners[members[0]][1]
-            stacked = torch.stack([states[i] for i in members])  # (n, d)
-            head_dtype = next(heads.parameters()).dtype
-            head_states.append(heads(stacked.to(head_dtype)).to(self.dtype).transpose(0, 1))  # (n, K, d)
-            order.extend(members)
-        flat = torch.cat([s.reshape(-1, s.shape[-1]) for s in head_states])  # (Σ n·K, d)
-        drafts = self.model.logits(flat).argmax(dim=-1).tolist()
-        cursor = 0
-        for (members, hs) in zip(groups.values(), head_states):
-            k = hs.shape[1]
-            for i in members:
-                owners[i][0].drafts = drafts[cursor: cursor + k]
-                cursor += k
+            return {}
+        drafts, failures = draft_rows(states, [heads for _, heads in owners], self.model.logits, self.dtype)
+        for (live, _), chain in zip(owners, drafts):
+            live.drafts = chain or []
+        return {owners[i][0].seq.request_id: f"the Turbo heads of {self._what(owners[i][0].seq)} failed: "
+                                             f"{describe(error)}" for i, error in failures.items()}
+
+    def _what(self, seq: Sequence) -> str:
+        return f"adapter {seq.adapter!r}" if seq.adapter is not None else "the base model"
+
+    def _fail_row(self, seq: Sequence, error: Exception) -> RequestOutput:
+        if not isinstance(error, NonFiniteValues):
+            log.warning("request %s failed while sampling", seq.request_id, exc_info=error)
+            return self._fail(seq.request_id, f"generation failed for this request ({self._what(seq)}): "
+                                              f"{describe(error)}")
+        return self._fail(seq.request_id, str(error))
 
     def _fail(self, request_id: str, message: str) -> RequestOutput:
         live = self._live.pop(request_id)

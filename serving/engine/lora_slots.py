@@ -8,18 +8,22 @@ with M modules and max rank R, A is (S+1, M*R, in) and B is stored transposed an
 (S+1, M*R, out_q+out_k+...): one `x @ A^T` and one `addmm_` add every module's delta to the fused
 output at once. The zero blocks cost ~1.5x the slot memory; they save ~2 ops per module per layer.
 
-Rows are routed once per forward (`route`), not per layer:
-  * dense: the slots used by the batch span lo..hi; every row is multiplied by all of those slots'
-    A and a one-hot mask keeps its own slot's rank block (no mask when every row shares one slot).
-    Costs k = hi-lo+1 times the compute of one adapter but only 3 ops: best for one adapter.
+Rows are routed once per forward (`route`), not per layer. Isolation is structural: a row's delta is
+computed only from that row's input and its own slot's weights, and nothing computed for one row or slot
+is ever added to another row, so a slot holding NaN/Inf (written past the file checks, or produced by
+overflow) cannot reach a row of another adapter or the base model. A masked product cannot promise that
+(NaN x 0 = NaN), so no path multiplies a row by another slot's weights and masks it afterwards:
+  * dense: every row uses the same slot: one `x @ A^T`, one `addmm_`. Only for that case (one adapter
+    alone); a batch mixing slots, or slots with base rows, takes one of the two paths below.
   * segmented: one A/B pair per run of rows sharing a slot: 2 ops per run, each row multiplied by
     its own adapter only. Best for prefill chunks (long runs), where dense would multiply every
     prompt token by all k adapters (measured: 512 rows over 8 adapters, 130 ms dense vs 29 ms).
   * padded: rows grouped by slot into a (k, P, in) block, P the most rows any slot has (short groups
-    padded with zero rows), then two `bmm` over the slots lo..hi and one `index_add_` back: each row
-    meets only its own adapter, in 5 ops. Best for decode batches over several adapters: the dense
-    path's GEMM at 16 rows computes k times the useful work and ran at a third of the speed of merely
-    reading the weights (8 adapters, 30 layers: dense 10.6 ms, padded 5.2 ms, reading 3.1 ms).
+    padded with copies of a row), then two `bmm` over the slots lo..hi; only the real positions' deltas
+    are selected and `index_add_`ed back (padding results are dropped, never added as zeros): each row
+    meets only its own adapter, in 5 ops. Best for decode batches over several adapters (measured with
+    the one-hot dense path this replaced: 8 adapters, 30 layers: dense 10.6 ms, padded 5.2 ms, reading
+    the weights 3.1 ms).
 `route` picks the cheapest by a small cost model (`_path_cost`); the engine packs rows sorted by slot,
 so a batch has one run per adapter. Every path must equal `reference_lora_delta`, the plain
 gather + bmm (STYLE rule 7; tests check each path on the same rows).
@@ -67,8 +71,9 @@ class PaddedRows:
     """Rows grouped by slot for the padded path: group j holds slot lo+j's rows, padded to `width`."""
 
     width: int  # P: rows per group
-    gather: torch.Tensor  # (k*P,) row feeding each padded position; padding repeats a row...
-    keep: torch.Tensor  # (k*P, 1) ...and is zeroed by this mask (1 real, 0 padding)
+    gather: torch.Tensor  # (k*P,) row feeding each padded position; padding repeats a row of the group...
+    real: torch.Tensor  # (n,) ...and only these positions' results are kept (padding is never added back)
+    rows: torch.Tensor  # (n,) the row each kept position belongs to
 
 
 @dataclass(frozen=True)
@@ -76,9 +81,8 @@ class LoraRouting:
     """Which slots the rows of one forward use; built once per forward and shared by every layer."""
 
     num_rows: int
-    lo: int  # used non-base slots span lo..hi (dense and padded paths)
+    lo: int  # used non-base slots span lo..hi (dense: lo == hi, every row uses it; padded)
     hi: int
-    mask: torch.Tensor | None  # (N, hi-lo+1, 1) one-hot of each row's slot; None: every row uses slot lo
     runs: tuple[tuple[int, int, int], ...] | None  # (slot, start, stop) per run: the segmented path
     active: frozenset[str]  # groups some used slot targets; the others are skipped
     modules: frozenset[str]  # modules some used slot targets
@@ -140,15 +144,22 @@ class LoraSlots:
             raise ValueError(f"adapter rank {weights.rank} exceeds the slots' max_rank {self.max_rank} (raise the "
                              f"engine's max_lora_rank, LORAFLEET_SERVE_MAX_LORA_RANK for the service)")
         check_weights(weights, self.shape)
-        self.clear(slot)
         rank = weights.rank
+        writes = []  # everything converted (scaling folded, slot dtype) and checked before the slot changes
         for (layer, module), a in weights.a.items():
+            b = weights.b[(layer, module)].to(self.device, torch.float32) * weights.scaling  # (out, r)
+            a, bt = a.to(self.device, self.dtype), b.t().to(self.dtype)
+            if not bool(torch.isfinite(a).all()) or not bool(torch.isfinite(bt).all()):
+                raise ValueError(f"layer {layer} {module}: lora_A or lora_B x scaling {weights.scaling:g} overflows "
+                                 f"{self.dtype} (non-finite values); the adapter cannot be served at this dtype")
+            writes.append((layer, module, a, bt))
+        self.clear(slot)
+        for layer, module, a, bt in writes:
             group, index = MODULE_GROUP[module]
             rows = slice(index * self.max_rank, index * self.max_rank + rank)
             lo, hi = self._columns[module]
-            self._a[group][layer, slot, rows] = a.to(self.device, self.dtype)
-            b = weights.b[(layer, module)].to(self.device, torch.float32) * weights.scaling  # (out, r)
-            self._bt[group][layer, slot, rows, lo:hi] = b.t().to(self.dtype)
+            self._a[group][layer, slot, rows] = a
+            self._bt[group][layer, slot, rows, lo:hi] = bt
         self._targets[slot] = frozenset(module for _, module in weights.a)
 
     def clear(self, slot: int) -> None:
@@ -166,7 +177,8 @@ class LoraSlots:
     def route(self, adapter_ids: torch.Tensor, *, path: LoraPath = "auto") -> LoraRouting:
         """Work out once per forward which slots the rows use and which path is cheapest.
 
-        `path` forces one path (tests compare each against the reference on the same rows)."""
+        `path` forces one path (tests compare each against the reference on the same rows); "dense"
+        is refused for rows that do not all use one slot, since it would mix slots."""
         if path not in PATHS:
             raise ValueError(f"path must be one of {', '.join(map(repr, PATHS))}, got {path!r}")
         ids = adapter_ids.tolist()
@@ -177,7 +189,7 @@ class LoraSlots:
         modules = frozenset().union(*(self.targets(s) for s in used))
         active = frozenset(g for g, ms in GROUPS.items() if modules.intersection(ms))
         if not active:
-            return LoraRouting(len(ids), 1, 0, None, None, active, modules)
+            return LoraRouting(len(ids), 1, 0, None, active, modules)
         runs: list[tuple[int, int, int]] = []
         for row, slot in enumerate(ids):
             if runs and runs[-1][0] == slot and runs[-1][2] == row:
@@ -185,8 +197,12 @@ class LoraSlots:
             elif slot:
                 runs.append((slot, row, row + 1))
         lo, hi = used[0], used[-1]
-        if path in ("auto", "dense") and len(runs) == 1 and runs[0][1:] == (0, len(ids)):  # no mask at all
-            return LoraRouting(len(ids), lo, hi, None, None, active, modules)
+        one_slot = len(runs) == 1 and runs[0][1:] == (0, len(ids))
+        if path in ("auto", "dense") and one_slot:
+            return LoraRouting(len(ids), lo, hi, None, active, modules)
+        if path == "dense":
+            raise ValueError("the dense LoRA path serves only batches whose rows all use one adapter slot; "
+                             "mixed rows take the segmented or padded path")
         rows_of: dict[int, list[int]] = {}
         for row, slot in enumerate(ids):
             if slot:
@@ -194,34 +210,31 @@ class LoraSlots:
         width = max(map(len, rows_of.values()))
         if path == "auto":
             costs = {candidate: self._path_cost(candidate, runs, len(ids), hi - lo + 1, len(used), width, active)
-                     for candidate in ("dense", "segmented", "padded")}
+                     for candidate in ("segmented", "padded")}
             path = min(costs, key=costs.__getitem__)
         if path == "segmented":
-            return LoraRouting(len(ids), lo, hi, None, tuple(runs), active, modules)
-        if path == "padded":
-            gather, keep = [], []
-            for slot in range(lo, hi + 1):
-                rows = rows_of.get(slot, [])
-                gather += rows + [0] * (width - len(rows))
-                keep += [1.0] * len(rows) + [0.0] * (width - len(rows))
-            layout = PaddedRows(width, torch.tensor(gather, device=self.device),
-                                torch.tensor(keep, dtype=self.dtype, device=self.device).unsqueeze(-1))
-            return LoraRouting(len(ids), lo, hi, None, None, active, modules, layout)
-        rel = torch.tensor(ids, device=self.device) - lo  # (N,)
-        mask = torch.zeros(len(ids), hi - lo + 1, 1, dtype=self.dtype, device=self.device)
-        rows = torch.nonzero(rel >= 0).squeeze(-1)
-        mask[rows, rel[rows]] = 1.0
-        return LoraRouting(len(ids), lo, hi, mask, None, active, modules)
+            return LoraRouting(len(ids), lo, hi, tuple(runs), active, modules)
+        gather, real, rows = [], [], []
+        for slot in range(lo, hi + 1):
+            members = rows_of.get(slot, [])
+            real += range(len(gather), len(gather) + len(members))
+            rows += members
+            # Padding repeats a row of this slot's own group (any row when the slot is unused): its result
+            # is dropped below, so what it computes never matters.
+            gather += members + [members[0] if members else 0] * (width - len(members))
+        layout = PaddedRows(width, *(torch.tensor(v, device=self.device) for v in (gather, real, rows)))
+        return LoraRouting(len(ids), lo, hi, None, active, modules, layout)
 
     def _path_cost(self, path: str, runs: list[tuple[int, int, int]], num_rows: int, span: int, num_used: int,
                    width: int, active: frozenset[str]) -> float:
         """Estimated seconds of one layer's LoRA work on `path` (only ever compared, never reported).
 
         Dense multiplies all `num_rows` rows by the `span` slots lo..hi (reading all their weights) in
-        3 ops per group; segmented multiplies each run by its own slot (reading only the `num_used`
+        3 ops per group (`route` only takes it with span 1 now; the general formula stays for
+        comparisons); segmented multiplies each run by its own slot (reading only the `num_used`
         slots) in 2 ops per run and group; padded multiplies `span` groups of `width` rows by their own
-        slot in 5 ops per group, plus copying those rows in and out. Compute and weight reads overlap, so
-        a path costs the larger. Dense products of several slots at few rows run far below the GEMM peak
+        slot in 5 ops per group (gather, two bmm, select the real rows, index_add_), plus copying those
+        rows in and out. Compute and weight reads overlap, so a path costs the larger. Dense products of several slots at few rows run far below the GEMM peak
         (`_SMALL_GEMM_EFFICIENCY`).
         """
         seconds = 0.0
@@ -262,14 +275,15 @@ class LoraSlots:
         lo, hi = routing.lo, routing.hi + 1
         if routing.padded is not None:
             layout = routing.padded
-            xp = x.index_select(0, layout.gather).mul_(layout.keep).view(hi - lo, layout.width, -1)  # (k, P, in)
+            xp = x.index_select(0, layout.gather).view(hi - lo, layout.width, -1)  # (k, P, in)
             xa = torch.bmm(a[lo:hi], xp.transpose(1, 2))  # (k, M*R, P): the slots' A as the large operand
-            delta = torch.bmm(xa.transpose(1, 2), bt[lo:hi])  # (k, P, outs); padding rows are zero
-            return out.index_add_(0, layout.gather, delta.view(-1, delta.shape[-1]))
-        xa = torch.mm(x, a[lo:hi].reshape(-1, a.shape[-1]).t())  # (N, k*M*R)
-        if routing.mask is not None:
-            xa.view(x.shape[0], hi - lo, -1).mul_(routing.mask)  # xa is fresh: mask in place, no copy
-        return out.addmm_(xa, bt[lo:hi].reshape(-1, bt.shape[-1]))
+            delta = torch.bmm(xa.transpose(1, 2), bt[lo:hi])  # (k, P, outs)
+            kept = delta.view(-1, delta.shape[-1]).index_select(0, layout.real)  # (n, outs): padding dropped
+            return out.index_add_(0, layout.rows, kept)
+        if hi - lo != 1:
+            raise ValueError(f"a dense routing must use one slot, got slots {lo}..{hi - 1}")
+        xa = torch.mm(x, a[lo].t())  # (N, M*R): every row uses slot lo (`route` checked)
+        return out.addmm_(xa, bt[lo])
 
     def delta(self, layer: int, module: str, x: torch.Tensor,
               adapter_ids: torch.Tensor | LoraRouting) -> torch.Tensor | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 
@@ -27,11 +28,43 @@ class SeqStatus(enum.Enum):
 _FINISHED = frozenset({SeqStatus.FINISHED_STOP, SeqStatus.FINISHED_LENGTH, SeqStatus.FINISHED_ABORT})
 
 
+# What the engine can represent; the HTTP schema imports these so both edges refuse the same values.
+SEED_MIN = -(2**63)  # torch.Generator.manual_seed takes any int in [-2**63, 2**64 - 1]
+SEED_MAX = 2**64 - 1
+MAX_NEW_TOKENS_LIMIT = 2**20  # far past any context this engine serves; refuses absurd budgets early
+TOKEN_ID_MAX = 2**63 - 1  # token ids become int64 tensors
+
+
+class InvalidRequest(ValueError):
+    """A request the engine cannot run as asked; nothing was queued or allocated.
+
+    `param` names the engine-side field at fault (`max_new_tokens`, `seed`, `prompt_ids`...), so the
+    service can name the matching API parameter in its 400 answer."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _shown(value: object) -> str:
+    """A refused value for an error message, bounded (a 10**5-digit int must not become a 100 kB error)."""
+    if isinstance(value, int) and abs(value) >= 10**40:  # repr of a huge int is slow, past 4300 digits an error
+        return f"an int of about 10**{int(value.bit_length() * 0.30103)}"
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens; frozen because a request's params must not change under a running batch.
 
-    Validated here, at the edge of the engine, so a bad request fails before anything is allocated.
+    Validated here, at the edge of the engine, and nowhere else: this is the one place that knows
+    which values the engine can represent (a seed `torch.Generator` refuses, a NaN temperature, a
+    budget no context could hold), so a bad request fails before anything is allocated.
     """
 
     max_new_tokens: int
@@ -41,23 +74,52 @@ class SamplingParams:
     stop_token_ids: frozenset[int] = frozenset()
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
-                or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) \
-                or self.temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+        if not _is_int(self.max_new_tokens) or not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+            raise InvalidRequest(f"max_new_tokens must be an int in [1, {MAX_NEW_TOKENS_LIMIT}], "
+                                 f"got {_shown(self.max_new_tokens)}", param="max_new_tokens")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
+                or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise InvalidRequest(f"temperature must be a finite number >= 0, got {_shown(self.temperature)}",
+                                 param="temperature")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise InvalidRequest(f"top_p must be a number in (0, 1], got {_shown(self.top_p)}", param="top_p")
+        if self.seed is not None and (not _is_int(self.seed) or not SEED_MIN <= self.seed <= SEED_MAX):
+            raise InvalidRequest(f"seed must be an int in [{SEED_MIN}, {SEED_MAX}] or None, got {_shown(self.seed)}",
+                                 param="seed")
         try:
             stops = frozenset(self.stop_token_ids)
         except TypeError as error:
-            raise ValueError(f"stop_token_ids must be a collection of ints, got {self.stop_token_ids!r}") from error
-        if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in stops):
-            raise ValueError(f"stop_token_ids must be ints >= 0, got {sorted(stops, key=repr)!r}")
+            raise InvalidRequest(f"stop_token_ids must be a collection of ints, got "
+                                 f"{type(self.stop_token_ids).__name__}", param="stop_token_ids") from error
+        if any(not _is_int(t) or not 0 <= t <= TOKEN_ID_MAX for t in stops):
+            raise InvalidRequest(f"stop_token_ids must be ints in [0, {TOKEN_ID_MAX}]", param="stop_token_ids")
         object.__setattr__(self, "stop_token_ids", stops)  # accept any iterable, store a frozenset
+
+
+def check_prompt(prompt_ids: Iterable[int], params: SamplingParams, *, vocab_size: int,
+                 limits: Iterable[tuple[int, str]]) -> list[int]:
+    """The prompt as a list of in-vocabulary ids whose prompt + budget fits every (limit, what) given.
+
+    The engine passes the model's context length and the KV pool's capacity: a sequence longer than
+    every block of the pool together could never be scheduled, so it is refused here, as a 400,
+    rather than left to fail later."""
+    try:
+        prompt = list(prompt_ids)
+    except TypeError as error:
+        raise InvalidRequest("prompt_ids must be a list of token ids", param="prompt_ids") from error
+    if not prompt:
+        raise InvalidRequest("prompt_ids is empty: generation needs at least one prompt token", param="prompt_ids")
+    if any(not _is_int(t) or not 0 <= t < vocab_size for t in prompt):
+        raise InvalidRequest(f"prompt_ids contain a token id outside the vocabulary [0, {vocab_size})",
+                             param="prompt_ids")
+    for limit, what in limits:
+        if len(prompt) > limit:
+            raise InvalidRequest(f"prompt of {len(prompt)} tokens exceeds {what} of {limit} tokens",
+                                 param="prompt_ids")
+        if len(prompt) + params.max_new_tokens > limit:
+            raise InvalidRequest(f"prompt of {len(prompt)} tokens + up to {params.max_new_tokens} generated tokens "
+                                 f"exceed {what} of {limit} tokens", param="max_new_tokens")
+    return prompt
 
 
 @dataclass(eq=False)
@@ -88,9 +150,10 @@ class Sequence:
         if not isinstance(self.request_id, str) or not self.request_id:
             raise ValueError(f"request_id must be a non-empty string, got {self.request_id!r}")
         if not self.prompt_ids:
-            raise ValueError(f"request {self.request_id!r}: prompt_ids is empty (generation needs a prompt token)")
-        if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.prompt_ids):
-            raise ValueError(f"request {self.request_id!r}: prompt_ids must be ints >= 0")
+            raise InvalidRequest(f"request {self.request_id!r}: prompt_ids is empty (generation needs a prompt "
+                                 f"token)", param="prompt_ids")
+        if any(not _is_int(t) or not 0 <= t <= TOKEN_ID_MAX for t in self.prompt_ids):
+            raise InvalidRequest(f"request {self.request_id!r}: prompt_ids must be ints >= 0", param="prompt_ids")
 
     @property
     def all_ids(self) -> list[int]:
