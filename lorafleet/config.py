@@ -6,7 +6,6 @@ typo is caught before any data is read or any model is loaded.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,11 +17,9 @@ from lorafleet.models.embedded import EMBEDDED_MODEL_ID
 from lorafleet.models.lora import LoraSettings
 from lorafleet.models.training_settings import TrainingSettings
 from lorafleet.models.turbo_settings import TurboSettings
+from lorafleet.names import NAME_PATTERN, NAME_RULE  # NAME_PATTERN stays importable from here for old callers
 from lorafleet.tasks.data.settings import DataSettings
 from lorafleet.tasks.gate_settings import PromotionSettings
-
-# Usable as an MLflow registered-model name and inside OpenAI `model` strings (`name@alias`).
-NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 
 class ConfigError(ValueError):
@@ -49,8 +46,7 @@ class FinetuneConfig(BaseModel):
     @classmethod
     def _valid_name(cls, value: str) -> str:
         if not NAME_PATTERN.match(value):
-            raise ValueError("must be 1-64 characters of lowercase letters, digits, '.', '_' or '-', "
-                             "starting with a letter or digit (no '@': it separates aliases)")
+            raise ValueError(f"must be {NAME_RULE}")
         return value
 
     @model_validator(mode="after")

@@ -7,6 +7,9 @@
   * `NAME@VERSION` (digits) or `models:/NAME/VERSION`: that registry version;
   * `NAME@ALIAS` or `models:/NAME@ALIAS`: whatever version the alias points at right now
     (`NAME@champion` = `NAME`).
+Fetching a version that is neither the champion nor the challenger (nor served here already) is an admin
+capability (`resolve(any_version=True)`): it costs disk and memory, so the HTTP layer allows it only for
+callers with admin rights (`serving/auth.py`).
 
 Every registry version (and every load of a local folder) gets its own generator adapter name, so moving
 `NAME` to another version is only a change of which entry `NAME` means: requests that already resolved
@@ -18,6 +21,10 @@ capacity: attaching 100 champions to 16 slots would only evict in a loop); the r
 first use. Adapters trained on a different base model are refused: their deltas would be applied to
 weights they were never trained against. Local folders follow the rules of `local_adapters`. A failed
 admin load undoes only what it added: an entry that was already served stays served.
+
+`model` comes from unauthenticated clients: `split_model` checks every spelling against the name rules
+(`lorafleet.names`; a local adapter's own rule for a bare `NAME`) before anything is looked up, so a
+bad name is a 404 that touched neither the registry nor the disk.
 """
 
 from __future__ import annotations
@@ -35,7 +42,9 @@ from typing import Protocol
 
 from lorafleet.models.adapter_dir import AdapterManifest, InvalidAdapterDir
 from lorafleet.models.embedded import EMBEDDED_MODEL_ID
+from lorafleet.names import MAX_MODEL_REFERENCE, VERSION_PATTERN, is_alias, is_registered_name, shorten
 from lorafleet.serving.local_adapters import (
+    LOCAL_NAME,
     Fingerprint,
     InvalidLocalAdapter,
     check_local_name,
@@ -43,7 +52,13 @@ from lorafleet.serving.local_adapters import (
     inside_roots,
     read_local_manifest,
 )
-from lorafleet.serving.registry_reader import CHAMPION, FetchedAdapter, RegistryReader, VersionNotFound
+from lorafleet.serving.registry_reader import (
+    CHALLENGER,
+    CHAMPION,
+    FetchedAdapter,
+    RegistryReader,
+    VersionNotFound,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +69,12 @@ class ModelNotFound(LookupError):
     """The request's `model` names nothing this server can serve (HTTP 404)."""
 
     def __init__(self, model: str, reason: str) -> None:
-        super().__init__(f"the model `{model}` does not exist: {reason}")
+        super().__init__(f"the model `{shorten(model)}` does not exist: {reason}")
         self.model = model
+
+
+class VersionNotAllowed(PermissionError):
+    """A registry version beyond champion and challenger, asked for without admin rights (HTTP 403)."""
 
 
 class AdapterIncompatible(ValueError):
@@ -108,8 +127,14 @@ def choose_base_model(configured: str | None, champions: Sequence[FetchedAdapter
 
 
 def split_model(model: str) -> tuple[str, str | None]:
-    """`model` as (NAME, selector or None); ModelNotFound for a spelling that is none of the above."""
+    """`model` as (NAME, selector or None); ModelNotFound for a spelling that is none of the above.
+
+    NAME must follow the registered-model name rule, or, without a selector, a local adapter's name
+    rule; a selector is a version number (at most 18 digits) or an alias. Nothing else reaches the
+    registry or the disk: not `..`, a NUL byte, 5,000 characters or a name no folder could have."""
     hint = "use NAME, NAME@ALIAS, NAME@VERSION, models:/NAME@ALIAS, models:/NAME/VERSION or the base model id"
+    if len(model) > MAX_MODEL_REFERENCE:
+        raise ModelNotFound(model, f"a model name is at most {MAX_MODEL_REFERENCE} characters; {hint}")
     if model.startswith(MODELS_URI):
         rest = model[len(MODELS_URI):]
         if "@" in rest:
@@ -121,7 +146,13 @@ def split_model(model: str) -> tuple[str, str | None]:
     else:
         name, has_selector, selector = model.partition("@")
         selector = selector if has_selector else None
-    if not name or "/" in name or (selector is not None and (not selector or "@" in selector)):
+    if selector is None:
+        valid = is_registered_name(name) or LOCAL_NAME.match(name) is not None
+    else:
+        number = selector.isascii() and selector.isdigit()
+        valid = is_registered_name(name) and (VERSION_PATTERN.match(selector) is not None if number
+                                              else is_alias(selector))
+    if not valid:
         raise ModelNotFound(model, hint)
     return name, selector
 
@@ -173,11 +204,13 @@ class AdapterCatalogue:
 
     # -- requests ------------------------------------------------------------------------------
 
-    def resolve(self, model: str, *, load: bool = True) -> ServedModel:
+    def resolve(self, model: str, *, load: bool = True, any_version: bool = False) -> ServedModel:
         """Map a request's `model` to an adapter, downloading and attaching it first if needed (blocking).
 
-        With `load=False` nothing is downloaded or attached: what is not installed yet is ModelNotFound."""
-        return self._resolve(model, load)[0]
+        With `load=False` nothing is downloaded or attached: what is not installed yet is ModelNotFound.
+        Fetching a registry version that is neither the champion nor the challenger (nor served here already)
+        is an admin capability: without `any_version` it is VersionNotAllowed, before anything is written."""
+        return self._resolve(model, load, any_version)[0]
 
     def load(self, model: str, *, warm: Warm | None = None) -> ServedModel:
         """The admin load: resolve, attach and make resident now.
@@ -185,7 +218,7 @@ class AdapterCatalogue:
         A registry version this call added that cannot be loaded is forgotten again (unless it is a
         champion), so a failed load changes nothing. A version that was served before stays served:
         requests may be running on it, and its read may still finish (the failure is reported)."""
-        entry, created = self._resolve(model, True)
+        entry, created = self._resolve(model, True, True)
         if entry.adapter is None or warm is None:
             return entry
         try:
@@ -304,7 +337,7 @@ class AdapterCatalogue:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _resolve(self, model: str, load: bool) -> tuple[ServedModel, bool]:
+    def _resolve(self, model: str, load: bool, any_version: bool) -> tuple[ServedModel, bool]:
         """`resolve`, and whether this call added the entry (only the base and registry versions are added)."""
         if model == self.base.id:
             return self.base, False
@@ -320,7 +353,7 @@ class AdapterCatalogue:
             version = int(selector)
         else:
             version = self._alias_version(model, name, selector)
-        return self._version(model, name, version, load)
+        return self._version(model, name, version, load, any_version)
 
     def _champion_version(self, model: str, name: str, load: bool) -> int:
         with self._lock:
@@ -340,7 +373,9 @@ class AdapterCatalogue:
         except VersionNotFound as error:
             raise ModelNotFound(model, str(error)) from None
 
-    def _version(self, model: str, name: str, version: int, load: bool) -> tuple[ServedModel, bool]:
+    def _version(
+        self, model: str, name: str, version: int, load: bool, any_version: bool
+    ) -> tuple[ServedModel, bool]:
         key = (name, version)
         with self._lock:
             entry = self._versions.get(key)
@@ -348,6 +383,8 @@ class AdapterCatalogue:
         if entry is None and not load:
             raise ModelNotFound(model, f"{name} version {version} is not loaded on this server")
         if entry is None:
+            if not any_version:
+                self._check_version_allowed(model, name, version)
             with self._gate(f"fetch:{name}@{version}"):  # one download per version, however many ask
                 registry = self._require_registry(model)
                 try:
@@ -358,6 +395,23 @@ class AdapterCatalogue:
                     raise AdapterIncompatible(f"{name} version {version} is not a usable adapter: {error}") from None
                 entry, created = self._install(fetched)
         return (self._attach(entry) if load else entry), created
+
+    def _check_version_allowed(self, model: str, name: str, version: int) -> None:
+        """Anyone may fetch the champion and the challenger; other versions (a 404 if missing) need admin."""
+        with self._lock:
+            if self._champions.get(name) == version:
+                return
+        registry = self._require_registry(model)
+        for alias in (CHAMPION, CHALLENGER):
+            try:
+                if registry.version_for_alias(name, alias) == version:
+                    return
+            except VersionNotFound:
+                pass
+        if not registry.has_version(name, version):
+            raise ModelNotFound(model, f"registered model {name!r} has no version {version}")
+        raise VersionNotAllowed(f"`{shorten(model)}` is version {version} of `{name}`, which is neither its "
+                                f"{CHAMPION} nor its {CHALLENGER}: loading other versions is an admin capability")
 
     def _install(self, adapter: FetchedAdapter) -> tuple[ServedModel, bool]:
         """Record a version (idempotent: True only for the call that added it); nothing is read into the

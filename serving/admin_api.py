@@ -1,12 +1,15 @@
 """Admin endpoints under `/admin`: list, load, unload and reload adapters while the server runs.
 
-They are unauthenticated, like vLLM's `/v1/load_lora_adapter`: keep the server on a private network
-(lorafleet binds 127.0.0.1 by default) or turn them off with `admin_enabled=False`
-(`LORAFLEET_SERVE_ADMIN_ENABLED=false`), which answers 403. Reading local folders is off separately
-until `adapter_roots` names the folders an admin may load from.
+Who may call them is decided before any route runs, by `serving/auth.py`: admin is on only with an admin
+key or on a loopback-only server, and never with `admin_enabled=False` (`LORAFLEET_SERVE_ADMIN_ENABLED=false`),
+which answers 403. Reading local folders is off separately until `adapter_roots` names the folders an admin
+may load from.
 
 Errors are OpenAI-shaped, as in `openai_api`: unknown model 404, bad body 400, path outside the
 roots 403, unloading an adapter that running requests use 409, unload on the PEFT backend 501.
+Bodies are bounded where they enter (the models below): a name follows its name rule, a `model` or a
+`path` has a maximum length and no control characters (a NUL byte), so no such value reaches the
+catalogue or the file system and each is a 400 naming its parameter.
 """
 
 from __future__ import annotations
@@ -15,11 +18,18 @@ import asyncio
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from lorafleet.names import (
+    MAX_MODEL_REFERENCE,
+    MAX_PATH_LENGTH,
+    NAME_RULE,
+    control_characters,
+    is_registered_name,
+)
 from lorafleet.serving.adapters import (
     AdapterCatalogue,
     AdapterIncompatible,
@@ -27,9 +37,10 @@ from lorafleet.serving.adapters import (
     ModelNotFound,
     ServedModel,
 )
+from lorafleet.serving.auth import caller_of
 from lorafleet.serving.backend import ServingBackend
 from lorafleet.serving.engine_generator import EngineGenerator
-from lorafleet.serving.local_adapters import InvalidLocalAdapter, PathNotAllowed
+from lorafleet.serving.local_adapters import LOCAL_NAME, LOCAL_NAME_RULE, InvalidLocalAdapter, PathNotAllowed
 from lorafleet.serving.openai_api import ApiError, require_backend
 from lorafleet.serving.settings import env_name
 
@@ -39,12 +50,37 @@ router = APIRouter(prefix="/admin", tags=["admin"])
 T = TypeVar("T")
 
 
+def _printable(value: str) -> str:
+    found = control_characters(value)
+    if found:
+        raise ValueError(f"must not contain control characters (found {', '.join(found)})")
+    return value
+
+
+def _local_name(value: str) -> str:
+    if LOCAL_NAME.match(value) is None:
+        raise ValueError(f"must be {LOCAL_NAME_RULE}")
+    return value
+
+
+def _registered_name_rule(value: str) -> str:
+    if not is_registered_name(value):
+        raise ValueError(f"reload takes a registered model name (NAME): {NAME_RULE}")
+    return value
+
+
+ModelReference = Annotated[str, Field(min_length=1, max_length=MAX_MODEL_REFERENCE), AfterValidator(_printable)]
+LocalName = Annotated[str, Field(min_length=1), AfterValidator(_local_name)]
+FolderPath = Annotated[str, Field(min_length=1, max_length=MAX_PATH_LENGTH), AfterValidator(_printable)]
+RegisteredName = Annotated[str, AfterValidator(_registered_name_rule)]
+
+
 class LoadBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = Field(None, min_length=1, description="NAME, NAME@VERSION, NAME@ALIAS, models:/...")
-    name: str | None = Field(None, min_length=1, description="serve a local folder under this name")
-    path: str | None = Field(None, min_length=1, description="an absolute adapter folder under adapter_roots")
+    model: ModelReference | None = Field(None, description="NAME, NAME@VERSION, NAME@ALIAS, models:/...")
+    name: LocalName | None = Field(None, description="serve a local folder under this name")
+    path: FolderPath | None = Field(None, description="an absolute adapter folder under adapter_roots")
 
     @model_validator(mode="after")
     def _one_source(self) -> LoadBody:
@@ -58,13 +94,13 @@ class LoadBody(BaseModel):
 class UnloadBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(min_length=1)
+    model: ModelReference
 
 
 class ReloadBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = Field(None, min_length=1, description="a registered model name; omitted: all")
+    model: RegisteredName | None = Field(None, description="a registered model name; omitted: all")
 
 
 @router.get("/adapters")
@@ -136,9 +172,8 @@ async def reload_adapters(request: Request, body: ReloadBody | None = None) -> d
 
 def _admin(request: Request) -> ServingBackend:
     backend = require_backend(request)
-    if not backend.settings.admin_enabled:
-        raise ApiError(403, "the admin endpoints are turned off on this server (setting admin_enabled, "
-                       f"{env_name('admin_enabled')})", code="admin_disabled")
+    if not caller_of(request.scope).admin:  # a backstop: the access middleware refused such callers already
+        raise ApiError(403, "the admin endpoints need admin rights (see serving/auth.py)", code="admin_disabled")
     return backend
 
 
@@ -151,7 +186,7 @@ async def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     except AdapterIncompatible as error:
         raise ApiError(400, str(error), param="model", code="model_incompatible") from None
     except InvalidLocalAdapter as error:
-        raise ApiError(400, str(error), param="path", code="invalid_adapter") from None
+        raise ApiError(400, str(error), param=error.param, code="invalid_adapter") from None
     except PathNotAllowed as error:
         raise ApiError(403, f"{error}; the allowed folders are set by {env_name('adapter_roots')}", param="path",
                        code="path_not_allowed") from None
@@ -159,10 +194,8 @@ async def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         raise ApiError(400, str(error), code="adapter_load_failed") from None
 
 
-def _registered_name(catalogue: AdapterCatalogue, model: str) -> str:
-    if "@" in model or "/" in model:
-        raise ApiError(400, f"reload takes a registered model name (NAME), got `{model}`", param="model")
-    name = model
+def _registered_name(catalogue: AdapterCatalogue, name: str) -> str:
+    """`name` (already checked by the name rule), unless it is served from a local folder."""
     try:
         entry = catalogue.resolve(name, load=False)
     except ModelNotFound:

@@ -11,17 +11,14 @@ of their own that served nothing yet (`fresh`), so what other tests loaded neith
 from __future__ import annotations
 
 import dataclasses
-import errno
-import os
 import shutil
 import threading
-import time
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
-from lorafleet.models.adapter_dir import TURBO_CONFIG_FILE, read_manifest
+from lorafleet.models.adapter_dir import read_manifest
 from lorafleet.serving.adapters import AdapterCatalogue, AdapterLoadFailed, ModelNotFound, ServedModel
 from lorafleet.serving.backend import build_backend
 from lorafleet.serving.local_adapters import (
@@ -38,7 +35,7 @@ from lorafleet.serving.registry_reader import FetchedAdapter, RegistryReader
 from lorafleet.serving.settings import ServiceSettings
 from lorafleet.settings import Settings
 
-from serving_helpers import BASE, make_adapter, reference_greedy, register_adapter
+from serving_helpers import BASE, IN_PROCESS, make_adapter, reference_greedy, register_adapter
 
 PROMPT = [1, 17, 42, 99, 7, 250]
 MAX_TOKENS = 8
@@ -82,7 +79,7 @@ def fleet(tmp_path_factory, model_cache: Path, migrated_db: Path) -> Fleet:
 
 def service_settings(fleet: Fleet, **overrides) -> ServiceSettings:
     fields = {"registry_poll_s": 0, "adapter_slots": 3, "max_lora_rank": 8, "kv_cache_mb": 16,
-              "default_max_tokens": MAX_TOKENS, "adapter_roots": (fleet.roots,), **overrides}
+              "default_max_tokens": MAX_TOKENS, "adapter_roots": (fleet.roots,), **IN_PROCESS, **overrides}
     return ServiceSettings.from_settings(fleet.settings, **fields)
 
 
@@ -233,7 +230,7 @@ def test_refused_and_bad_requests_change_nothing(http, fleet, tmp_path):
         ({"name": "evil", "path": str(fleet.roots / "missing")}, 400, "invalid_adapter"),
         ({"name": "evil", "path": "team/local"}, 400, "invalid_adapter"),  # relative
         ({"name": "alpha", "path": str(fleet.dirs["local"])}, 400, "invalid_adapter"),  # a registry name
-        ({"name": "a b", "path": str(fleet.dirs["local"])}, 400, "invalid_adapter"),
+        ({"name": "a b", "path": str(fleet.dirs["local"])}, 400, "invalid_value"),  # the body's name rule
         ({"model": "alpha@99"}, 404, "model_not_found"),
         ({"model": "nope"}, 404, "model_not_found"),
         ({"model": "models:/alpha/Production"}, 404, "model_not_found"),
@@ -249,7 +246,7 @@ def test_refused_and_bad_requests_change_nothing(http, fleet, tmp_path):
     admin_error(http.post("/admin/adapters/unload", json={"model": "alpha@99"}), 404, "model_not_found")
     admin_error(http.post("/admin/adapters/unload", json={"model": BASE}), 400, None)
     admin_error(http.post("/admin/adapters/reload", json={"model": "nope"}), 404, "model_not_found")
-    admin_error(http.post("/admin/adapters/reload", json={"model": "alpha@2"}), 400, None)
+    admin_error(http.post("/admin/adapters/reload", json={"model": "alpha@2"}), 400, "invalid_value")  # a NAME
     admin_error(http.post("/admin/adapters/reload", content=b"{", headers={"content-type": "application/json"}),
                 400, "invalid_json")
     assert listing(http) == before
@@ -338,19 +335,6 @@ def test_the_peft_backend_lists_and_loads_but_cannot_unload(fleet):
 # -- failure paths of admin loads, warms and reloads ------------------------------------------------
 
 
-def release_pipe(pipe: Path, timeout: float = 30.0) -> None:
-    """Let the reader blocked on the named pipe `pipe` go on: it reads an empty file (and fails)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
-            return
-        except OSError as error:  # ENXIO: the reader has not opened the pipe yet
-            if error.errno != errno.ENXIO or time.monotonic() > deadline:
-                raise
-            time.sleep(0.01)
-
-
 def timed_out(seen: list[ServedModel]):
     """A warm-up that gives up (what `warm_adapter` does after its timeout); the read it started goes on."""
     def warm(entry: ServedModel) -> None:
@@ -360,18 +344,25 @@ def timed_out(seen: list[ServedModel]):
 
 
 def test_warming_an_adapter_does_not_wait_for_an_unrelated_slow_read(fresh, fleet, tmp_path):
-    # A read that blocks until the test lets it go: the folder's Turbo config is a pipe nobody writes.
-    stuck = tmp_path / "stuck"
-    stuck.mkdir()
-    os.mkfifo(stuck / TURBO_CONFIG_FILE)
+    # A read that blocks until the test lets it go (a slow disk); adapter files are never FIFOs any more:
+    # the confinement rules refuse them at once (tests/test_serving_confinement.py).
+    stuck, release = tmp_path / "stuck", threading.Event()
     generator = fresh.generator
+    real_reader = generator.cache._reader
+
+    def reader(path: Path, shape):
+        if Path(path) == stuck:
+            assert release.wait(60), "the test never released the slow read"
+        return real_reader(path, shape)
+
+    generator.cache._reader = reader
     try:
         generator.load_adapter("quick", fleet.dirs["local"])  # its read starts first (one reader thread)
         generator.load_adapter("stuck", stuck)  # queued behind it; never finishes on its own
         slot = generator.warm_adapter("quick", timeout=30)
         assert slot is not None and generator.cache.slot_of("quick") == slot
     finally:
-        release_pipe(stuck / TURBO_CONFIG_FILE)
+        release.set()
     assert generator.cache.wait_loading(30)  # the reader thread is free again before the backend closes
 
 
