@@ -71,7 +71,7 @@ def build_backend(settings: ServiceSettings, *, metrics: ServingMetrics | None =
         tokenizer=tokenizer,
         catalogue=catalogue,
         generator=runner,
-        context_length=_context_length(loaded.model, tokenizer),
+        context_length=_context_length(loaded.model, tokenizer, runner),
         eos_token_ids=_eos_ids(tokenizer),
         metrics=metrics,
         reloader=reloader,
@@ -120,14 +120,17 @@ def _engine_config(settings: ServiceSettings) -> EngineConfig:
                         prefix_caching=settings.prefix_caching)
 
 
-def _context_length(model: Any, tokenizer: Any) -> int:
+def _context_length(model: Any, tokenizer: Any, generator: TokenGenerator | None = None) -> int:
     limits = [
         getattr(model.config, "max_position_embeddings", None),
         getattr(tokenizer, "model_max_length", None),
     ]
     # Tokenizers without a limit report a huge sentinel (int(1e30)); ignore it.
     usable = [int(limit) for limit in limits if isinstance(limit, int) and 0 < limit < 10**9]
-    return min(usable) if usable else 2048
+    context = min(usable) if usable else 2048
+    if isinstance(generator, EngineGenerator):  # one sequence can never outgrow the whole KV pool
+        context = min(context, generator.engine.scheduler.capacity_tokens)
+    return context
 
 
 def _eos_ids(tokenizer: Any) -> tuple[int, ...]:

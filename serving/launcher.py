@@ -3,7 +3,7 @@
 The server is a separate `bentoml serve` process (never imported in-process: BentoML's in-process
 test client hangs on `/metrics`, and a real process is what users run). It gets its configuration
 only through the environment, so the launcher passes `LORAFLEET_HOME`, `MLFLOW_TRACKING_URI`, the
-model cache and any `LORAFLEET_BASE_MODEL` / `LORAFLEET_SERVE_*` overrides. A background server runs
+model cache, any `LORAFLEET_BASE_MODEL` / `LORAFLEET_SERVE_*` overrides, and the address it binds. A background server runs
 in its own process group so `stop()` takes BentoML's worker processes down with it.
 """
 
@@ -28,6 +28,9 @@ SERVICE = "lorafleet.serving.service:LoraFleetService"  # run by `bentoml serve`
 # of exiting, so the launcher watches the log for this line rather than waiting for the process to die.
 STARTUP_FAILED = "lorafleet service failed to start"
 DEFAULT_HOST = "127.0.0.1"
+# How the service learns the address it listens on (a `ServiceSettings` field): it decides whether admin is
+# on without a key and which Host headers are answered (serving/auth.py). Set from `host`, never from `env`.
+BIND_HOST_ENV = "LORAFLEET_SERVE_BIND_HOST"
 
 
 class ServerStartError(RuntimeError):
@@ -44,7 +47,9 @@ class ServerHandle:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        """Where a client on this machine reaches it: a wildcard bind is reached through loopback."""
+        host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
 
     def running(self) -> bool:
         return self.process.poll() is None
@@ -77,8 +82,12 @@ class ServerHandle:
         self.stop()
 
 
-def server_env(settings: Settings, env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The current environment plus where lorafleet's state lives, plus `env` (highest priority)."""
+def server_env(
+    settings: Settings, env: Mapping[str, str] | None = None, *, host: str | None = None
+) -> dict[str, str]:
+    """The current environment plus where lorafleet's state lives, plus `env`, plus the bind `host`.
+
+    `env` wins over the rest, except for the bind host: the service must learn where it really listens."""
     merged = dict(os.environ)
     merged.update(
         {
@@ -92,6 +101,8 @@ def server_env(settings: Settings, env: Mapping[str, str] | None = None) -> dict
     )
     merged.setdefault("BENTOML_HOME", str(settings.home / "bentoml"))
     merged.update(env or {})
+    if host is not None:
+        merged[BIND_HOST_ENV] = host
     return merged
 
 
@@ -100,7 +111,7 @@ def serve_command(port: int, host: str = DEFAULT_HOST) -> list[str]:
 
 
 def free_port(host: str = DEFAULT_HOST) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
@@ -127,7 +138,7 @@ def start_server(
     # cwd = home: anything that writes relative paths (MLflow's ./mlruns default) lands there.
     process = subprocess.Popen(
         serve_command(port, host),
-        env=server_env(settings, env),
+        env=server_env(settings, env, host=host),
         cwd=settings.home,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -180,7 +191,8 @@ def serve_foreground(
 ) -> int:
     """Run the server attached to this terminal until it exits or Ctrl-C; returns its exit code."""
     settings.ensure()
-    process = subprocess.Popen(serve_command(port, host), env=server_env(settings, env), cwd=settings.home)
+    process = subprocess.Popen(serve_command(port, host), env=server_env(settings, env, host=host),
+                               cwd=settings.home)
     try:
         return process.wait()
     except KeyboardInterrupt:

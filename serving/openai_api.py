@@ -1,8 +1,13 @@
 """The OpenAI-compatible HTTP API (FastAPI): chat and text completions, model listing, errors.
 
 Every error is OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`, with a real status:
-unknown model 404, invalid parameters or malformed JSON 400, a full queue 429, a failed generation
-500. Nothing a client sends can stop the server.
+unknown model 404, invalid parameters, unsupported fields or malformed JSON 400, a body over
+`max_request_bytes` 413, a full queue 429, a failed generation 500. Nothing a client sends can stop
+the server, and an unexpected error answers a generic message with a request id (the details go to
+the log), never exception text that could echo the request.
+
+Tokenisation and chat templating are CPU work proportional to the prompt: they run on a small thread
+pool, never on the event loop, so a long prompt delays only its own request.
 
 Chat prompts: when a request for an adapter carries no system message, the adapter's own system
 prompt (from its manifest's `TaskInfo`) is prepended, so the adapter sees prompts shaped like its
@@ -16,8 +21,11 @@ The app is created without a backend; the service sets `app.state.backend` once 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -26,13 +34,20 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from lorafleet.models.prompting import encode_prompt
-from lorafleet.serving.adapters import AdapterIncompatible, ModelNotFound, ServedModel
+from lorafleet.serving.adapters import AdapterIncompatible, ModelNotFound, ServedModel, VersionNotAllowed
+from lorafleet.serving.auth import caller_of, install_access_control
 from lorafleet.serving.backend import ServingBackend
+from lorafleet.serving.body_limit import BodyLimit
 from lorafleet.serving.completions import Job, Outcome, cancel_on_disconnect, complete, start, stream_events
-from lorafleet.serving.generation import GenerationFailed, GeneratorBusy, SamplingParams
-from lorafleet.serving.openai_schema import ChatCompletionRequest, CompletionRequest
+from lorafleet.serving.generation import GenerationFailed, GeneratorBusy, RequestRejected, SamplingParams
+from lorafleet.serving.openai_schema import UNSUPPORTED_ERROR, ChatCompletionRequest, CompletionRequest
+from lorafleet.serving.settings import ServiceSettings, env_name
 
 log = logging.getLogger(__name__)
+
+# Threads that tokenise prompts. Fast tokenizers release the GIL, so a few threads keep one huge prompt
+# from delaying the others; more would only contend for the cores the engine steps on.
+PREPARE_WORKERS = 4
 
 
 class ApiError(Exception):
@@ -66,7 +81,10 @@ def _error_response(error: ApiError) -> JSONResponse:
 def create_app(backend: ServingBackend | None = None) -> FastAPI:
     app = FastAPI(title="lorafleet", summary="OpenAI-compatible API over a base model and its LoRA adapters")
     app.state.backend = backend
+    app.state.prepare_pool = ThreadPoolExecutor(PREPARE_WORKERS, thread_name_prefix="lorafleet-prepare")
     _install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=functools.partial(max_request_bytes, app))
+    install_access_control(app)  # added last, so it runs first: Host, admin switch and keys before anything
     from lorafleet.serving.admin_api import router as admin_router  # here: admin_api imports this module
 
     app.include_router(admin_router)
@@ -85,6 +103,14 @@ def create_app(backend: ServingBackend | None = None) -> FastAPI:
         return await _run(request, "text", body)
 
     return app
+
+
+def max_request_bytes(app: FastAPI) -> int:
+    """The body limit: the service's setting once it runs, its default while it starts."""
+    backend = app.state.backend
+    if backend is None:
+        return ServiceSettings.model_fields["max_request_bytes"].default
+    return backend.settings.max_request_bytes
 
 
 def require_backend(request: Request) -> ServingBackend:
@@ -113,15 +139,20 @@ async def _run(request: Request, kind: str, body: ChatCompletionRequest | Comple
     label = "unknown"
     endpoint = "chat.completions" if kind == "chat" else "completions"
     try:
-        served = await _resolve(backend, body.model)
+        served = await _resolve(backend, body.model, any_version=caller_of(request.scope).admin)
         label = served.name or served.id
-        job = _prepare(backend, kind, body, served)
+        pool = request.app.state.prepare_pool
+        job = await asyncio.get_running_loop().run_in_executor(
+            pool, functools.partial(_prepare, backend, kind, body, served)
+        )
         try:
             stream = start(backend, job)
         except GeneratorBusy as error:
             raise ApiError(  # OpenAI's rate-limit shape: clients back off and retry
                 429, f"the server is busy, retry later: {error}", code="server_busy", type="server_overloaded"
             ) from None
+        except RequestRejected as error:
+            raise _rejected(error, body) from None
         if body.stream:
             return StreamingResponse(
                 _observed_stream(request, backend, job, stream, outcome, started),
@@ -165,19 +196,35 @@ def _observe(
         )
 
 
-async def _resolve(backend: ServingBackend, model: str) -> ServedModel:
+async def _resolve(backend: ServingBackend, model: str, *, any_version: bool) -> ServedModel:
     try:
         # Blocking: may download from the registry and wait for the generator to load the adapter.
-        return await asyncio.to_thread(backend.catalogue.resolve, model)
+        return await asyncio.to_thread(backend.catalogue.resolve, model, any_version=any_version)
+    except VersionNotAllowed as error:
+        raise ApiError(403, f"{error}: send an admin key (`Authorization: Bearer <key>`, "
+                       f"{env_name('admin_api_keys')})", param="model", code="admin_key_required") from None
     except ModelNotFound as error:
         raise ApiError(404, str(error), param="model", code="model_not_found") from None
     except AdapterIncompatible as error:
         raise ApiError(400, str(error), param="model", code="model_incompatible") from None
 
 
+def _rejected(error: RequestRejected, body: ChatCompletionRequest | CompletionRequest) -> ApiError:
+    """The generator refused what the API let through (400), named as this request named it."""
+    param = error.param
+    if isinstance(body, ChatCompletionRequest):
+        if param == "prompt":
+            param = "messages"
+        elif param == "max_tokens" and body.max_completion_tokens is not None:
+            param = "max_completion_tokens"
+    return ApiError(400, str(error), param=param, code="invalid_value")
+
+
 def _prepare(
     backend: ServingBackend, kind: str, body: ChatCompletionRequest | CompletionRequest, served: ServedModel
 ) -> Job:
+    """The request as token ids and sampling parameters. CPU-bound (chat template, tokenizer): runs on
+    the prepare pool, never on the event loop."""
     if isinstance(body, ChatCompletionRequest):
         prompt_ids, prompt_param = _chat_prompt(backend, body, served), "messages"
     else:
@@ -283,9 +330,16 @@ def _install_error_handlers(app: FastAPI) -> None:
         )
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, error: Exception) -> JSONResponse:
-        log.exception("unhandled error in the OpenAI API")
-        return _error_response(ApiError(500, f"internal error: {type(error).__name__}: {error}"))
+    async def _unexpected(request: Request, error: Exception) -> JSONResponse:
+        # The exception's text may quote the request (or a file it named): it goes to the log only.
+        request_id = f"err-{uuid.uuid4().hex[:16]}"
+        log.error("unhandled error %s in %s %s", request_id, request.method, request.url.path, exc_info=error)
+        response = _error_response(
+            ApiError(500, f"internal error (request id {request_id}); the details are in the server log",
+                     code="internal_error")
+        )
+        response.headers["x-request-id"] = request_id
+        return response
 
 
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none"})
@@ -308,8 +362,13 @@ def _describe_validation(error: RequestValidationError) -> ApiError:
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
     # Union types add the member type to the location (`prompt.str`, `content.list[TextPart]`): drop those.
     loc = [part for part in loc if part not in _TYPE_TAGS and not part.startswith(_TYPE_TAG_PREFIXES)]
-    param = ".".join(loc) or None
+    unsupported = first.get("type") == UNSUPPORTED_ERROR
+    if unsupported:  # raised for the whole body (or message): the field is in the error's context
+        loc.append(str((first.get("ctx") or {}).get("field", "")))
+    param = ".".join(part for part in loc if part) or None
+    # `msg` only, never `input`: pydantic's input value would echo the request back.
     message = str(first.get("msg", "invalid value"))
     message = message.removeprefix("Value error, ")
     extra = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
-    return ApiError(400, f"{param or 'request body'}: {message}{extra}", param=param, code="invalid_value")
+    code = UNSUPPORTED_ERROR if unsupported else "invalid_value"
+    return ApiError(400, f"{param or 'request body'}: {message}{extra}", param=param, code=code)

@@ -1,8 +1,18 @@
 """Request bodies of the OpenAI-compatible API, validated by pydantic with field-named errors.
 
-Only what lorafleet implements is modelled; unknown fields are ignored (as OpenAI's own server does
-for fields a model does not use), but a field we cannot honour (`n > 1`, `logprobs`) is refused
-rather than silently ignored.
+Three kinds of field:
+
+- **Honoured** fields are modelled below and checked against what the engine can represent: integers
+  are strict (no `true`, `1.5` or `"5"`), floats are finite, `seed` fits the 64-bit range a torch
+  generator accepts. Limits that depend on the server (`max_tokens` against the context and
+  `max_tokens_limit`, token ids against the vocabulary) are checked by the API, which knows them.
+- **Refused** fields are features lorafleet does not implement (tools, structured output, logprobs,
+  penalties, `n > 1`, ...). `UNSUPPORTED` lists them, each with its reason: a request that sets one to
+  a value that changes the answer is refused with HTTP 400 naming it (`code: unsupported_parameter`),
+  never answered as if it had not been asked. Values that change nothing (`tools: []`, penalties 0,
+  `logit_bias: {}`, `response_format: {"type": "text"}`, `n: 1`) are accepted, because SDKs send them.
+- Every **other** field is ignored, as OpenAI's own server does for fields a model does not use:
+  metadata (`user`, `metadata`, `store`, `service_tier`...) changes nothing about the answer.
 
 Extension: `return_token_ids: true` adds `prompt_token_ids` and per-choice `token_ids` to a
 non-streaming response, so clients (and tests) can compare exact tokens instead of decoded text.
@@ -10,12 +20,126 @@ non-streaming response, so clients (and tests) can compare exact tokens instead 
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
-Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
-TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+# The engine owns what it can represent: a seed outside its range used to fail inside the engine.
+from lorafleet.serving.engine.sequence import SEED_MAX, SEED_MIN
+
+MAX_STOP_SEQUENCES = 4  # OpenAI's limit
+
+Temperature = Annotated[float, Field(ge=0.0, le=2.0, strict=True, allow_inf_nan=False)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0, strict=True, allow_inf_nan=False)]
+TokenCount = Annotated[StrictInt, Field(ge=1)]  # upper bounds depend on the server: checked by the API
+Seed = Annotated[StrictInt, Field(ge=SEED_MIN, le=SEED_MAX)]
+UNSUPPORTED_ERROR = "unsupported_parameter"  # pydantic error type, and the OpenAI error code
+
+
+# -- fields we do not implement -------------------------------------------------------------------
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _absent_or(*inert: Any) -> Callable[[Any], bool]:
+    """`value` is None or equal to one of `inert`, compared with its type (`true` is not `1`)."""
+
+    def changes_nothing(value: Any) -> bool:
+        if value is None:
+            return True
+        for candidate in inert:
+            if _is_number(candidate):
+                if _is_number(value) and value == candidate:
+                    return True
+            elif type(value) is type(candidate) and value == candidate:
+                return True
+        return False
+
+    return changes_nothing
+
+
+def _zero_biases(value: Any) -> bool:
+    return value is None or (isinstance(value, dict) and all(_is_number(b) and b == 0 for b in value.values()))
+
+
+@dataclass(frozen=True)
+class Unsupported:
+    """A request field lorafleet does not implement; `changes_nothing(value)` says when it is harmless."""
+
+    reason: str
+    changes_nothing: Callable[[Any], bool]
+    accepted: str  # the harmless values, as the error tells the client
+
+
+_TOOLS = "tool and function calling is not implemented"
+_FORMAT = "structured output is not implemented: the model answers in plain text"
+_LOGPROBS = "log-probabilities are not returned"
+_PENALTY = "repetition penalties are not implemented"
+
+# OpenAI's fields, then the common vLLM sampling extensions (sent through the SDKs' `extra_body`).
+UNSUPPORTED: dict[str, Unsupported] = {
+    "n": Unsupported("one choice is generated per request", _absent_or(1), "1"),
+    "best_of": Unsupported("one choice is generated per request", _absent_or(1), "1"),
+    "logprobs": Unsupported(_LOGPROBS, _absent_or(False, 0), "false or 0"),
+    "top_logprobs": Unsupported(_LOGPROBS, _absent_or(0), "0"),
+    "echo": Unsupported("the prompt is not echoed back", _absent_or(False), "false"),
+    "suffix": Unsupported("insertion (text after the completion) is not implemented", _absent_or(""), '""'),
+    "logit_bias": Unsupported("logit biases are not applied", _zero_biases, "{} or all-zero biases"),
+    "presence_penalty": Unsupported(_PENALTY, _absent_or(0), "0"),
+    "frequency_penalty": Unsupported(_PENALTY, _absent_or(0), "0"),
+    "tools": Unsupported(_TOOLS, _absent_or([]), "[]"),
+    "tool_choice": Unsupported(_TOOLS, _absent_or("none", "auto"), '"none" or "auto"'),
+    "parallel_tool_calls": Unsupported(_TOOLS, _absent_or(True), "true"),
+    "functions": Unsupported(_TOOLS, _absent_or([]), "[]"),
+    "function_call": Unsupported(_TOOLS, _absent_or("none", "auto"), '"none" or "auto"'),
+    "response_format": Unsupported(_FORMAT, _absent_or({"type": "text"}), '{"type": "text"}'),
+    "modalities": Unsupported("only text output is generated", _absent_or(["text"]), '["text"]'),
+    "audio": Unsupported("only text output is generated", _absent_or(), "null"),
+    "prediction": Unsupported("predicted outputs are not implemented", _absent_or(), "null"),
+    "reasoning_effort": Unsupported("the models served are not reasoning models", _absent_or(), "null"),
+    "web_search_options": Unsupported("web search is not implemented", _absent_or(), "null"),
+    "top_k": Unsupported("only top_p truncation is implemented", _absent_or(-1, 0), "-1 or 0"),
+    "min_p": Unsupported("only top_p truncation is implemented", _absent_or(0), "0"),
+    "repetition_penalty": Unsupported(_PENALTY, _absent_or(1), "1"),
+    "min_tokens": Unsupported("a minimum length is not enforced", _absent_or(0), "0"),
+    "ignore_eos": Unsupported("generation always stops at end-of-sequence", _absent_or(False), "false"),
+    "stop_token_ids": Unsupported("stop token ids are not configurable; use `stop`", _absent_or([]), "[]"),
+    "use_beam_search": Unsupported("beam search is not implemented", _absent_or(False), "false"),
+    "guided_json": Unsupported(_FORMAT, _absent_or(), "null"),
+    "guided_regex": Unsupported(_FORMAT, _absent_or(), "null"),
+    "guided_choice": Unsupported(_FORMAT, _absent_or(), "null"),
+    "guided_grammar": Unsupported(_FORMAT, _absent_or(), "null"),
+}
+
+# Per chat message: tool turns are refused by `role` already; these carry tool calls on other turns.
+UNSUPPORTED_IN_MESSAGES: dict[str, Unsupported] = {
+    "tool_calls": Unsupported(_TOOLS, _absent_or([]), "[]"),
+    "function_call": Unsupported(_TOOLS, _absent_or(), "null"),
+}
+
+
+def refuse_unsupported(data: Any, table: dict[str, Unsupported]) -> Any:
+    """Raise for the first field of `table` set to a value that would change the answer.
+
+    The error's `ctx["field"]` names the field; the API appends it to the error's location, since a
+    model-level validator cannot place its error on a field the model does not declare."""
+    if isinstance(data, dict):
+        for name, rule in table.items():
+            if name in data and not rule.changes_nothing(data[name]):
+                raise PydanticCustomError(
+                    UNSUPPORTED_ERROR,
+                    "not supported by this server ({reason}); omit it or send {accepted}",
+                    {"field": name, "reason": rule.reason, "accepted": rule.accepted},
+                )
+    return data
+
+
+# -- the request bodies ---------------------------------------------------------------------------
 
 
 class TextPart(BaseModel):
@@ -32,6 +156,11 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_tool_calls(cls, data: Any) -> Any:
+        return refuse_unsupported(data, UNSUPPORTED_IN_MESSAGES)
+
     def text(self) -> str:
         if self.content is None:
             return ""
@@ -43,45 +172,34 @@ class ChatMessage(BaseModel):
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    include_usage: bool = False
+    include_usage: StrictBool | None = False
 
 
 class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    # `None` (JSON null) means "the default", as in OpenAI's API: 1.0, 1.0, 1 and false.
+    max_tokens: TokenCount | None = None
+    # `None` (JSON null) means "the default", as in OpenAI's API: 1.0, 1.0 and false.
     temperature: Temperature | None = None
     top_p: TopP | None = None
-    n: int | None = None
-    stream: bool | None = False
+    stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
-    logprobs: bool | int | None = None
-    return_token_ids: bool = False
+    seed: Seed | None = None
+    return_token_ids: StrictBool = False
 
-    @field_validator("n")
+    @model_validator(mode="before")
     @classmethod
-    def _single_choice(cls, value: int | None) -> int | None:
-        if value not in (None, 1):
-            raise ValueError("only n=1 is supported")
-        return value
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value: bool | int | None) -> bool | int | None:
-        if value:
-            raise ValueError("logprobs are not supported")
-        return value
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        return refuse_unsupported(data, UNSUPPORTED)
 
     @field_validator("stop")
     @classmethod
     def _valid_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
         stops = [value] if isinstance(value, str) else value or []
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences are allowed")
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
         if any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty strings")
         return value
@@ -95,15 +213,17 @@ class _Common(BaseModel):
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+    max_completion_tokens: TokenCount | None = None  # OpenAI's newer name for max_tokens
 
     def requested_max_tokens(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        return self.max_tokens
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str] | list[int]
-    echo: bool = False
+    # Token ids are strict ints here; whether they are in the vocabulary is checked by the API.
+    prompt: str | list[str] | list[StrictInt]
 
     @field_validator("prompt")
     @classmethod
@@ -115,13 +235,6 @@ class CompletionRequest(_Common):
                 raise ValueError("only one prompt per request is supported")
         if value == "" or value == [""]:
             raise ValueError("prompt must not be empty")
-        return value
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("echo is not supported")
         return value
 
     def requested_max_tokens(self) -> int | None:

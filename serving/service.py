@@ -16,6 +16,7 @@ import os
 
 import bentoml
 
+from lorafleet.serving.auth import exposure_warnings
 from lorafleet.serving.backend import build_backend
 from lorafleet.serving.launcher import STARTUP_FAILED
 from lorafleet.serving.metrics import ServingMetrics
@@ -39,6 +40,8 @@ class LoraFleetService:
             settings = Settings.from_env()
             settings.ensure()
             service_settings = ServiceSettings.from_env(settings, os.environ)
+            for warning in exposure_warnings(service_settings):  # before the slow part: seen at once
+                log.warning("WARNING: %s", warning)
             self.backend = build_backend(service_settings, metrics=ServingMetrics())
         except Exception as error:
             log.error("%s: %s", STARTUP_FAILED, error)

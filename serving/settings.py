@@ -3,17 +3,28 @@
 `ServiceSettings` is built once, in the service entry point, from the global `Settings` (paths, MLflow
 URI) plus `LORAFLEET_BASE_MODEL` / `LORAFLEET_SERVE_*` environment variables; everything below receives
 the object. The launcher passes those variables to the `bentoml serve` subprocess, which is the only way
-to configure a process that BentoML starts.
+to configure a process that BentoML starts. It also passes `LORAFLEET_SERVE_BIND_HOST`, the address it
+binds, so that the service knows whether it is reachable from the network (see `serving/auth.py`).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from lorafleet.settings import Settings
 
@@ -22,7 +33,8 @@ ENV_PREFIX = "LORAFLEET_SERVE_"
 
 
 class ServiceSettings(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # hide_input_in_errors: a rejected API key must not be quoted back in a ValidationError.
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     tracking_uri: str
     model_cache_dir: Path
@@ -55,6 +67,11 @@ class ServiceSettings(BaseModel):
                                  "per adapter")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none")
     max_tokens_limit: int = Field(2048, ge=1, description="largest max_tokens a request may ask for")
+    max_request_bytes: int = Field(
+        2 * 2**20, ge=1024, le=2**30, description="largest request body (HTTP 413 beyond), checked before it is "
+        "read: 2 MiB holds a 128k-token prompt as JSON text (even \\u-escaped CJK) or as token ids; raise it only "
+        "for longer contexts, since every byte admitted is held in memory and tokenised"
+    )
     load_champions: bool = Field(
         True, description="serve every `champion` adapter; at most adapter_slots are read at start-up, the "
         "rest on first use"
@@ -63,8 +80,24 @@ class ServiceSettings(BaseModel):
         30.0, ge=0.0, description="seconds between registry polls for moved `champion` aliases; 0 = no polling"
     )
     admin_enabled: bool = Field(
-        True, description="serve the unauthenticated /admin endpoints (load/unload/reload adapters): keep the "
-        "server on a private network, or turn them off"
+        True, description="false turns the /admin endpoints off whatever else is set; true allows them only where "
+        "they are safe: an admin key is set, or the server binds to loopback only (see serving/auth.py)"
+    )
+    api_keys: tuple[SecretStr, ...] = Field(
+        (), description="bearer keys for inference (/v1); several for rotation (env: comma-separated); empty: "
+        "inference needs no key"
+    )
+    admin_api_keys: tuple[SecretStr, ...] = Field(
+        (), description="bearer keys for /admin and for registry versions other than champion and challenger; "
+        "they grant inference too (env: comma-separated)"
+    )
+    allowed_hosts: tuple[str, ...] | None = Field(
+        None, description="Host header names served, without port (`*.example.com`: its subdomains, `*`: any; "
+        "env: comma-separated); None: loopback names when bound to loopback, else any (see serving/auth.py)"
+    )
+    bind_host: str | None = Field(
+        None, description="the address the server listens on, passed by the launcher (`lorafleet serve --host`); "
+        "None (unknown, e.g. a hand-run `bentoml serve`) counts as reachable from the network"
     )
     adapter_roots: tuple[Path, ...] = Field(
         (), description="absolute folders under which /admin/adapters/load may read local adapter "
@@ -85,6 +118,34 @@ class ServiceSettings(BaseModel):
         if relative:  # relative to what? bentoml serve runs in LORAFLEET_HOME, not where it was typed
             raise ValueError(f"adapter roots must be absolute paths, got {relative}")
         return roots
+
+    @field_validator("api_keys", "admin_api_keys", "allowed_hosts", mode="before")
+    @classmethod
+    def _split_list(cls, value: object) -> object:
+        if isinstance(value, str):  # from the environment: "a,b" (spaces around entries ignored)
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("api_keys", "admin_api_keys")
+    @classmethod
+    def _header_safe_keys(cls, keys: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+        # Never quote a key back: the message only says which one (by position) is unusable.
+        for position, key in enumerate(keys, start=1):
+            if not _TOKEN.fullmatch(key.get_secret_value()):
+                raise ValueError(f"key #{position} is not usable as a bearer token: keys are 1 to 512 printable "
+                                 "ASCII characters without spaces or commas")
+        return keys
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, hosts: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if hosts is None:
+            return None
+        bad = [host for host in hosts if not _valid_host_pattern(host)]
+        if bad:
+            raise ValueError(f"allowed hosts are names or IP addresses without scheme, port or path "
+                             f"(`*.example.com` for subdomains, `*` for any), got {[host[:80] for host in bad]}")
+        return tuple(host.lower() for host in hosts)
 
     @model_validator(mode="after")
     def _default_within_limit(self) -> ServiceSettings:
@@ -121,7 +182,7 @@ class ServiceSettings(BaseModel):
             for item in error.errors():
                 field = str(item["loc"][0]) if item["loc"] else ""
                 where = env_name(field) if field in overrides else field or "<settings>"
-                problems.append(f"{where}: {item['msg']}")
+                problems.append(f"{where}: {str(item['msg']).removeprefix('Value error, ')}")
             raise ValueError("invalid serving settings: " + "; ".join(problems)) from None
 
     @classmethod
@@ -129,6 +190,21 @@ class ServiceSettings(BaseModel):
         """Fields settable through `LORAFLEET_SERVE_*` (paths come from `Settings`)."""
         fixed = {"tracking_uri", "model_cache_dir", "adapter_download_dir", "base_model"}
         return [name for name in cls.model_fields if name not in fixed]
+
+
+_TOKEN = re.compile(r"[!-+\--~]{1,512}")  # printable ASCII (0x21-0x7e) except ',' (0x2c): the env list separator
+_HOST_NAME = re.compile(r"(\*\.)?[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?\.?", re.IGNORECASE)
+
+
+def _valid_host_pattern(host: str) -> bool:
+    """`*`, a host name (optionally `*.`-prefixed), or an IP address (IPv6 with or without brackets)."""
+    if host == "*" or _HOST_NAME.fullmatch(host):
+        return True
+    try:
+        ipaddress.ip_address(host[1:-1] if host.startswith("[") and host.endswith("]") else host)
+    except ValueError:
+        return False
+    return True
 
 
 def env_name(field: str) -> str:

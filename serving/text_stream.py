@@ -4,6 +4,11 @@ Decoding one token at a time is wrong for byte-level tokenizers: a multi-byte ch
 two tokens decodes as U+FFFD halves. So text is released only once the decoded tail is complete
 (the prefix/read offset scheme used by TGI and vLLM: re-decode a short window, emit what grew).
 
+The held-back tail is bounded: a character is at most 4 bytes, so a tail still incomplete after
+`MAX_HELD_TOKENS` tokens is bytes that will never form one (or tokens that decode to nothing), and it
+is released as it decodes (U+FFFD). Unbounded, a model emitting such tokens would make every push
+re-decode the whole tail: quadratic work on the event loop, where streams are decoded.
+
 Stop strings can straddle tokens, so the last `len(longest stop) - 1` characters are held back until
 more text proves they do not start a stop string; on a match the text is cut before it and the
 caller ends the generation with finish_reason "stop".
@@ -15,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 REPLACEMENT = "\ufffd"
+MAX_HELD_TOKENS = 8  # twice the longest UTF-8 character in byte-level tokens
 
 
 class IncrementalDetokenizer:
@@ -32,7 +38,8 @@ class IncrementalDetokenizer:
         self.ids.append(int(token_id))
         prefix = self._decode(self.ids[self._prefix_offset : self._read_offset])
         text = self._decode(self.ids[self._prefix_offset :])
-        if len(text) > len(prefix) and not text.endswith(REPLACEMENT):
+        complete = len(text) > len(prefix) and not text.endswith(REPLACEMENT)
+        if complete or len(self.ids) - self._read_offset >= MAX_HELD_TOKENS:
             self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
             return text[len(prefix) :]
         return ""
