@@ -2,7 +2,11 @@
 
 Each arrow is a file or registry hand-off, so any stage can be re-run alone. A failure anywhere marks
 the MLflow run FAILED and never moves `champion`; an interrupted training leaves its checkpoints and
-its MLflow run open, and re-running the same config continues both.
+its MLflow run open, and re-running the same config continues both: the same run, the same registered
+version, each training step logged once.
+
+One finetune per adapter name at a time (`tasks/locks.py`): a second one fails at once naming the
+first, instead of sharing its MLflow run, checkpoint folder and registered version.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from prefect import flow, get_run_logger
 
 from lorafleet.config import FinetuneConfig, load_config, parse_config
 from lorafleet.settings import Settings
-from lorafleet.tasks import steps, tracking
+from lorafleet.tasks import locks, steps, tracking
 from lorafleet.tasks.train import training_key
 
 
@@ -40,7 +44,15 @@ def finetune(config: str | dict[str, Any], promote: bool = True) -> dict[str, An
 
 
 def run_finetune(spec: FinetuneConfig, settings: Settings) -> dict[str, Any]:
-    """The flow body, callable from other flows (retrain) with already-validated config and settings."""
+    """The flow body, callable from other flows (retrain) with already-validated config and settings.
+
+    Raises `locks.AlreadyRunning` when another process is fine-tuning the same name in this home.
+    """
+    with locks.finetune_lock(settings.home, spec.name):
+        return _run_locked(spec, settings)
+
+
+def _run_locked(spec: FinetuneConfig, settings: Settings) -> dict[str, Any]:
     logger = get_run_logger()
     prepared = steps.prepare_data(spec, settings)
     if not prepared.path.exists():  # the Prefect cache points at a folder someone deleted
@@ -51,8 +63,8 @@ def run_finetune(spec: FinetuneConfig, settings: Settings) -> dict[str, Any]:
     try:
         trained = steps.train(spec, prepared, settings, key, run_id)
         outcome = steps.evaluate(spec, prepared, trained, settings, run_id)
-        version = steps.register(spec, trained, outcome, settings, run_id)
-        decision = steps.gate(spec, version, outcome, settings, run_id)
+        version = steps.register(spec, prepared, trained, outcome, settings, run_id)
+        gated = steps.gate(spec, prepared, version, outcome, settings, run_id)
     except KeyboardInterrupt:
         tracking.RunLogger(client, run_id).finish("KILLED")  # resumable: rerun the same config
         raise
@@ -61,9 +73,9 @@ def run_finetune(spec: FinetuneConfig, settings: Settings) -> dict[str, Any]:
         raise
     tracking.RunLogger(client, run_id).finish("FINISHED")
     summary = {
-        "name": spec.name, "run_id": run_id, "version": version,
-        "promoted": bool(decision.promote and spec.promotion.auto_promote),
-        "gate_reasons": decision.reasons, "adapter_dir": str(trained.adapter_dir),
+        "name": spec.name, "run_id": run_id, "version": version, "promoted": gated.promoted,
+        "gate_reasons": gated.decision.reasons, "gate_provenance": gated.decision.provenance,
+        "adapter_dir": str(trained.adapter_dir),
         "data_fingerprint": prepared.fingerprint, "prepared_dir": str(prepared.path),
         "n_test_examples": outcome.n_examples,
         "metrics": outcome.variants, "labels": outcome.labels,

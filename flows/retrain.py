@@ -14,7 +14,7 @@ from prefect.artifacts import create_table_artifact
 from lorafleet.config import load_retrain_config
 from lorafleet.flows.finetune import finetune
 from lorafleet.settings import Settings
-from lorafleet.tasks import registry, steps, tracking
+from lorafleet.tasks import locks, registry, steps, tracking
 
 
 @flow(name="retrain")
@@ -38,7 +38,13 @@ def retrain(config: str, force: bool = False) -> list[dict[str, Any]]:
         reason = "no registered version" if latest is None else (
             "forced" if previous == prepared.fingerprint else f"data changed since version {latest.version}")
         logger.info("%s: retraining (%s)", spec.name, reason)
-        summary = finetune(config=spec.model_dump(mode="json"))
+        try:
+            summary = finetune(config=spec.model_dump(mode="json"))
+        except locks.AlreadyRunning as error:  # someone is fine-tuning it now; the other adapters still run
+            logger.warning("%s: skipped: %s", spec.name, error)
+            results.append({"name": spec.name, "action": "skipped", "reason": str(error),
+                            "data_fingerprint": prepared.fingerprint})
+            continue
         results.append({"name": spec.name, "action": "retrained", "reason": reason,
                         "version": summary["version"], "promoted": summary["promoted"],
                         "data_fingerprint": prepared.fingerprint})

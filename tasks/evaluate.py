@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from lorafleet.config import FinetuneConfig
+from lorafleet.evaluation.metric_catalog import metric_spec
 from lorafleet.evaluation.quality import QualityReport, evaluate_quality, few_shot_from_examples
 from lorafleet.evaluation.report import comparison_markdown
-from lorafleet.evaluation.speculative import measure_speculative
+from lorafleet.evaluation.settings import EvaluationSettings
+from lorafleet.evaluation.speculative import SpeculativeReport, measure_speculative
 from lorafleet.evaluation.speed import SpeedReport, measure_speed
 from lorafleet.models.adapter_dir import has_lora, read_manifest, write_manifest
 from lorafleet.models.base import load_base_model
@@ -50,9 +52,12 @@ class EvaluationOutcome:
         return self.variants[ADAPTER]
 
     def best_base(self, metric: str) -> dict[str, float]:
-        """The strongest base variant on `metric`: the gate must beat the base at its best."""
+        """The strongest base variant on `metric` (in its better direction): the gate must beat the base
+        at its best. A variant without the metric never counts as the best."""
         bases = [v for k, v in self.variants.items() if k.startswith(BASE)]
-        return max(bases, key=lambda m: m.get(metric, float("-inf")))
+        if metric_spec(metric).higher_is_better:
+            return max(bases, key=lambda m: m.get(metric, float("-inf")))
+        return min(bases, key=lambda m: m.get(metric, float("inf")))
 
     def flat_metrics(self) -> dict[str, float]:
         return {f"eval/{variant}/{name}": value
@@ -72,9 +77,7 @@ def evaluate_adapter(config: FinetuneConfig, prepared: PreparedData, adapter_dir
     model = load_adapter(loaded.model, adapter_dir) if has_lora(adapter_dir) else loaded.model
     model.eval()
     opts = config.evaluation
-    test = prepared.records("test")
-    if opts.max_examples is not None:
-        test = test[: opts.max_examples]
+    test = evaluated_rows(prepared, opts)
     task = prepared.task
 
     quality: dict[str, QualityReport] = {}
@@ -90,21 +93,15 @@ def evaluate_adapter(config: FinetuneConfig, prepared: PreparedData, adapter_dir
     quality[ADAPTER] = evaluate_quality(model, tokenizer, test, task, opts, label=labels[ADAPTER],
                                         progress=progress)
 
-    prompts = [encode_prompt(tokenizer, row["messages"]) for row in test[: opts.speed_prompts]]
-    timing = {"max_new_tokens": opts.speed_max_new_tokens, "warmup": opts.speed_warmup, "progress": progress}
     with _base_only(model):
-        base_speed = measure_speed(model, tokenizer, prompts, label="base", **timing)
-    adapter_speed = measure_speed(model, tokenizer, prompts, label="adapter", **timing)
+        base_speed = _measure_speed(model, tokenizer, test, opts, label="base", progress=progress)
+    adapter_speed = _measure_speed(model, tokenizer, test, opts, label="adapter", progress=progress)
 
     variants = {key: {**report.metrics, **_speed_metrics(adapter_speed if key == ADAPTER else base_speed)}
                 for key, report in quality.items()}
     speculative = None
     if has_heads(adapter_dir):
-        report = measure_speculative(
-            model, load_heads(adapter_dir, device=loaded.device), tokenizer,
-            [encode_prompt(tokenizer, row["messages"]) for row in test[: opts.speculative_prompts]],
-            max_new_tokens=opts.speculative_max_new_tokens, prompt_lookup_num_tokens=opts.prompt_lookup_num_tokens,
-            warmup=opts.speed_warmup, progress=progress)
+        report = _measure_speculative(model, tokenizer, loaded.device, adapter_dir, test, opts, progress)
         variants[ADAPTER].update(report.as_metrics())
         speculative = report.to_dict()
     samples = _samples(test, quality, n=5)
@@ -112,6 +109,48 @@ def evaluate_adapter(config: FinetuneConfig, prepared: PreparedData, adapter_dir
                                 speculative=speculative)
     _record_in_manifest(adapter_dir, outcome)
     return outcome
+
+
+def evaluate_on_rows(config: FinetuneConfig, prepared: PreparedData, adapter_dir: Path, settings: Settings,
+                     *, progress: bool = True) -> dict[str, float]:
+    """Another adapter's metrics (the champion's) on exactly the rows and settings `evaluate_adapter`
+    uses for `config`, so the gate compares like with like. The adapter runs on its own base model
+    (from its manifest), as it is served; nothing is written into `adapter_dir`."""
+    manifest = read_manifest(adapter_dir)
+    loaded = load_base_model(manifest.base_model.id, settings.model_cache_dir, device=config.device)
+    model = load_adapter(loaded.model, adapter_dir) if has_lora(adapter_dir) else loaded.model
+    model.eval()
+    opts, test = config.evaluation, evaluated_rows(prepared, config.evaluation)
+    label = f"{manifest.name} ({manifest.method})"
+    quality = evaluate_quality(model, loaded.tokenizer, test, prepared.task, opts, label=label, progress=progress)
+    speed = _measure_speed(model, loaded.tokenizer, test, opts, label=label, progress=progress)
+    metrics = {**quality.metrics, **_speed_metrics(speed)}
+    if has_heads(adapter_dir):
+        metrics.update(_measure_speculative(model, loaded.tokenizer, loaded.device, adapter_dir, test, opts,
+                                            progress).as_metrics())
+    return metrics
+
+
+def evaluated_rows(prepared: PreparedData, opts: EvaluationSettings) -> list[dict[str, Any]]:
+    """The test rows every variant is scored on: the first `max_examples` of the prepared test split."""
+    test = prepared.records("test")
+    return test if opts.max_examples is None else test[: opts.max_examples]
+
+
+def _measure_speed(model: Any, tokenizer: Any, test: list[dict[str, Any]], opts: EvaluationSettings, *,
+                   label: str, progress: bool) -> SpeedReport:
+    prompts = [encode_prompt(tokenizer, row["messages"]) for row in test[: opts.speed_prompts]]
+    return measure_speed(model, tokenizer, prompts, label=label, max_new_tokens=opts.speed_max_new_tokens,
+                         warmup=opts.speed_warmup, progress=progress)
+
+
+def _measure_speculative(model: Any, tokenizer: Any, device: Any, adapter_dir: Path, test: list[dict[str, Any]],
+                         opts: EvaluationSettings, progress: bool) -> SpeculativeReport:
+    return measure_speculative(
+        model, load_heads(adapter_dir, device=device), tokenizer,
+        [encode_prompt(tokenizer, row["messages"]) for row in test[: opts.speculative_prompts]],
+        max_new_tokens=opts.speculative_max_new_tokens, prompt_lookup_num_tokens=opts.prompt_lookup_num_tokens,
+        warmup=opts.speed_warmup, progress=progress)
 
 
 def _base_only(model: Any):

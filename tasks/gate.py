@@ -4,6 +4,10 @@ Pure functions over metric dicts, so the rule can be tested as a table and re-ru
 numbers shown in MLflow. The decision is a list of checks that must all pass; each check explains
 itself in a sentence. New criteria (for example a minimum speculative speed-up) are new entries in
 `CHECKS` plus a field in `PromotionSettings`, without touching the quality rule.
+
+The numbers given here must be comparable (the caller measures champion and challenger on the same
+rows, see `tasks/eval_split.py`); the gate adds the metric's direction (`evaluation/metric_catalog.py`),
+so "better" and the margin point the same way for a score and for a latency.
 """
 
 from __future__ import annotations
@@ -52,6 +56,10 @@ class GateDecision:
     required: float | None
     reasons: list[str] = field(default_factory=list)
     checks: list[CheckResult] = field(default_factory=list)
+    better: str = "higher"  # the metric's direction: `required` is a floor when higher, a ceiling when lower
+    # Where each number came from ("challenger" -> "the first 16 rows of the test split of data 1a2b…"),
+    # filled in by the caller that measured them; shown in the report so a decision can be audited.
+    provenance: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,8 +74,9 @@ def decide(settings: PromotionSettings, *, challenger: Mapping[str, float], base
 
     First version (no champion): the challenger must beat the base model by more than the margin
     (strictly better when the margin is 0), since an adapter that does not beat the bare model
-    should not be served. Later versions: challenger >= champion + margin, so an equally good
-    retrain on fresh data may replace the champion when the margin is 0.
+    should not be served. Later versions: challenger at least as good as champion ± margin (+ when
+    higher is better, - when lower is), so an equally good retrain on fresh data may replace the
+    champion when the margin is 0.
     """
     inputs = GateInputs(challenger=challenger, base=base, champion=champion,
                         champion_version=None if champion_version is None else str(champion_version))
@@ -80,10 +89,21 @@ def decide(settings: PromotionSettings, *, challenger: Mapping[str, float], base
         challenger_value=challenger_value,
         reference_label=label,
         reference_value=reference,
-        required=None if reference is None else reference + settings.margin,
+        required=None if reference is None else _required(settings, reference),
         reasons=[result.reason for result in results],
         checks=results,
+        better=settings.spec.better,
     )
+
+
+def already_champion(settings: PromotionSettings, *, version: str | int,
+                     challenger: Mapping[str, float]) -> GateDecision:
+    """The decision for a challenger that is the champion already (a rerun after a crash past promotion)."""
+    reason = f"v{version} is already the champion (an earlier attempt of this run promoted it); nothing to move."
+    return GateDecision(promote=True, metric=settings.metric, challenger_value=_value(challenger, settings.metric),
+                        reference_label=f"champion v{version}", reference_value=_value(challenger, settings.metric),
+                        required=None, reasons=[reason], checks=[CheckResult("already champion", True, reason)],
+                        better=settings.spec.better)
 
 
 def render_markdown(decision: GateDecision, *, name: str, version: str | int, promoted: bool) -> str:
@@ -94,20 +114,23 @@ def render_markdown(decision: GateDecision, *, name: str, version: str | int, pr
         outcome = "**passed, not promoted** (`promotion.auto_promote` is off; use `lorafleet promote`)"
     else:
         outcome = f"**held**: v{version} stays `{name}@challenger`"
+    bound = "at least" if decision.better == "higher" else "at most"
     lines = [f"# Promotion gate: {name} v{version}", "", outcome, "",
-             (f"Metric `{decision.metric}`: challenger {_fmt(decision.challenger_value)}, "
-              f"{decision.reference_label} {_fmt(decision.reference_value)}, "
-              f"required {_fmt(decision.required)}."),
+             (f"Metric `{decision.metric}` ({decision.better} is better): challenger "
+              f"{_fmt(decision.challenger_value)}, {decision.reference_label} {_fmt(decision.reference_value)}, "
+              f"required {bound} {_fmt(decision.required)}."),
              "", "| check | result | reason |", "|---|---|---|"]
     for check in decision.checks:
-        reason = check.reason.replace("|", "\\|")
-        lines.append(f"| {check.name} | {'pass' if check.passed else 'fail'} | {reason} |")
+        lines.append(f"| {check.name} | {'pass' if check.passed else 'fail'} | {_cell(check.reason)} |")
+    if decision.provenance:
+        lines += ["", "| number | measured on |", "|---|---|"]
+        lines += [f"| {_cell(who)} | {_cell(where)} |" for who, where in decision.provenance.items()]
     return "\n".join(lines) + "\n"
 
 
 def quality_check(settings: PromotionSettings, inputs: GateInputs) -> CheckResult:
-    metric, margin = settings.metric, settings.margin
-    name = f"quality ({metric})"
+    metric, margin, higher = settings.metric, settings.margin, settings.spec.higher_is_better
+    name = f"quality ({metric}, {settings.spec.better} is better)"
     value = _value(inputs.challenger, metric)
     label, reference = _reference(inputs, metric)
     if value is None:
@@ -117,15 +140,18 @@ def quality_check(settings: PromotionSettings, inputs: GateInputs) -> CheckResul
         hint = " Promote by hand with `lorafleet promote` if intended." if inputs.has_champion else ""
         return CheckResult(name, False, f"The {label} has no {metric} result to compare with; "
                                         f"not promoting.{hint}")
-    required = reference + margin
+    required = _required(settings, reference)
+    sign = "+" if higher else "-"
+    ties = math.isclose(value, required, rel_tol=_TOLERANCE, abs_tol=_TOLERANCE)
+    improves = value > required if higher else value < required
     if inputs.has_champion:
-        passed = value >= required or math.isclose(value, required, rel_tol=_TOLERANCE, abs_tol=_TOLERANCE)
+        passed = improves or ties
         relation = "reaches" if passed else "falls short of"
         outcome = "promoting" if passed else f"keeping the {label}"
         return CheckResult(name, passed, f"Challenger {metric} {value:.4f} {relation} the {label}'s "
-                                         f"{reference:.4f} + margin {margin:.4f} = {required:.4f}; "
+                                         f"{reference:.4f} {sign} margin {margin:.4f} = {required:.4f}; "
                                          f"{outcome}.")
-    passed = value > required and not math.isclose(value, required, rel_tol=_TOLERANCE, abs_tol=_TOLERANCE)
+    passed = improves and not ties
     relation = "beats" if passed else "does not beat"
     outcome = "promoting the first version" if passed else "not promoting"
     return CheckResult(name, passed, f"First version: challenger {metric} {value:.4f} {relation} the "
@@ -174,6 +200,15 @@ def _reference(inputs: GateInputs, metric: str) -> tuple[str, float | None]:
         label = f"champion v{inputs.champion_version}" if inputs.champion_version else "champion"
         return label, _value(inputs.champion or {}, metric)
     return "base model", _value(inputs.base, metric)
+
+
+def _required(settings: PromotionSettings, reference: float) -> float:
+    """The bar the challenger must reach: the margin is an improvement in the metric's better direction."""
+    return reference + settings.margin if settings.spec.higher_is_better else reference - settings.margin
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
 
 
 def _fmt(value: float | None) -> str:

@@ -5,6 +5,10 @@ meaning: `challenger` marks the newest candidate, `champion` the version that is
 moves are recorded (a registered-model tag with the ordered list of past champions, and
 `promoted_at` / `promotion_reason` on the version) so that `rollback` can undo them.
 
+Every move of `champion` (gate, `promote`, `rollback`) happens under the store's per-name promotion
+lock (`tasks/locks.py`), and the gate moves it with `move_champion_if`, a compare-and-set: two gates
+deciding at once cannot both win against the same old champion. A run registers at most one version.
+
 Version numbers are returned as `ModelVersion` objects whose `.version` may be an int (SQLite
 store) or a str (REST); every function here accepts either and compares them as strings.
 """
@@ -29,9 +33,10 @@ from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST
 
-from lorafleet.config import NAME_PATTERN
 from lorafleet.models.adapter_dir import MANIFEST_FILE, AdapterManifest, InvalidAdapterDir, read_manifest
 from lorafleet.models.cache import file_lock
+from lorafleet.names import NAME_PATTERN, NAME_RULE, VERSION_PATTERN, is_alias, is_registered_name, shorten
+from lorafleet.tasks.locks import promotion_lock
 from lorafleet.tasks.tracking import is_mlflow_error
 
 log = logging.getLogger(__name__)
@@ -146,11 +151,16 @@ def register_adapter(client: MlflowClient, *, name: str, run_id: str, tags: Mapp
     `tags` are added to (and override) the tags derived from the manifest. Registration is all or
     nothing: if any step after creating the version fails, the version is deleted (and the
     registered model too when this call created it) before the error propagates, so the service
-    never sees a version without its tags.
+    never sees a version without its tags. Idempotent per run: when the run already has a READY
+    version of `name` (a rerun after a failure past registration), that version is returned as is.
     """
     if not NAME_PATTERN.match(name):
         raise ValueError(f"registered model name {name!r} is not valid: use 1-64 lowercase letters, digits, "
                          "'.', '_' or '-', starting with a letter or digit")
+    existing = version_for_run(client, name, run_id)
+    if existing is not None:
+        log.info("run %s is already registered as %s v%s; reusing it", run_id, name, existing.version)
+        return existing
     manifest = read_run_manifest(client, run_id)
     all_tags = {**version_tags(manifest), **{key: str(value) for key, value in tags.items()}}
     created_model = _ensure_registered_model(client, name)
@@ -213,10 +223,26 @@ def _undo_registration(client: MlflowClient, name: str, version: str | None, *, 
         log.error("could not clean up the failed registration of %s v%s: %s", name, version, error)
 
 
+def version_for_run(client: MlflowClient, name: str, run_id: str) -> ModelVersion | None:
+    """The READY version of `name` registered from `run_id` (the newest if an older release made several)."""
+    if not NAME_PATTERN.match(name) or not run_id.isalnum():
+        return None  # not a lorafleet name or run id; either would also need quoting inside the filter
+    found = [v for v in _search_versions(client, f"name='{name}' AND run_id='{run_id}'") if v.status == "READY"]
+    return max(found, key=lambda v: int(v.version)) if found else None
+
+
 def get_version(client: MlflowClient, name: str, version_or_alias: str | int) -> ModelVersion:
-    """Resolve `3`, `"3"`, `"latest"` or an alias such as `"champion"` to a model version."""
-    model = _registered_model(client, name)
+    """Resolve `3`, `"3"`, `"latest"` or an alias such as `"champion"` to a model version.
+
+    Names and references are checked by the shared rules (`lorafleet.names`) before the store is asked:
+    `..`, a 5,000-digit version or a name no lorafleet adapter can have is AdapterNotFound, never a raw
+    store error, and never a folder name for `download_adapter`."""
     ref = str(version_or_alias).strip()
+    if not is_registered_name(name):
+        raise AdapterNotFound(f"no registered adapter named {shorten(repr(name))} (names are {NAME_RULE})")
+    if ref != "latest" and not (VERSION_PATTERN.match(ref) or is_alias(ref)):
+        raise AdapterNotFound(f"adapter {name!r} has no version or alias {shorten(repr(ref))}")
+    model = _registered_model(client, name)
     if ref == "latest":
         numbers = [int(v.version) for v in _versions(client, name)]
         if not numbers:
@@ -268,8 +294,49 @@ def get_champion(client: MlflowClient, name: str) -> ModelVersion | None:
 
 def set_champion(client: MlflowClient, name: str, version: str | int, *, reason: str) -> None:
     """Point `champion` at `version` and record the move so it can be rolled back."""
+    _check_reason(reason)
+    with promotion_lock(client.tracking_uri, name):
+        _set_champion(client, name, version, reason=reason)
+
+
+def move_champion_if(client: MlflowClient, name: str, version: str | int, *, expected: str | int | None,
+                     reason: str) -> bool:
+    """Compare-and-set: point `champion` at `version` only if it still points at `expected` (None: no
+    champion). False, and nothing moved, when another promotion got there first; the caller re-reads
+    the champion and decides again."""
+    _check_reason(reason)
+    with promotion_lock(client.tracking_uri, name):
+        current = _alias(_registered_model(client, name), CHAMPION)
+        if current != (None if expected is None else str(expected)):
+            log.info("%s champion moved to v%s while v%s was being judged against v%s; not moving it",
+                     name, current, version, expected)
+            return False
+        _set_champion(client, name, version, reason=reason)
+        return True
+
+
+def promote(client: MlflowClient, name: str, version: str | int, reason: str) -> ModelVersion:
+    """`lorafleet promote NAME VERSION`: like `set_champion`, for a version or alias given by a person."""
+    _check_reason(reason)
+    with promotion_lock(client.tracking_uri, name):
+        target = get_version(client, name, version)
+        _set_champion(client, name, target.version, reason=reason)
+    return client.get_model_version(name, str(target.version))
+
+
+def rollback(client: MlflowClient, name: str) -> tuple[str, str]:
+    """Move `champion` back to the previous champion; returns (from_version, to_version)."""
+    with promotion_lock(client.tracking_uri, name):
+        return _rollback(client, name)
+
+
+def _check_reason(reason: str) -> None:
     if not reason.strip():
         raise ValueError("set_champion needs a reason: it is recorded on the version and shown in history")
+
+
+def _set_champion(client: MlflowClient, name: str, version: str | int, *, reason: str) -> None:
+    """The move itself; the caller holds the promotion lock (flock is not re-entrant, so this takes none)."""
     target = get_version(client, name, str(version))
     new = str(target.version)
     if target.status != "READY":
@@ -289,15 +356,7 @@ def set_champion(client: MlflowClient, name: str, version: str | int, *, reason:
     log.info("%s champion: v%s -> v%s (%s)", name, current, new, reason)
 
 
-def promote(client: MlflowClient, name: str, version: str | int, reason: str) -> ModelVersion:
-    """`lorafleet promote NAME VERSION`: like `set_champion`, for a version or alias given by a person."""
-    target = get_version(client, name, version)
-    set_champion(client, name, target.version, reason=reason)
-    return client.get_model_version(name, str(target.version))
-
-
-def rollback(client: MlflowClient, name: str) -> tuple[str, str]:
-    """Move `champion` back to the previous champion; returns (from_version, to_version)."""
+def _rollback(client: MlflowClient, name: str) -> tuple[str, str]:
     model = _registered_model(client, name)
     current = _alias(model, CHAMPION)
     if current is None:
@@ -405,9 +464,13 @@ def _versions(client: MlflowClient, name: str) -> Iterator[ModelVersion]:
     """Every version of `name` (note: MLflow leaves `.aliases` empty here; read aliases from the model)."""
     if not NAME_PATTERN.match(name):
         return  # not a lorafleet name; it would also need quoting inside the filter string
+    yield from _search_versions(client, f"name='{name}'")
+
+
+def _search_versions(client: MlflowClient, filter_string: str) -> Iterator[ModelVersion]:
     token = None
     while True:
-        page = client.search_model_versions(f"name='{name}'", page_token=token)
+        page = client.search_model_versions(filter_string, page_token=token)
         yield from page
         token = page.token
         if not token:

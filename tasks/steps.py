@@ -1,7 +1,7 @@
 """The finetune stages as Prefect tasks: thin wrappers that log, track and hand off files.
 
 Retries are reserved for I/O (reading data files, MLflow calls), and only for errors that can be
-transient: a bad config or a data error fails at once. Data preparation is cached on a key made of
+transient (`tasks/transient.py`): a bad config, a data error or a full disk fails at once. Data preparation is cached on a key made of
 the source files' bytes, the data settings, the tokenizer and this module's source.
 """
 
@@ -26,7 +26,9 @@ from lorafleet.settings import Settings
 from lorafleet.tasks import gate as gate_logic
 from lorafleet.tasks import registry, tracking
 from lorafleet.tasks.data.prepare import PreparedData, prepare_dataset, source_key
+from lorafleet.tasks.eval_split import SPLIT_TAG, EvalSplit, champion_numbers_on
 from lorafleet.tasks.evaluate import EvaluationOutcome, evaluate_adapter
+from lorafleet.tasks.promotion import GateOutcome, gate_and_promote
 from lorafleet.tasks.train import (
     TrainedAdapter,
     checkpoint_dir,
@@ -34,14 +36,13 @@ from lorafleet.tasks.train import (
     recorded_run_id,
     train_from_config,
 )
-
-TRANSIENT_ERRORS = (OSError, ConnectionError, TimeoutError)
+from lorafleet.tasks.transient import is_transient
 
 
 def retry_on_io_error(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry only when the failure looks transient (I/O), never on bad input."""
+    """Retry only when the failure is transient I/O, never on bad input or a full or read-only disk."""
     error = state.result(raise_on_failure=False)
-    return isinstance(error, TRANSIENT_ERRORS) and not isinstance(error, (FileNotFoundError, PermissionError))
+    return isinstance(error, BaseException) and is_transient(error)
 
 
 def artifact_key(*parts: str) -> str:
@@ -79,16 +80,17 @@ def start_tracking(config: FinetuneConfig, settings: Settings, prepared: Prepare
     client = tracking.mlflow_client(settings)
     experiment_id = tracking.ensure_experiment(client, config.name, settings)
     folder = checkpoint_dir(config, key, settings)
+    params = {"config": config.model_dump(mode="json"), "data": {
+        "fingerprint": prepared.fingerprint, "counts": prepared.counts, "sources": prepared.sources}}
     run_id = tracking.resume_or_start_run(
         client, experiment_id, run_name=f"{config.name}-{config.method}",
         tags={"lorafleet.adapter": config.name, "lorafleet.method": config.method,
               "lorafleet.training_key": key, "lorafleet.data_fingerprint": prepared.fingerprint},
-        resume_run_id=recorded_run_id(folder))
+        resume_run_id=recorded_run_id(folder), params=params)
     folder.mkdir(parents=True, exist_ok=True)
     record_run_id(folder, run_id)
     run = tracking.RunLogger(client, run_id)
-    run.log_params({"config": config.model_dump(mode="json"), "data": {
-        "fingerprint": prepared.fingerprint, "counts": prepared.counts, "sources": prepared.sources}})
+    run.log_params(params)
     run.log_dict({"system": tracking.system_info(), "dropped": prepared.dropped}, "run_info.json")
     get_run_logger().info("MLflow run %s (experiment %s)", run_id, experiment_id)
     return run_id
@@ -165,15 +167,27 @@ def _speculative_markdown(report: dict[str, Any]) -> str:
 
 
 @task(name="register", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_on_io_error)
-def register(config: FinetuneConfig, trained: TrainedAdapter, outcome: EvaluationOutcome, settings: Settings,
-             run_id: str) -> str:
-    """Upload the adapter directory to the run and register it as a version with alias `challenger`."""
+def register(config: FinetuneConfig, prepared: PreparedData, trained: TrainedAdapter, outcome: EvaluationOutcome,
+             settings: Settings, run_id: str) -> str:
+    """Upload the adapter directory to the run and register it as a version with alias `challenger`.
+
+    A run registers one version: on a rerun after a failure past this step, the run's version is reused
+    (and its uploaded adapter, which that version points at, is not overwritten).
+    """
     client = tracking.mlflow_client(settings)
+    existing = registry.version_for_run(client, config.name, run_id)
+    if existing is not None:
+        get_run_logger().info("run %s is already registered as %s version %s: reusing it", run_id, config.name,
+                              existing.version)
+        return str(existing.version)
     run = tracking.RunLogger(client, run_id)
     run.log_artifacts(trained.adapter_dir, registry.ADAPTER_ARTIFACT_PATH)
     # Base model, method, fingerprint and the adapter's metrics come from its manifest (registry.version_tags);
-    # the best base variant's metrics are added so a later `promote` flow can re-run the gate from tags alone.
-    tags = registry.metric_tags(outcome.best_base(config.promotion.metric), prefix="base_metric.")
+    # the best base variant's metrics and the split they were all measured on are added, so a later gate
+    # (this flow's or `promote`'s) knows which rows the numbers belong to.
+    split = evaluated_split(config, prepared, outcome)
+    tags = {**registry.metric_tags(outcome.best_base(config.promotion.metric), prefix="base_metric."),
+            SPLIT_TAG: split.to_tag()}
     version = registry.register_adapter(client, name=config.name, run_id=run_id, tags=tags,
                                         description=f"{config.method} adapter of {config.base_model}")
     get_run_logger().info("registered %s version %s (alias challenger)", config.name, version.version)
@@ -181,24 +195,37 @@ def register(config: FinetuneConfig, trained: TrainedAdapter, outcome: Evaluatio
 
 
 @task(name="gate")
-def gate(config: FinetuneConfig, version: str, outcome: EvaluationOutcome, settings: Settings,
-         run_id: str) -> gate_logic.GateDecision:
-    """Decide promotion against the champion (or the base model for a first version) and act on it."""
+def gate(config: FinetuneConfig, prepared: PreparedData, version: str, outcome: EvaluationOutcome,
+         settings: Settings, run_id: str) -> GateOutcome:
+    """Decide promotion against the champion (or the base model for a first version) and act on it.
+
+    The champion is measured on this run's test rows (re-evaluated if its numbers came from other rows),
+    and `champion` moves by compare-and-set (`tasks/promotion.py`).
+    """
     client = tracking.mlflow_client(settings)
-    champion = registry.get_champion(client, config.name)
-    champion_metrics = registry.version_metrics(champion) if champion is not None else None
-    decision = gate_logic.decide(config.promotion, challenger=outcome.adapter,
-                                 base=outcome.best_base(config.promotion.metric), champion=champion_metrics,
-                                 champion_version=champion.version if champion is not None else None)
-    promoted = decision.promote and config.promotion.auto_promote
-    if promoted:
-        registry.set_champion(client, config.name, version, reason="; ".join(decision.reasons))
+    split = evaluated_split(config, prepared, outcome)
+    result = gate_and_promote(
+        client, config.name, version, settings=config.promotion, challenger=outcome.adapter,
+        base=outcome.best_base(config.promotion.metric),
+        champion_numbers=champion_numbers_on(client, settings, config, prepared, split),
+        provenance={f"challenger v{version}": f"this run: {split.describe()}",
+                    "base model": f"this run, the same rows: {split.describe()}"},
+        auto_promote=config.promotion.auto_promote)
+    decision, promoted = result.decision, result.promoted
     run = tracking.RunLogger(client, run_id)
-    run.set_tags({"lorafleet.gate": "promoted" if promoted else "held",
-                  "lorafleet.registered_version": version})
+    champion = result.champion
+    run.set_tags({"lorafleet.gate": "promoted" if promoted else "held", "lorafleet.registered_version": version,
+                  "lorafleet.gate.split": split.describe(),
+                  "lorafleet.gate.champion": ("none" if champion is None
+                                              else f"v{champion.version}: {champion.source}")})
     report = gate_logic.render_markdown(decision, name=config.name, version=version, promoted=promoted)
     run.log_text(report, "evaluation/gate.md")
     create_markdown_artifact(markdown=report, key=artifact_key(config.name, "gate"),
                              description="promotion decision")
     get_run_logger().info("gate for %s v%s: %s", config.name, version, " ".join(decision.reasons))
-    return decision
+    return result
+
+
+def evaluated_split(config: FinetuneConfig, prepared: PreparedData, outcome: EvaluationOutcome) -> EvalSplit:
+    """The rows and settings this run's adapter and base numbers were measured on."""
+    return EvalSplit.of(prepared, config.evaluation, outcome.n_examples)

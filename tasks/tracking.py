@@ -4,6 +4,11 @@ Everything goes through an explicit `MlflowClient` built from `Settings`, so a t
 pipeline can point at its own store. With a local store the experiment's artifact location is
 fixed under `Settings.mlflow_artifacts_dir`; MLflow would otherwise fall back to `./mlruns` in
 whatever folder the process happened to start in.
+
+Reruns are idempotent: a run is resumed only by the process holding its adapter's finetune lock
+(`tasks/locks.py`), so a RUNNING run found then was left by a process that died; and `RunLogger`
+logs each (metric, step) once, so the steps a resumed training replays from its last checkpoint
+do not appear twice in the loss curve.
 """
 
 from __future__ import annotations
@@ -26,8 +31,9 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
 
-from lorafleet.config import NAME_PATTERN
+from lorafleet.names import NAME_PATTERN
 from lorafleet.settings import Settings
+from lorafleet.tasks.locks import store_init_lock
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +48,8 @@ _PARAMS_PER_BATCH = 100  # MLflow's MAX_PARAMS_TAGS_PER_BATCH (params and tags)
 _METRICS_PER_BATCH = 1000  # MLflow's MAX_METRICS_PER_BATCH
 _RESUMABLE = {"RUNNING", "KILLED", "FAILED"}
 RunEndStatus = Literal["FINISHED", "FAILED", "KILLED"]
+# SQLite stores this process has created and migrated under the store lock; later clients skip the lock.
+_READY_STORES: set[str] = set()
 
 
 def mlflow_client(settings: Settings) -> MlflowClient:
@@ -54,7 +62,26 @@ def mlflow_client(settings: Settings) -> MlflowClient:
         settings.home.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(settings.tracking_uri)
     mlflow.set_registry_uri(settings.tracking_uri)
-    return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+    return _client(settings.tracking_uri)
+
+
+def _client(uri: str) -> MlflowClient:
+    """A client whose stores exist; a SQLite store is created and migrated under a file lock, once per process.
+
+    MLflow creates the tracking tables of an empty database on first use (when a client is built) without
+    a lock: two processes starting on a fresh home both migrate and the second fails ("duplicate column
+    name"). Building the first client of a store in this process, and making MLflow build its registry
+    store too, happen under the store's lock; MLflow caches both per process, so later clients need
+    neither the lock nor a query.
+    """
+    if uri in _READY_STORES or not uri.startswith("sqlite:"):
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    with store_init_lock(uri):
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        client.search_experiments(max_results=1)
+        client.search_registered_models(max_results=1)
+    _READY_STORES.add(uri)
+    return client
 
 
 def experiment_name(adapter_name: str) -> str:
@@ -95,15 +122,18 @@ def start_run(client: MlflowClient, experiment_id: str, *, run_name: str,
 
 
 def resume_or_start_run(client: MlflowClient, experiment_id: str, *, run_name: str,
-                        tags: Mapping[str, str] | None = None, resume_run_id: str | None) -> str:
+                        tags: Mapping[str, str] | None = None, resume_run_id: str | None,
+                        params: Mapping[str, Any] | None = None) -> str:
     """Continue an interrupted run (so its metrics stay one curve), or start a new one.
 
-    A run is continued only if it exists, belongs to this experiment and did not finish; any other
-    case starts a new run and says why, because a stale id must never block training.
+    A run is continued only if it exists, belongs to this experiment, did not finish and, when
+    `params` (the nested config about to be logged) is given, logged no different value for any of
+    them (MLflow refuses to change a param; a changed config is a new run). Any other case starts a
+    new run and says why, because a stale id must never block training.
     Compare the returned id with `resume_run_id` to know which happened.
     """
     if resume_run_id:
-        reason = _resume_refusal(client, experiment_id, resume_run_id)
+        reason = _resume_refusal(client, experiment_id, resume_run_id, params)
         if reason is None:
             client.update_run(resume_run_id, status="RUNNING")
             if tags:
@@ -114,7 +144,8 @@ def resume_or_start_run(client: MlflowClient, experiment_id: str, *, run_name: s
     return start_run(client, experiment_id, run_name=run_name, tags=tags)
 
 
-def _resume_refusal(client: MlflowClient, experiment_id: str, run_id: str) -> str | None:
+def _resume_refusal(client: MlflowClient, experiment_id: str, run_id: str,
+                    params: Mapping[str, Any] | None = None) -> str | None:
     try:
         run = client.get_run(run_id)
     except MlflowException as error:
@@ -127,7 +158,17 @@ def _resume_refusal(client: MlflowClient, experiment_id: str, run_id: str) -> st
         return f"it belongs to experiment {run.info.experiment_id}, not {experiment_id}"
     if run.info.status not in _RESUMABLE:
         return f"its status is {run.info.status}"
+    if params:
+        logged = run.data.params
+        changed = sorted(key for key, value in _loggable(params).items() if key in logged and logged[key] != value)
+        if changed:
+            return f"its config differs ({', '.join(changed[:5])})"
     return None
+
+
+def _loggable(nested: Mapping[str, Any]) -> dict[str, str]:
+    """The params exactly as `RunLogger.log_params` writes them."""
+    return {key: _truncate(value) for key, value in flatten_params(nested).items()}
 
 
 class RunLogger:
@@ -140,6 +181,7 @@ class RunLogger:
     def __init__(self, client: MlflowClient, run_id: str) -> None:
         self.client = client
         self.run_id = run_id
+        self._logged_steps: dict[str, set[int]] | None = None  # read from the run on the first log_metrics
 
     def __enter__(self) -> Self:
         return self
@@ -156,7 +198,7 @@ class RunLogger:
     def log_params(self, nested: Mapping[str, Any]) -> dict[str, str]:
         """Log a nested config as dotted params; return what was logged (after truncation)."""
         flat = flatten_params(nested)
-        logged = {key: _truncate(value) for key, value in flat.items()}
+        logged = _loggable(nested)
         items = [Param(key, value) for key, value in logged.items()]
         for start in range(0, len(items), _PARAMS_PER_BATCH):
             batch = items[start:start + _PARAMS_PER_BATCH]
@@ -166,7 +208,10 @@ class RunLogger:
         return logged
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log at `step` (default 0); a (metric, step) the run already has is skipped, not logged twice."""
         timestamp = int(time.time() * 1000)
+        step = step or 0
+        logged = self._steps_already_logged()
         entries = []
         for key, value in metrics.items():
             number = float(value)
@@ -174,10 +219,21 @@ class RunLogger:
                 log.warning("not logging metric %r = %r to run %s: MLflow charts need finite values",
                             key, value, self.run_id)
                 continue
-            entries.append(Metric(key, number, timestamp, step or 0))
+            if step in logged.setdefault(key, set()):
+                continue  # replayed after a resume, or a rerun of a finished step
+            logged[key].add(step)
+            entries.append(Metric(key, number, timestamp, step))
         for start in range(0, len(entries), _METRICS_PER_BATCH):
             batch = entries[start:start + _METRICS_PER_BATCH]
             self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+
+    def _steps_already_logged(self) -> dict[str, set[int]]:
+        """Steps per metric the run holds from earlier attempts (one query per metric, once per logger)."""
+        if self._logged_steps is None:
+            keys = self.client.get_run(self.run_id).data.metrics
+            self._logged_steps = {key: {m.step for m in self.client.get_metric_history(self.run_id, key)}
+                                  for key in keys}
+        return self._logged_steps
 
     def on_train_step(self, step: int, metrics: Mapping[str, float]) -> None:
         self.log_metrics(metrics, step=step)

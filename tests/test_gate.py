@@ -139,3 +139,46 @@ def test_worse_quality_fails_even_when_faster():
                       champion={"field_f1": 0.9, "speedup": 1.0}, champion_version="1")
     assert not decision.promote
     assert [c.passed for c in decision.checks] == [False, True]
+
+
+# --- direction: a latency is better when lower, and the margin points the same way ----------------------------
+
+LATENCY = "latency_p50_ms"
+DIRECTION_CASES = [
+    # (id, margin, challenger, base, champion, promote, required)
+    ("slower-challenger-held", 0.0, 900.0, 50.0, 12.0, False, 12.0),
+    ("faster-challenger-promoted", 0.0, 10.0, 50.0, 12.0, True, 12.0),
+    ("tie-promoted", 0.0, 12.0, 50.0, 12.0, True, 12.0),
+    ("faster-but-inside-margin", 5.0, 10.0, 50.0, 12.0, False, 7.0),
+    ("faster-by-margin", 5.0, 7.0, 50.0, 12.0, True, 7.0),
+    ("first-faster-than-base", 0.0, 40.0, 50.0, None, True, 50.0),
+    ("first-slower-than-base", 0.0, 60.0, 50.0, None, False, 50.0),
+    ("first-ties-base", 0.0, 50.0, 50.0, None, False, 50.0),
+]
+
+
+@pytest.mark.parametrize("case", DIRECTION_CASES, ids=[case[0] for case in DIRECTION_CASES])
+def test_lower_is_better_metrics(case: tuple) -> None:
+    _, margin, challenger, base, champion, promote, required = case
+    decision = decide(PromotionSettings(metric=LATENCY, margin=margin), challenger={LATENCY: challenger},
+                      base={LATENCY: base}, champion=None if champion is None else {LATENCY: champion},
+                      champion_version=None if champion is None else "1")
+    assert decision.promote is promote, decision.reasons
+    assert decision.better == "lower" and decision.required == pytest.approx(required)
+    assert "lower is better" in decision.checks[0].name
+    report = render_markdown(decision, name="viggo", version="2", promoted=promote)
+    assert f"required at most {required:.4f}" in report
+
+
+def test_unknown_metric_is_refused_with_the_known_ones() -> None:
+    with pytest.raises(ValueError, match="unknown metric 'latency'.*latency_p50_ms"):
+        PromotionSettings(metric="latency")
+
+
+def test_best_base_variant_follows_the_metric_direction() -> None:
+    from lorafleet.tasks.evaluate import EvaluationOutcome
+
+    outcome = EvaluationOutcome(variants={"adapter": {}, "base": {M: 0.2, LATENCY: 30.0},
+                                          "base_3shot": {M: 0.4, LATENCY: 90.0}}, labels={}, n_examples=1)
+    assert outcome.best_base(M)[M] == 0.4  # the gate must beat the base at its best: the higher score...
+    assert outcome.best_base(LATENCY)[LATENCY] == 30.0  # ...and the lower latency

@@ -297,3 +297,19 @@ def test_download_adapter_resolves_alias_and_reuses_folder(client: MlflowClient,
     with pytest.raises(AdapterNotFound):
         download_adapter(client, "viggo", "7", root)
     assert not (root / "viggo" / "v7").exists()
+
+
+@pytest.mark.parametrize("name,ref", [("..", "1"), ("a/b", "1"), ("x" * 300, "1"), ("alpha", "9" * 5000),
+                                      ("alpha", "99999999999999999999"), ("alpha", "../1"), ("alpha\n", "1")])
+def test_get_version_refuses_names_and_references_no_adapter_can_have(tmp_path, name, ref):
+    """`..`, a 300-character name or a 5,000-digit version is AdapterNotFound before the store is asked,
+    never a raw store error, and `download_adapter` writes nothing for it."""
+    from lorafleet.tasks.registry import AdapterNotFound, download_adapter, get_version
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)
+    with pytest.raises(AdapterNotFound):
+        get_version(client, name, ref)
+    with pytest.raises(AdapterNotFound):
+        download_adapter(client, name, ref, tmp_path / "downloads")
+    assert not (tmp_path / "downloads").exists()

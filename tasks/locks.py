@@ -1,0 +1,183 @@
+"""Cross-process locks: one finetune per adapter name, one champion move per name, one store migration.
+
+All are advisory `flock` locks on small files. The kernel drops a `flock` when its holder dies, however
+it dies (SIGKILL included), so a lock file naming a dead process is simply taken over by the next
+caller: there is no stale-lock clean-up to get wrong, and a reused pid cannot keep a lock alive. The
+finetune lock file also records who holds it (pid, host, start time) so the second caller's error can
+name them.
+
+Scope: these locks serialise processes on one machine that share one LORAFLEET_HOME (finetune) or one
+local SQLite store (promotion, store creation); the store's locks live in a `locks/` folder beside the
+database file. A tracking server shared by several machines (MLflow over HTTP, or the PostgreSQL store a
+later issue moves to) needs the same guarantees from the server, which file locks cannot give:
+- promotion: the read of `champion` and the alias move in one transaction under a per-name lock
+  (PostgreSQL: `SELECT pg_advisory_xact_lock(hashtext('lorafleet.promote.' || name))`), or a
+  compare-and-set on the alias row (`UPDATE ... WHERE version = <expected>`, checking the row count);
+- finetune: a per-name lease row (owner, host, heartbeat, expiry) inserted with a unique constraint,
+  since a holder on another machine cannot be checked for liveness;
+- store creation: run `mlflow db upgrade` once at deployment instead of on first use.
+Until then, for a non-SQLite store these locks still serialise the processes of this machine (in a
+folder keyed by the store URI under the temp dir) and nothing more.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from lorafleet.models.cache import file_lock
+from lorafleet.names import NAME_PATTERN, NAME_RULE
+
+LOCKS_FOLDER = "locks"
+_PEEK_RETRIES = 20
+_PEEK_WAIT_S = 0.05
+
+
+class AlreadyRunning(RuntimeError):
+    """Another process holds the finetune lock of this adapter name."""
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds a finetune lock, as recorded in its file."""
+
+    pid: int | None
+    host: str
+    started_at: str
+
+    def describe(self) -> str:
+        pid = "unknown pid" if self.pid is None else f"pid {self.pid}"
+        return f"{pid} on host {self.host or 'unknown'}, since {self.started_at or 'an unknown time'}"
+
+
+def store_lock_dir(tracking_uri: str) -> Path:
+    """The folder for locks that guard one MLflow store: beside a local SQLite file, else machine-local."""
+    if tracking_uri.startswith("sqlite:"):
+        from sqlalchemy.engine import make_url
+
+        database = make_url(tracking_uri).database
+        if database and database != ":memory:":
+            return Path(database).expanduser().resolve().parent / LOCKS_FOLDER
+    digest = hashlib.sha256(tracking_uri.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"lorafleet-{LOCKS_FOLDER}-{digest}"
+
+
+@contextlib.contextmanager
+def promotion_lock(tracking_uri: str, name: str) -> Iterator[None]:
+    """Held while `champion` of `name` is read, decided on and moved: champion moves are compare-and-set."""
+    with file_lock(store_lock_dir(tracking_uri) / f"promote-{_safe(name)}.lock"):
+        yield
+
+
+@contextlib.contextmanager
+def store_init_lock(tracking_uri: str) -> Iterator[None]:
+    """Held while a process creates (and on first use migrates) the MLflow store: MLflow's tracking store
+    migrates an empty SQLite file without a lock, and two first users crash on each other's tables."""
+    with file_lock(store_lock_dir(tracking_uri) / "mlflow-store.lock"):
+        yield
+
+
+def finetune_lock_path(home: Path, name: str) -> Path:
+    return Path(home) / LOCKS_FOLDER / f"finetune-{_safe(name)}.lock"
+
+
+@contextlib.contextmanager
+def finetune_lock(home: Path, name: str) -> Iterator[Holder]:
+    """Exclusive right to fine-tune `name` in this LORAFLEET_HOME, for the whole flow.
+
+    Two finetunes of one name would share the MLflow run, the checkpoint and adapter folders and the
+    registered versions; the second caller gets `AlreadyRunning` naming the first, at once (no waiting).
+    """
+    path = finetune_lock_path(home, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        _acquire(fd, name)
+        holder = Holder(pid=os.getpid(), host=socket.gethostname(),
+                        started_at=datetime.now(UTC).isoformat(timespec="seconds"))
+        _write_holder(fd, holder)
+        try:
+            yield holder
+        finally:
+            os.ftruncate(fd, 0)  # an unheld lock names nobody
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def finetune_holder(home: Path, name: str) -> Holder | None:
+    """Who is fine-tuning `name` now, or None: a quick check before starting an expensive flow."""
+    path = finetune_lock_path(home, name)
+    if not path.is_file():
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _try_flock(fd, shared=True):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        return _read_holder(fd)
+    finally:
+        os.close(fd)
+
+
+def already_running_message(name: str, holder: Holder) -> str:
+    return (f"a finetune of {name!r} is already running ({holder.describe()}); wait for it to finish or stop "
+            "it. A lock left by a process that died is taken over automatically.")
+
+
+def _acquire(fd: int, name: str) -> None:
+    """Take the lock at once, or raise `AlreadyRunning` naming the holder."""
+    for _ in range(_PEEK_RETRIES):
+        if _try_flock(fd):
+            return
+        holder = _read_holder(fd)
+        if holder.pid is not None:
+            raise AlreadyRunning(already_running_message(name, holder))
+        # Nobody named: `finetune_holder` peeking (it holds a shared lock for an instant), or a finetune
+        # between taking the lock and writing its name. Ask again shortly.
+        time.sleep(_PEEK_WAIT_S)
+    raise AlreadyRunning(already_running_message(name, _read_holder(fd)))
+
+
+def _try_flock(fd: int, *, shared: bool = False) -> bool:
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except OSError as error:
+        if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+def _write_holder(fd: int, holder: Holder) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps({"pid": holder.pid, "host": holder.host, "started_at": holder.started_at}).encode(), 0)
+
+
+def _read_holder(fd: int) -> Holder:
+    """The recorded holder; fields stay unknown while the holder is between taking the lock and writing."""
+    try:
+        raw = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        pid = raw.get("pid")
+        return Holder(pid=pid if isinstance(pid, int) else None, host=str(raw.get("host", "")),
+                      started_at=str(raw.get("started_at", "")))
+    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+        return Holder(pid=None, host="", started_at="")
+
+
+def _safe(name: str) -> str:
+    """Lock files are named after adapters: only names that are valid adapter names (no '/', no '..')."""
+    if not NAME_PATTERN.match(name):
+        raise ValueError(f"adapter name {name[:80]!r} is not valid: it must be {NAME_RULE}")
+    return name
