@@ -6,18 +6,22 @@ settings to everything below it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(help="lorafleet: fine-tune, evaluate, register, promote and serve LoRA adapters.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 console = Console()
+err_console = Console(stderr=True)
 bench_app = typer.Typer(help="Benchmarks: print a table and write JSON, baselines measured in the same run.",
                         no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
@@ -33,14 +37,38 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def _settings():
-    from lorafleet.settings import Settings
+    """The environment's settings with their folders made, or one error line naming what to change."""
+    from lorafleet.settings import Settings, SettingsError
 
-    return Settings.from_env().ensure()
+    try:
+        return Settings.from_env().ensure()
+    except SettingsError as error:
+        _fail(str(error))
 
 
-def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+def _fail(message: str) -> NoReturn:
+    """One line, exit 2: for bad input and unusable state, never a traceback."""
+    # Escaped: a path or value may contain [brackets] that Rich would read as markup. Not wrapped at the
+    # terminal width, so the message stays one line that scripts can grep.
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code=2)
+
+
+@contextlib.contextmanager
+def _store_errors(settings) -> Iterator[None]:
+    """Turn a tracking store that cannot be used (a corrupt or locked SQLite file, a server that refuses
+    us) into one error line naming the store; the registry's own errors for bad input (ValueError,
+    LookupError) pass through to the command, which words them itself."""
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        yield
+    except (SQLAlchemyError, MlflowException, OSError) as error:
+        cause = getattr(error, "orig", None) or error  # SQLAlchemy's own text adds the SQL statement
+        first_line = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        _fail(f"MLflow store {settings.tracking_uri}: {first_line} "
+              "(check MLFLOW_TRACKING_URI, or LORAFLEET_HOME for the default store)")
 
 
 @app.command()
@@ -61,14 +89,21 @@ def finetune(
 ) -> None:
     """Run the finetune flow: prepare data → train → evaluate → register → gate/promote."""
     from lorafleet.config import ConfigError, load_config
+    from lorafleet.tasks.locks import AlreadyRunning, already_running_message, finetune_holder
 
     try:
-        load_config(config)  # fail fast, before Prefect starts, with the field named
+        spec = load_config(config)  # fail fast, before Prefect starts, with the field named
     except ConfigError as error:
         _fail(str(error))
+    holder = finetune_holder(_settings().home, spec.name)  # the flow takes the lock; this only fails fast
+    if holder is not None:
+        _fail(already_running_message(spec.name, holder))
     from lorafleet.flows.finetune import finetune as finetune_flow
 
-    summary = finetune_flow(config=str(config.resolve()), promote=promote)
+    try:
+        summary = finetune_flow(config=str(config.resolve()), promote=promote)
+    except AlreadyRunning as error:
+        _fail(str(error))
     _print_summary(summary)
 
 
@@ -84,6 +119,7 @@ def retrain(
         load_retrain_config(config)
     except ConfigError as error:
         _fail(str(error))
+    _settings()  # an unusable LORAFLEET_HOME fails here in one line, not as a traceback inside the flow
     from lorafleet.flows.retrain import retrain as retrain_flow
 
     for row in retrain_flow(config=str(config.resolve()), force=force):
@@ -93,12 +129,22 @@ def retrain(
 @app.command()
 def serve(
     port: Annotated[int, typer.Option(help="HTTP port")] = 3000,
-    host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="interface to bind (beyond loopback, set API keys: see the README)")]
+    = "127.0.0.1",
 ) -> None:
     """Serve the base model and every champion adapter (OpenAI-compatible API under /v1)."""
-    from lorafleet.serving.launcher import serve_foreground
+    from lorafleet.serving.auth import exposure_warnings
+    from lorafleet.serving.launcher import BIND_HOST_ENV, serve_foreground
+    from lorafleet.serving.settings import ServiceSettings
 
-    raise typer.Exit(serve_foreground(_settings(), port=port, host=host))
+    settings = _settings()
+    try:  # the service reads the same variables: fail here, with the variable named, not in its log
+        service = ServiceSettings.from_env(settings, {**os.environ, BIND_HOST_ENV: host})
+    except ValueError as error:
+        _fail(str(error))
+    for warning in exposure_warnings(service):
+        err_console.print(f"[bold red]WARNING:[/] {escape(warning)}", soft_wrap=True)
+    raise typer.Exit(serve_foreground(settings, port=port, host=host))
 
 
 @app.command()
@@ -110,6 +156,7 @@ def schedule(
     """Serve the flows with the nightly retrain schedule from this process (flow.serve, no worker needed)."""
     from lorafleet.flows.schedules import serve_schedules
 
+    _settings()  # the scheduled runs would each fail later on an unusable LORAFLEET_HOME: say so now
     serve_schedules(retrain_config, finetune_config, cron=cron)
 
 
@@ -118,7 +165,9 @@ def models(as_json: Annotated[bool, typer.Option("--json", help="machine-readabl
     """List registered adapters: versions, aliases and key metrics."""
     from lorafleet.tasks import registry, tracking
 
-    rows = registry.list_adapters(tracking.mlflow_client(_settings()))
+    settings = _settings()
+    with _store_errors(settings):
+        rows = registry.list_adapters(tracking.mlflow_client(settings))
     if as_json:
         print(json.dumps([row.as_dict() for row in rows], indent=2))
         return
@@ -142,8 +191,10 @@ def promote(name: str, version: str) -> None:
     """Make VERSION of adapter NAME the champion (by hand; the gate is not applied)."""
     from lorafleet.tasks import registry, tracking
 
+    settings = _settings()
     try:
-        registry.promote(tracking.mlflow_client(_settings()), name, version, reason="promoted by hand (CLI)")
+        with _store_errors(settings):
+            registry.promote(tracking.mlflow_client(settings), name, version, reason="promoted by hand (CLI)")
     except (ValueError, LookupError) as error:
         _fail(str(error))
     console.print(f"{name}: champion is now version {version}")
@@ -154,8 +205,10 @@ def rollback(name: str) -> None:
     """Move NAME's champion back to the previous champion version."""
     from lorafleet.tasks import registry, tracking
 
+    settings = _settings()
     try:
-        before, after = registry.rollback(tracking.mlflow_client(_settings()), name)
+        with _store_errors(settings):
+            before, after = registry.rollback(tracking.mlflow_client(settings), name)
     except (ValueError, LookupError) as error:
         _fail(str(error))
     console.print(f"{name}: champion rolled back from version {before} to version {after}")
@@ -221,6 +274,9 @@ def bench_serving(
     models: Annotated[str | None, typer.Option(
         help="comma-separated models to request, most popular first (default: the first --adapters champions)")]
     = None,
+    hostile: Annotated[bool, typer.Option(
+        help="one more client sends hostile requests (bad parameters, junk names, oversized bodies) and, on a "
+             "server this command starts, loads a NaN adapter and mis-shaped Turbo heads")] = False,
 ) -> None:
     """Closed-loop HTTP load on the OpenAI API: N streaming clients over M adapters with Zipf popularity."""
     import httpx
@@ -242,7 +298,8 @@ def bench_serving(
         if models is not None and not chosen:
             raise ValueError(f"--models {models!r} names no model")
         report = serving_bench(_settings(), options, url=url, server_pid=server_pid,
-                               n_adapters=len(chosen) or adapters, serve_env=env, console=console, models=chosen)
+                               n_adapters=len(chosen) or adapters, serve_env=env, console=console, models=chosen,
+                               hostile=hostile)
     except (ValueError, LookupError, ServerStartError) as error:
         _fail(str(error))
     except httpx.HTTPError as error:

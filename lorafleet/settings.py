@@ -11,6 +11,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_HOME = Path("~/.lorafleet")
+_SQLITE = "sqlite:///"
+_FIXES = {  # what the one-line error tells the user to do, per variable
+    "LORAFLEET_HOME": "set LORAFLEET_HOME to a folder you can write to",
+    "LORAFLEET_MODEL_CACHE": "set LORAFLEET_MODEL_CACHE to a folder you can write to (or unset it)",
+    "MLFLOW_TRACKING_URI": "set MLFLOW_TRACKING_URI to a database in a folder you can write to (or unset it)",
+}
+
+
+class SettingsError(ValueError):
+    """A state folder that cannot be used. The message is one line (path, problem, variable to change)
+    that the CLI prints as is; a ValueError, so callers that report bad input report it too."""
 
 
 @dataclass(frozen=True)
@@ -66,11 +77,77 @@ class Settings:
         """A SQLite/file store needs an explicit artifact root, or MLflow writes ./mlruns in the cwd."""
         return not self.tracking_uri.startswith(("http://", "https://", "databricks"))
 
+    @property
+    def sqlite_file(self) -> Path | None:
+        """The database file of a local `sqlite:///` tracking URI, else None (a server, or in memory)."""
+        if not self.tracking_uri.startswith(_SQLITE):
+            return None
+        name = self.tracking_uri[len(_SQLITE):].split("?", 1)[0]
+        return Path(name).expanduser().resolve() if name and name != ":memory:" else None
+
     def ensure(self) -> Settings:
-        for path in (self.home, self.model_cache_dir, self.prepared_data_dir, self.adapters_dir,
-                     self.checkpoints_dir, self.mlflow_artifacts_dir, self.adapter_download_dir):
-            path.mkdir(parents=True, exist_ok=True)
+        """Create the state folders, or raise SettingsError (and create nothing) if one cannot be used.
+
+        This is where every entry point first touches the disk, so an unusable LORAFLEET_HOME (a file,
+        a folder under a file, a read-only folder) is stopped here, with the variable to change named,
+        instead of surfacing later as an OSError or SQLite's "unable to open database file". All
+        checks run before the first folder is made, so a bad LORAFLEET_MODEL_CACHE leaves no
+        half-made home behind."""
+        folders = self._folders()
+        for path, variable in folders:
+            problem = _folder_problem(path)
+            if problem:
+                raise SettingsError(self._message(variable, problem))
+        database = self.sqlite_file
+        if database is not None and os.path.lexists(database):
+            if not os.path.isfile(database):
+                raise SettingsError(self._message(self._variable(database, "MLFLOW_TRACKING_URI"),
+                                                  f"{database} is a folder, not a database file"))
+            if not os.access(database, os.R_OK | os.W_OK):
+                raise SettingsError(self._message(self._variable(database, "MLFLOW_TRACKING_URI"),
+                                                  f"{database} is not writable"))
+        for path, variable in folders:
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError as error:  # a race with another process, a full disk, a quota
+                raise SettingsError(self._message(variable, f"cannot create {path}: "
+                                                            f"{error.strerror or error}")) from error
         return self
+
+    def _folders(self) -> list[tuple[Path, str]]:
+        """Every folder lorafleet writes, with the variable that decides where it is."""
+        folders = [(path, "LORAFLEET_HOME") for path in (
+            self.home, self.prepared_data_dir, self.adapters_dir, self.checkpoints_dir,
+            self.mlflow_artifacts_dir, self.adapter_download_dir)]
+        folders.append((self.model_cache_dir, self._variable(self.model_cache_dir, "LORAFLEET_MODEL_CACHE")))
+        database = self.sqlite_file
+        if database is not None:  # SQLite creates the file, not the folder it goes in
+            folders.append((database.parent, self._variable(database, "MLFLOW_TRACKING_URI")))
+        return folders
+
+    def _variable(self, path: Path, own: str) -> str:
+        """LORAFLEET_HOME for a path at its default place under the home, else the variable that moved it."""
+        return "LORAFLEET_HOME" if path.is_relative_to(self.home) else own
+
+    def _message(self, variable: str, problem: str) -> str:
+        value = {"LORAFLEET_HOME": self.home, "LORAFLEET_MODEL_CACHE": self.model_cache_dir,
+                 "MLFLOW_TRACKING_URI": self.tracking_uri}[variable]
+        return f"{variable}={value} cannot be used: {problem}; {_FIXES[variable]}"
+
+
+def _folder_problem(path: Path) -> str | None:
+    """Why `path` cannot be (created and) written as a folder, or None: checked without changing anything."""
+    existing = path  # os.path, not Path: an unreadable parent is "missing" there instead of raising
+    while not os.path.lexists(existing) and existing != existing.parent:  # the nearest part that exists
+        existing = existing.parent
+    if not os.path.isdir(existing):
+        kind = "a link to nothing" if os.path.islink(existing) and not os.path.exists(existing) else "a file"
+        return (f"{path} is {kind}, not a folder" if existing == path
+                else f"{path} cannot be created: {existing} is {kind}, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return (f"{path} is not writable" if existing == path
+                else f"{path} cannot be created: {existing} is not writable")
+    return None
 
 
 def _default_data_root() -> Path:
