@@ -38,6 +38,8 @@ from typing import Any
 
 import httpx
 
+from lorafleet.evaluation.hostile_load import HostileOutcome, HostileSpec, run_hostile
+
 CHAT_PATH = "/v1/chat/completions"
 ERROR_SAMPLES = 5  # distinct error messages kept in the report
 METRIC_PREFIX = "lorafleet_"
@@ -353,6 +355,7 @@ class ServingBenchReport:
     server_metrics: dict[str, float] | None  # after the run
     server_metrics_delta: dict[str, float] | None  # after - before
     check: dict[str, Any] | None
+    hostile: dict[str, Any] | None = None  # `bench serving --hostile`: statuses per attack (hostile_load.py)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -371,7 +374,8 @@ def percentile_ms(values: Sequence[float], q: float) -> float | None:
 
 def summarize(spec: LoadSpec, outcome: LoadOutcome, *, device: str | None, rss_before: float | None,
               rss_after: float | None, metrics_before: dict[str, float] | None,
-              metrics_after: dict[str, float] | None, check: dict[str, Any] | None) -> ServingBenchReport:
+              metrics_after: dict[str, float] | None, check: dict[str, Any] | None,
+              hostile: HostileOutcome | None = None) -> ServingBenchReport:
     options = spec.options
     done = [record for record in outcome.records if record.ok]
     failed = [record for record in outcome.records if not record.ok]
@@ -396,25 +400,34 @@ def summarize(spec: LoadSpec, outcome: LoadOutcome, *, device: str | None, rss_b
         max_tokens=options.max_tokens, zipf=options.zipf, seed=options.seed,
         tokens_from="usage" if done and all(record.usage_reported for record in done) else "chunks",
         error_samples=sorted({record.error or "" for record in failed})[:ERROR_SAMPLES],
-        server_metrics=metrics_after, server_metrics_delta=delta, check=check)
+        server_metrics=metrics_after, server_metrics_delta=delta, check=check,
+        hostile=None if hostile is None else hostile.to_dict())
 
 
-async def measure_serving_async(spec: LoadSpec, *, server_pid: int | None = None,
-                                device: str | None = None) -> ServingBenchReport:
-    connections = spec.options.concurrency + 4  # + /metrics and the check
+async def measure_serving_async(spec: LoadSpec, *, server_pid: int | None = None, device: str | None = None,
+                                hostile: HostileSpec | None = None) -> ServingBenchReport:
+    """The load, and with `hostile` one more client attacking the server for the same duration."""
+    connections = spec.options.concurrency + 6  # + /metrics, the check and the hostile client
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
     timeout = httpx.Timeout(spec.options.request_timeout_s, connect=30.0)
     async with httpx.AsyncClient(base_url=spec.url, limits=limits, timeout=timeout) as client:
         metrics_before = await fetch_metrics(client)
         rss_before = process_tree_rss_mb(server_pid)
+        attacks = None
+        if hostile is not None:
+            attacks = asyncio.create_task(run_hostile(hostile, client,
+                                                      deadline=time.perf_counter() + spec.options.duration_s))
         outcome = await run_load(spec, client)
+        hostile_outcome = await attacks if attacks is not None else None
         rss_after = process_tree_rss_mb(server_pid)
         metrics_after = await fetch_metrics(client)
         check = await check_greedy(client, spec, outcome.records) if spec.options.check else None
     return summarize(spec, outcome, device=device, rss_before=rss_before, rss_after=rss_after,
-                     metrics_before=metrics_before, metrics_after=metrics_after, check=check)
+                     metrics_before=metrics_before, metrics_after=metrics_after, check=check,
+                     hostile=hostile_outcome)
 
 
-def measure_serving(spec: LoadSpec, *, server_pid: int | None = None, device: str | None = None) -> ServingBenchReport:
+def measure_serving(spec: LoadSpec, *, server_pid: int | None = None, device: str | None = None,
+                    hostile: HostileSpec | None = None) -> ServingBenchReport:
     """Run the load against `spec.url` and report (blocking; owns its event loop)."""
-    return asyncio.run(measure_serving_async(spec, server_pid=server_pid, device=device))
+    return asyncio.run(measure_serving_async(spec, server_pid=server_pid, device=device, hostile=hostile))

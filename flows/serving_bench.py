@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
+from lorafleet.evaluation.hostile_load import HostileSpec
 from lorafleet.evaluation.serving_bench import LoadOptions, LoadSpec, ServingBenchReport, measure_serving
 from lorafleet.models.embedded import EMBEDDED_MODEL_ID
 from lorafleet.settings import Settings
@@ -99,13 +100,42 @@ def user_prompts(settings: Settings, base_model: str, n: int) -> list[str]:
             for messages in bench_messages(tokenizer, settings, n)]
 
 
+def write_hostile_adapters(settings: Settings, base_model: str) -> tuple[Path, Path]:
+    """Two adapter folders a server must refuse to make resident, for `--hostile`: a LoRA whose weights
+    hold NaN and Inf, and Turbo heads sized for a base model twice as wide. Rewritten on every call."""
+    from safetensors.torch import load_file, save_file
+
+    from lorafleet.flows.bench import write_random_adapters
+    from lorafleet.models.adapter_dir import PEFT_WEIGHTS_FILE, read_manifest, write_manifest
+    from lorafleet.models.base import load_base_model
+    from lorafleet.models.turbo_heads import TurboHeads, TurboHeadsConfig, save_heads
+
+    root = settings.home / "bench" / "hostile"
+    loaded = load_base_model(base_model, settings.model_cache_dir)
+    nan_dir = write_random_adapters(loaded, root, ["hostile-0"])["hostile-0"]
+    tensors = load_file(str(nan_dir / PEFT_WEIGHTS_FILE))
+    first, last = min(tensors), max(tensors)
+    tensors[first].view(-1)[0] = float("nan")
+    tensors[last].view(-1)[-1] = float("inf")
+    save_file(tensors, str(nan_dir / PEFT_WEIGHTS_FILE))
+    heads_dir = root / "hostile-heads"
+    heads_dir.mkdir(parents=True, exist_ok=True)
+    vocab, width = loaded.model.get_output_embeddings().weight.shape
+    save_heads(TurboHeads(TurboHeadsConfig(num_heads=2, hidden_size=2 * width, block_size=8, vocab_size=vocab)),
+               heads_dir)
+    write_manifest(heads_dir, read_manifest(nan_dir).model_copy(update={"method": "turbo", "name": "hostile-heads"}))
+    return nan_dir, heads_dir
+
+
 def serving_bench(settings: Settings, options: LoadOptions, *, url: str | None, server_pid: int | None,
                   n_adapters: int, serve_env: Mapping[str, str], console: Console,
-                  models: Sequence[str] = ()) -> ServingBenchReport:
+                  models: Sequence[str] = (), hostile: bool = False) -> ServingBenchReport:
     """Measure the server at `url`, or set up adapters and start (then stop) our own when it is None.
 
     `models` names exactly what the requests ask for (most popular first; any `model` string the server
-    accepts, e.g. a Turbo adapter against its plain twin); then no bench adapters are created."""
+    accepts, e.g. a Turbo adapter against its plain twin); then no bench adapters are created.
+    `hostile` adds one attacking client (evaluation/hostile_load.py); when this command starts the server,
+    that client also loads a NaN adapter and mis-shaped Turbo heads through the admin API."""
     if n_adapters < 1:
         raise ValueError(f"--adapters must be >= 1, got {n_adapters}")
     base_model = EMBEDDED_MODEL_ID
@@ -119,20 +149,31 @@ def serving_bench(settings: Settings, options: LoadOptions, *, url: str | None, 
                       f"tokens, {options.duration_s:g} s against {target}")
         return spec
 
+    def hostile_for(spec: LoadSpec, folders: tuple[Path, Path] | None) -> HostileSpec | None:
+        if not hostile:
+            return None
+        nan_dir, heads_dir = folders or (None, None)
+        return HostileSpec(models=spec.models, nan_adapter=nan_dir, bad_heads_adapter=heads_dir, seed=options.seed)
+
     if url is not None:
-        return measure_serving(spec_for(url.rstrip("/")), server_pid=server_pid)
+        spec = spec_for(url.rstrip("/"))
+        return measure_serving(spec, server_pid=server_pid, hostile=hostile_for(spec, None))
 
     from lorafleet.models.base import pick_device
     from lorafleet.serving.launcher import start_server
 
     if not models:
         ensure_bench_adapters(settings, base_model=base_model, count=n_adapters, console=console)
+    folders = write_hostile_adapters(settings, base_model) if hostile else None
     env = {"LORAFLEET_BASE_MODEL": base_model, "HF_HUB_OFFLINE": "1", **serve_env}
+    if folders is not None:
+        env.setdefault("LORAFLEET_SERVE_ADAPTER_ROOTS", str(folders[0].parent))
     device = str(pick_device(env.get("LORAFLEET_SERVE_DEVICE", "auto")))
     console.print(f"starting the server ({base_model} on {device}"
                   + "".join(f", {key}={value}" for key, value in serve_env.items()) + ")")
     with start_server(settings, env=env, startup_timeout=STARTUP_TIMEOUT_S) as handle:
-        return measure_serving(spec_for(handle.url), server_pid=handle.process.pid, device=device)
+        spec = spec_for(handle.url)
+        return measure_serving(spec, server_pid=handle.process.pid, device=device, hostile=hostile_for(spec, folders))
 
 
 def parse_env_pairs(pairs: list[str]) -> dict[str, str]:
@@ -171,11 +212,16 @@ def print_serving(report: ServingBenchReport, console: Console) -> None:
                          f"{delta.get(key, 0.0) if counter else after[key]:g}"))
     if report.check is not None:
         rows.append(("greedy alone == under load", f"{report.check['identical']}/{report.check['checked']}"))
+    if report.hostile is not None:
+        rows.append(("hostile requests sent", f"{report.hostile['sent']}"))
+        rows.append(("hostile requests answered wrongly (5xx, other)", f"{report.hostile['server_errors']}"))
     for label, value in rows:
         table.add_row(label, value)
     console.print(table)
     for message in report.error_samples:
         console.print(f"[red]error:[/] {message}")
+    for message in (report.hostile or {}).get("error_samples", []):
+        console.print(f"[red]hostile request answered wrongly:[/] {message}")
 
 
 def _ms(value: float | None) -> str:
