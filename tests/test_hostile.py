@@ -333,7 +333,7 @@ def test_admin_bodies_with_nul_bytes_or_over_long_values_are_400(http, body, par
 # ----- property-based: anything a client sends ------------------------------------------------------
 
 JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
-                         st.floats(allow_nan=False), st.text(max_size=20))
+                         st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=20))
 JSON_VALUES = st.recursive(JSON_SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=3),
                                                                  st.dictionaries(st.text(max_size=8), inner,
                                                                                  max_size=3)), max_leaves=6)
@@ -345,7 +345,7 @@ FIELDS = st.fixed_dictionaries({}, optional={
                         JSON_VALUES),
     "max_tokens": st.one_of(st.integers(min_value=-2, max_value=8), st.integers(), JSON_VALUES),
     "temperature": st.one_of(st.sampled_from([0, 0.5, 1, 2, 2.5, -1]), JSON_VALUES),
-    "top_p": st.one_of(st.floats(), JSON_VALUES),
+    "top_p": st.one_of(st.floats(allow_nan=False, allow_infinity=False), JSON_VALUES),
     "seed": st.one_of(st.integers(), st.sampled_from([2**64, 2**64 - 1, -(2**63), -(2**63) - 1]), JSON_VALUES),
     "stop": st.one_of(st.lists(st.text(max_size=3), max_size=5), JSON_VALUES),
     "stream": st.one_of(st.booleans(), JSON_VALUES),

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 from lorafleet.models.adapter_dir import read_manifest
 from lorafleet.models.base import load_base_model
+from lorafleet.serving import body_limit
 from lorafleet.serving.adapters import AdapterCatalogue
 from lorafleet.serving.backend import ServingBackend, build_backend
 from lorafleet.serving.body_limit import BodyLimit
@@ -396,12 +397,21 @@ class _Reader:
         await send({"type": "http.response.body", "body": str(self.received).encode()})
 
 
-def test_body_limit_refuses_a_declared_length_without_reading_the_body():
+def test_body_limit_refuses_a_declared_length_before_the_app_sees_the_body():
     inner = _Reader()
     sent, pulled = _run_asgi(BodyLimit(inner, lambda: 1000), [(b"content-length", b"1001")], [b"x" * 1001])
-    assert pulled == 0 and inner.received == 0
+    assert inner.received == 0, "the app never sees an oversized body"
+    assert pulled == 1, "a body within the drain bound is read and thrown away, so the client reads the 413"
     assert sent[0]["status"] == 413 and (b"connection", b"close") in sent[0]["headers"]
     assert json.loads(sent[1]["body"])["error"]["code"] == "request_too_large"
+
+
+def test_body_limit_does_not_read_a_body_declared_beyond_the_drain_bound():
+    inner = _Reader()
+    declared = str(body_limit.DRAIN_BYTES + 1).encode()
+    sent, pulled = _run_asgi(BodyLimit(inner, lambda: 1000), [(b"content-length", declared)], [b"x" * 1001])
+    assert pulled == 0 and inner.received == 0
+    assert sent[0]["status"] == 413
 
 
 def test_body_limit_counts_a_chunked_body_and_stops_at_the_limit():
@@ -410,7 +420,7 @@ def test_body_limit_counts_a_chunked_body_and_stops_at_the_limit():
     sent, pulled = _run_asgi(BodyLimit(inner, lambda: 1000), [], chunks)
     assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [413], "one answer: the 413"
     assert inner.disconnected and inner.received <= 1000, "the app never gets more than the limit"
-    assert pulled == 4, "reading stops on the chunk that crosses the limit"
+    assert pulled == len(chunks), "the rest is drained (discarded, within DRAIN_BYTES) before the 413"
 
 
 def test_body_limit_passes_bodies_up_to_the_limit():
