@@ -33,7 +33,8 @@ from transformers.generation.streamers import BaseStreamer
 from lorafleet.evaluation.generation import left_pad
 from lorafleet.serving.engine.adapter_cache import AdapterCache, ResolvedAdapter
 from lorafleet.serving.engine.adapter_weights import read_peft_adapter
-from lorafleet.serving.engine.engine import Engine, EngineConfig
+from lorafleet.serving.engine.config import EngineConfig
+from lorafleet.serving.engine.engine import Engine
 from lorafleet.serving.engine.lora_slots import LoraSlots
 from lorafleet.serving.engine.model import CompactLlama
 from lorafleet.serving.engine.sequence import SamplingParams

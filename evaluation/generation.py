@@ -18,6 +18,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from lorafleet.models.sampling_rules import cut_at_stop, eos_token_ids
+
 
 @dataclass(frozen=True)
 class GenerationResult:
@@ -32,24 +34,6 @@ class GenerationResult:
     token_ids: list[int]
     n_tokens: int
     hit_eos: bool
-
-
-def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    """Every id that ends a completion: the tokenizer's EOS plus the model's generation-config EOS ids.
-
-    Both matter: chat models often list several (SmolLM2 ends turns with `<|im_end|>`, its base config
-    with `<|endoftext|>`), and training appends the tokenizer's EOS.
-    """
-    ids: list[int] = []
-    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in (tokenizer.eos_token_id, config_eos):
-        for token in value if isinstance(value, list | tuple) else [value]:
-            if token is not None and int(token) not in ids:
-                ids.append(int(token))
-    if not ids:
-        raise ValueError("neither the tokenizer nor the model's generation_config defines an EOS token: "
-                         "generation could never stop early")
-    return ids
 
 
 def generate_texts(
@@ -77,7 +61,7 @@ def generate_texts(
     _check_arguments(prompts, max_new_tokens, batch_size, do_sample, temperature, top_p)
     if not prompts:
         return []
-    stops = stop_token_ids(model, tokenizer)
+    stops = list(eos_token_ids(model, tokenizer, required=True))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     device = next(model.parameters()).device
     options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
@@ -124,12 +108,11 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: Any) -> tupl
 
 def _finish(ids: list[int], stops: list[int], tokenizer: Any) -> GenerationResult:
     """Cut a generated row at its first stop token; what follows is padding from finished rows."""
-    stop_set = set(stops)
-    cut = next((i for i, token in enumerate(ids) if token in stop_set), None)
-    kept = ids if cut is None else ids[:cut]
+    kept, reason = cut_at_stop(ids, len(ids), stops)
+    hit_eos = reason == "stop"
     text = tokenizer.decode(kept, skip_special_tokens=True)
-    return GenerationResult(text=text, token_ids=kept, n_tokens=len(ids) if cut is None else cut + 1,
-                            hit_eos=cut is not None)
+    return GenerationResult(text=text, token_ids=kept, n_tokens=len(kept) + 1 if hit_eos else len(ids),
+                            hit_eos=hit_eos)
 
 
 def _check_arguments(prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int,

@@ -20,9 +20,9 @@ from typing import Any
 from lorafleet.evaluation.generation import generate_texts
 from lorafleet.evaluation.metrics import compute_quality
 from lorafleet.evaluation.parsing import STRUCTURED_FORMATS, parse_fields
-from lorafleet.evaluation.settings import EvaluationSettings
 from lorafleet.models.adapter_dir import TaskInfo
 from lorafleet.models.prompting import encode_prompt
+from lorafleet.sections.evaluation import EvaluationSettings
 
 Message = dict[str, str]
 

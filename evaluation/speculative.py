@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from lorafleet.models.decoding import DecodeStats, generate
 from lorafleet.models.loss import unwrap_causal_lm
+from lorafleet.models.sampling_rules import cut_at_stop, eos_token_ids
 from lorafleet.models.turbo_heads import medusa1_equivalent_parameters
 
 PLAIN, SPECULATIVE, HF_GENERATE, HF_PROMPT_LOOKUP = "plain", "speculative", "hf_generate", "hf_prompt_lookup"
@@ -70,7 +71,7 @@ def measure_speculative(model: Any, heads: Any, tokenizer: Any, prompts: Sequenc
     """Greedy, batch 1, one prompt at a time through all four decoders (see module docstring)."""
     if not prompts:
         raise ValueError("measure_speculative needs at least one prompt")
-    eos = _eos_ids(model, tokenizer)
+    eos = list(eos_token_ids(model, tokenizer))
     runners = {
         PLAIN: lambda ids: _ours(model, None, ids, max_new_tokens, eos),
         SPECULATIVE: lambda ids: _ours(model, heads, ids, max_new_tokens, eos),
@@ -116,12 +117,6 @@ def measure_speculative(model: Any, heads: Any, tokenizer: Any, prompts: Sequenc
     )
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
-    configured = unwrap_causal_lm(model).generation_config.eos_token_id
-    ids = configured if isinstance(configured, list) else [configured]
-    return sorted({i for i in [*ids, tokenizer.eos_token_id] if i is not None})
-
-
 def _ours(model: Any, heads: Any | None, ids: Sequence[int], max_new_tokens: int,
           eos: list[int]) -> tuple[list[int], DecodeStats]:
     result = generate(model, [list(ids)], max_new_tokens=max_new_tokens, eos_token_ids=eos, heads=heads,
@@ -138,7 +133,4 @@ def _hf(model: Any, tokenizer: Any, ids: Sequence[int], max_new_tokens: int, eos
                                 max_new_tokens=max_new_tokens, eos_token_id=eos,
                                 pad_token_id=tokenizer.pad_token_id, **extra)
     new = output[0, input_ids.shape[1]:].tolist()
-    for position, token in enumerate(new):  # stop at the first end token, as our decoder does
-        if token in eos:
-            return new[:position], None
-    return new, None
+    return cut_at_stop(new, len(new), eos)[0], None  # stop at the first end token, as our decoder does

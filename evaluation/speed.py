@@ -18,7 +18,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from lorafleet.evaluation.generation import stop_token_ids
+from lorafleet.models.sampling_rules import eos_token_ids
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def measure_speed(
     for index, prompt in enumerate(prompts):
         if len(prompt) == 0:
             raise ValueError(f"prompt {index} is empty")
-    stops = stop_token_ids(model, tokenizer)
+    stops = list(eos_token_ids(model, tokenizer, required=True))
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     options = {"max_new_tokens": max_new_tokens, "do_sample": False, "eos_token_id": stops, "use_cache": True,

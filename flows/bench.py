@@ -26,10 +26,10 @@ from lorafleet.models.base import load_base_model
 from lorafleet.models.lora import load_adapter
 from lorafleet.models.prompting import encode_prompt
 from lorafleet.models.turbo_heads import has_heads, load_heads
+from lorafleet.sections.data import DataSettings
 from lorafleet.settings import Settings
 from lorafleet.tasks.adapter_sources import resolve_model_reference
 from lorafleet.tasks.data.prepare import prepare_dataset
-from lorafleet.tasks.data.settings import DataSettings
 
 
 def speculative_bench(model: str, settings: Settings, *, data: str | None, n: int, max_new_tokens: int,

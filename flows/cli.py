@@ -133,7 +133,7 @@ def serve(
     = "127.0.0.1",
 ) -> None:
     """Serve the base model and every champion adapter (OpenAI-compatible API under /v1)."""
-    from lorafleet.serving.auth import exposure_warnings
+    from lorafleet.serving.api.auth import exposure_warnings
     from lorafleet.serving.launcher import BIND_HOST_ENV, serve_foreground
     from lorafleet.serving.settings import ServiceSettings
 

@@ -16,9 +16,9 @@ from prefect.artifacts import create_markdown_artifact
 from pydantic import ValidationError
 
 from lorafleet.names import NAME_PATTERN
+from lorafleet.sections.promotion import PromotionSettings
 from lorafleet.settings import Settings
 from lorafleet.tasks import eval_split, registry, tracking
-from lorafleet.tasks.gate_settings import PromotionSettings
 from lorafleet.tasks.promotion import gate_and_promote
 from lorafleet.tasks.steps import artifact_key
 

@@ -12,14 +12,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from lorafleet.evaluation.settings import EvaluationSettings
 from lorafleet.models.embedded import EMBEDDED_MODEL_ID
 from lorafleet.models.lora import LoraSettings
 from lorafleet.models.training_settings import TrainingSettings
 from lorafleet.models.turbo_settings import TurboSettings
 from lorafleet.names import NAME_PATTERN, NAME_RULE  # NAME_PATTERN stays importable from here for old callers
-from lorafleet.tasks.data.settings import DataSettings
-from lorafleet.tasks.gate_settings import PromotionSettings
+from lorafleet.sections.data import DataSettings
+from lorafleet.sections.evaluation import EvaluationSettings
+from lorafleet.sections.promotion import PromotionSettings
 
 
 class ConfigError(ValueError):

@@ -1,7 +1,7 @@
 """The registered-model name rule and the bounds on what a client may send to name a model.
 
 One neutral module (it imports nothing from lorafleet) so that configs, the pipeline and the server
-all check names by the same rule: serving must not import `lorafleet.config`, which pulls in `tasks/`.
+all check names by the same rule, and the registry reader (`lorafleet/registry_read.py`) before any I/O.
 A name that passes is also a safe single path component (no '/', no '..', no NUL, at most 64
 characters), which is why the server may build download folders from it.
 """

@@ -18,6 +18,13 @@ from typing import Any, Literal
 import torch
 
 from .loss import unwrap_causal_lm
+from .sampling_rules import (
+    check_max_new_tokens,
+    check_seed,
+    check_temperature,
+    check_top_p,
+    cut_at_stop,
+)
 from .spec_cache import SpecCache
 from .speculative import head_acceptance, propose, sample_tokens, verify
 
@@ -131,7 +138,7 @@ def stream(
 
     Arguments are checked here, before the first step, so bad input fails at the call.
     """
-    stops = _validate(prompts, max_new_tokens, eos_token_ids, temperature, top_p)
+    stops = _validate(prompts, max_new_tokens, eos_token_ids, temperature, top_p, seed)
     stats = stats if stats is not None else DecodeStats()
     if max_new_tokens == 0 or not prompts:
         finished: dict[int, FinishReason] = dict.fromkeys(range(len(prompts)), "length")
@@ -252,7 +259,7 @@ class _RunningBatch:
 
 def _emit(rows: list[int], budget: list[int], proposed: list[list[int]], stops: frozenset[int],
           stats: DecodeStats) -> StepOutput:
-    """Cut each row's new tokens to its budget, then at its first end token.
+    """Cut each row's new tokens to its budget, then at its first end token (`sampling_rules.cut_at_stop`).
 
     As in Hugging Face `generate`, the end token counts against `max_new_tokens`: a row that returns
     exactly `max_new_tokens` tokens finished for "length".
@@ -260,13 +267,9 @@ def _emit(rows: list[int], budget: list[int], proposed: list[list[int]], stops: 
     new_tokens: list[list[int]] = []
     finished: dict[int, FinishReason] = {}
     for i, (row, tokens) in enumerate(zip(rows, proposed)):
-        tokens = tokens[:budget[i]]
-        stop_at = next((j for j, tok in enumerate(tokens) if tok in stops), None)
-        if stop_at is not None:
-            tokens = tokens[:stop_at]
-            finished[row] = "stop"
-        elif len(tokens) == budget[i]:
-            finished[row] = "length"
+        tokens, reason = cut_at_stop(tokens, budget[i], stops)
+        if reason is not None:
+            finished[row] = reason
         budget[i] -= len(tokens)
         stats.emitted_tokens += len(tokens)
         new_tokens.append(tokens)
@@ -285,18 +288,17 @@ def _left_pad(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[t
 
 
 def _validate(prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_token_ids: int | Sequence[int],
-              temperature: float, top_p: float) -> frozenset[int]:
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+              temperature: float, top_p: float, seed: int) -> frozenset[int]:
+    """The shared sampling bounds (`sampling_rules`), a budget of 0 allowed; returns the stop ids."""
+    check_max_new_tokens(max_new_tokens, minimum=0)
+    check_temperature(temperature)
+    check_top_p(top_p)
+    check_seed(seed)
     for i, prompt in enumerate(prompts):
         if len(prompt) == 0:
             raise ValueError(f"prompts[{i}] is empty: generation needs at least one prompt token")
-    stops = frozenset([eos_token_ids] if isinstance(eos_token_ids, int) else eos_token_ids)
-    return frozenset(int(t) for t in stops)
+    # Any ints: an id no model emits (tests use -1) simply never stops a row.
+    return frozenset(int(t) for t in ([eos_token_ids] if isinstance(eos_token_ids, int) else eos_token_ids))
 
 
 def _check_context(config: Any, prompts: Sequence[Sequence[int]], extra: int) -> None:

@@ -63,12 +63,19 @@ def encode_prompt(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list
     return [int(token) for token in ids]
 
 
-def encode_completion(tokenizer: Any, completion: str) -> list[int]:
-    """Completion ids followed by EOS, which teaches the model where to stop."""
+def target_end_id(tokenizer: Any) -> int:
+    """The id every training target ends with: the tokenizer's EOS. (Which ids *stop* generation is a
+    different question, answered once by `sampling_rules.eos_token_ids`.)"""
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos_token_id: the model could not learn to stop")
+    return int(tokenizer.eos_token_id)
+
+
+def encode_completion(tokenizer: Any, completion: str) -> list[int]:
+    """Completion ids followed by EOS, which teaches the model where to stop."""
+    end = target_end_id(tokenizer)
     ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-    return [int(token) for token in ids] + [int(tokenizer.eos_token_id)]
+    return [int(token) for token in ids] + [end]
 
 
 def encode_example(tokenizer: Any, messages: Sequence[Mapping[str, str]], completion: str) -> EncodedExample:

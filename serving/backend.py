@@ -1,5 +1,9 @@
 """Everything a request handler needs, assembled once at start-up: tokenizer, catalogue, generator.
 
+The composition root of `serving/`: the only module that picks a generator (`generation/`), builds the
+catalogue (`catalogue/`) around it and hands both to the HTTP layer (`api/`), which sees the generator
+only through its interface (`generation/interface.py`).
+
 Start-up order matters: champions are downloaded first because, unless configured, the base model is
 the one they were trained on; then the base is loaded, the generator started and the champions handed
 to it (at most `adapter_slots` of them read now, the rest on first use). Last, the registry poller
@@ -13,15 +17,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from lorafleet.models.base import load_base_model
-from lorafleet.serving.adapters import AdapterCatalogue, ServedModel, Warm, choose_base_model, fetch_champions
-from lorafleet.serving.engine.engine import EngineConfig
+from lorafleet.models.sampling_rules import eos_token_ids
+from lorafleet.registry_read import RegistryReader
+from lorafleet.serving.catalogue.adapters import (
+    AdapterCatalogue,
+    ServedModel,
+    Warm,
+    choose_base_model,
+    fetch_champions,
+)
+from lorafleet.serving.catalogue.registry_poller import ChampionReloader, RegistryPoller
 from lorafleet.serving.engine.openmp_pool import release_thread_pool
-from lorafleet.serving.engine_generator import EngineGenerator
-from lorafleet.serving.generation import TokenGenerator
+from lorafleet.serving.generation.engine_generator import EngineGenerator
+from lorafleet.serving.generation.interface import TokenGenerator
+from lorafleet.serving.generation.runner import GenerationRunner
 from lorafleet.serving.metrics import ServingMetrics
-from lorafleet.serving.registry_poller import ChampionReloader, RegistryPoller
-from lorafleet.serving.registry_reader import RegistryReader
-from lorafleet.serving.runner import GenerationRunner
 from lorafleet.serving.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -34,11 +44,11 @@ class ServingBackend:
     catalogue: AdapterCatalogue
     generator: TokenGenerator
     context_length: int  # prompt + completion tokens the model accepts
-    eos_token_ids: tuple[int, ...]
+    eos_token_ids: tuple[int, ...]  # `sampling_rules.eos_token_ids` of the model and tokenizer
     metrics: ServingMetrics | None = None
     reloader: ChampionReloader | None = None  # None: no registry to follow
     poller: RegistryPoller | None = None  # None: polling is off
-    warm: Warm | None = None  # makes an attached adapter resident now (engine); None: loading is synchronous
+    warm: Warm | None = None  # makes an attached adapter resident now (`TokenGenerator.warm`); None: never
 
     def close(self) -> None:
         if self.poller is not None:
@@ -53,26 +63,27 @@ def build_backend(settings: ServiceSettings, *, metrics: ServingMetrics | None =
     log.info("serving base model %s with %d champion adapter(s) found", base_id, len(champions))
     loaded = load_base_model(base_id, settings.model_cache_dir, dtype=settings.dtype, device=settings.device)
     tokenizer = loaded.tokenizer
-    runner = _generator(settings, loaded, metrics)
+    eos = eos_token_ids(loaded.model, tokenizer)
+    generator = _generator(settings, loaded, eos, metrics)
     catalogue = AdapterCatalogue(
         base_model_id=loaded.resolved.model_id,
         base_revision=loaded.resolved.revision,
-        loader=runner,
+        loader=generator,
         registry=registry,
         adapter_roots=settings.adapter_roots,
-        warm_limit=settings.adapter_slots,
+        warm_limit=settings.engine.adapter_slots,
     )
     catalogue.install_champions(champions)
-    warm = _warm(runner)
+    warm = _warm(generator)
     reloader = ChampionReloader(catalogue, warm=warm, add_new=settings.load_champions)
     poller = RegistryPoller(reloader, settings.registry_poll_s).start() if settings.registry_poll_s > 0 else None
     return ServingBackend(
         settings=settings,
         tokenizer=tokenizer,
         catalogue=catalogue,
-        generator=runner,
-        context_length=_context_length(loaded.model, tokenizer, runner),
-        eos_token_ids=_eos_ids(tokenizer),
+        generator=generator,
+        context_length=_context_length(loaded.model, tokenizer, generator),
+        eos_token_ids=eos,
         metrics=metrics,
         reloader=reloader,
         poller=poller,
@@ -80,23 +91,22 @@ def build_backend(settings: ServiceSettings, *, metrics: ServingMetrics | None =
     )
 
 
-def _warm(generator: TokenGenerator) -> Warm | None:
-    """The engine reads adapters in the background: admin loads and reloads wait for the read here."""
-    if not isinstance(generator, EngineGenerator):
-        return None
+def _warm(generator: TokenGenerator) -> Warm:
+    """Admin loads and reloads wait here until the adapter is resident (the engine reads in the background)."""
 
     def warm(entry: ServedModel) -> int | None:
-        return generator.warm_adapter(entry.adapter) if entry.adapter is not None else None
+        return generator.warm(entry.adapter) if entry.adapter is not None else None
 
     return warm
 
 
-def _generator(settings: ServiceSettings, loaded: Any, metrics: ServingMetrics | None) -> TokenGenerator:
+def _generator(settings: ServiceSettings, loaded: Any, eos: tuple[int, ...],
+               metrics: ServingMetrics | None) -> TokenGenerator:
     """The engine when it supports the base model (Llama family, full precision), else PEFT batches."""
     if settings.backend == "engine":
         try:
-            return EngineGenerator(loaded.model, _engine_config(settings), eos_token_ids=frozenset(
-                _eos_ids(loaded.tokenizer)), on_step=metrics.observe_engine if metrics is not None else None)
+            return EngineGenerator(loaded.model, settings.engine, eos_token_ids=frozenset(eos),
+                                   on_step=metrics.observe_engine if metrics is not None else None)
         except ValueError as error:  # e.g. an architecture the compact model does not implement
             log.warning("engine unavailable for %s (%s): serving with PEFT + generate", loaded.resolved.model_id,
                         error)
@@ -104,20 +114,12 @@ def _generator(settings: ServiceSettings, loaded: Any, metrics: ServingMetrics |
     return GenerationRunner(
         loaded.model,
         pad_token_id=loaded.tokenizer.pad_token_id,
-        max_batch_size=settings.max_batch_size,
-        batch_wait_s=settings.batch_wait_ms / 1000,
-        max_queue=settings.max_queue,
+        config=settings.peft,
+        max_queue=settings.engine.max_waiting,
+        eos_token_ids=frozenset(eos),
         on_batch=metrics.observe_batch if metrics is not None else None,
         on_speculative=metrics.observe_speculative if metrics is not None else None,
     )
-
-
-def _engine_config(settings: ServiceSettings) -> EngineConfig:
-    return EngineConfig(kv_cache_mb=settings.kv_cache_mb, max_num_seqs=settings.max_num_seqs,
-                        max_tokens_per_step=max(settings.max_tokens_per_step, settings.max_num_seqs),
-                        max_waiting=settings.max_queue, speculative_max_batch=settings.speculative_max_batch,
-                        adapter_slots=settings.adapter_slots, max_lora_rank=settings.max_lora_rank,
-                        prefix_caching=settings.prefix_caching)
 
 
 def _context_length(model: Any, tokenizer: Any, generator: TokenGenerator | None = None) -> int:
@@ -128,10 +130,7 @@ def _context_length(model: Any, tokenizer: Any, generator: TokenGenerator | None
     # Tokenizers without a limit report a huge sentinel (int(1e30)); ignore it.
     usable = [int(limit) for limit in limits if isinstance(limit, int) and 0 < limit < 10**9]
     context = min(usable) if usable else 2048
-    if isinstance(generator, EngineGenerator):  # one sequence can never outgrow the whole KV pool
-        context = min(context, generator.engine.scheduler.capacity_tokens)
+    capacity = generator.stats().capacity_tokens if generator is not None else None
+    if capacity is not None:  # one sequence can never outgrow the whole KV pool
+        context = min(context, capacity)
     return context
-
-
-def _eos_ids(tokenizer: Any) -> tuple[int, ...]:
-    return () if tokenizer.eos_token_id is None else (int(tokenizer.eos_token_id),)

@@ -29,7 +29,7 @@ SERVICE = "lorafleet.serving.service:LoraFleetService"  # run by `bentoml serve`
 STARTUP_FAILED = "lorafleet service failed to start"
 DEFAULT_HOST = "127.0.0.1"
 # How the service learns the address it listens on (a `ServiceSettings` field): it decides whether admin is
-# on without a key and which Host headers are answered (serving/auth.py). Set from `host`, never from `env`.
+# on without a key and which Host headers are answered (serving/api/auth.py). Set from `host`, never from `env`.
 BIND_HOST_ENV = "LORAFLEET_SERVE_BIND_HOST"
 
 

@@ -16,11 +16,11 @@ import os
 
 import bentoml
 
-from lorafleet.serving.auth import exposure_warnings
+from lorafleet.serving.api.auth import exposure_warnings
+from lorafleet.serving.api.openai_api import create_app
 from lorafleet.serving.backend import build_backend
 from lorafleet.serving.launcher import STARTUP_FAILED
 from lorafleet.serving.metrics import ServingMetrics
-from lorafleet.serving.openai_api import create_app
 from lorafleet.serving.settings import ServiceSettings
 from lorafleet.settings import Settings
 

@@ -1,10 +1,14 @@
-"""Serving knobs: which base model, how requests are batched and bounded, where adapters come from.
+"""Serving knobs: which base model, how requests are bounded, where adapters come from.
 
 `ServiceSettings` is built once, in the service entry point, from the global `Settings` (paths, MLflow
 URI) plus `LORAFLEET_BASE_MODEL` / `LORAFLEET_SERVE_*` environment variables; everything below receives
-the object. The launcher passes those variables to the `bentoml serve` subprocess, which is the only way
+the object. The generators' own budgets are nested, not re-declared: `engine` is the engine's
+`EngineConfig` and `peft` the PEFT runner's `RunnerConfig`, each the one owner of its defaults. Their
+fields keep the variable names the README documents: `LORAFLEET_SERVE_<FIELD>` for `engine.<field>` and
+`peft.<field>` alike (`LORAFLEET_SERVE_KV_CACHE_MB` -> `engine.kv_cache_mb`), except `engine.max_waiting`,
+which is `LORAFLEET_SERVE_MAX_QUEUE` (it bounds the queue of either generator). The launcher passes those variables to the `bentoml serve` subprocess, which is the only way
 to configure a process that BentoML starts. It also passes `LORAFLEET_SERVE_BIND_HOST`, the address it
-binds, so that the service knows whether it is reachable from the network (see `serving/auth.py`).
+binds, so that the service knows whether it is reachable from the network (see `serving/api/auth.py`).
 """
 
 from __future__ import annotations
@@ -26,10 +30,15 @@ from pydantic import (
     model_validator,
 )
 
+from lorafleet.serving.engine.config import EngineConfig
+from lorafleet.serving.generation.runner import RunnerConfig
 from lorafleet.settings import Settings
 
 BASE_MODEL_ENV = "LORAFLEET_BASE_MODEL"
 ENV_PREFIX = "LORAFLEET_SERVE_"
+SECTIONS: dict[str, type[BaseModel]] = {"engine": EngineConfig, "peft": RunnerConfig}  # nested configs
+# Nested fields whose documented variable is not their own name.
+_ENV_ALIASES = {"engine.max_waiting": "max_queue"}
 
 
 class ServiceSettings(BaseModel):
@@ -48,23 +57,12 @@ class ServiceSettings(BaseModel):
     )
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ...")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    max_batch_size: int = Field(8, ge=1, le=256, description="rows in one generate() call")
-    batch_wait_ms: float = Field(
-        5.0, ge=0.0, le=1000.0, description="how long a new request waits for others to share its batch"
-    )
-    max_queue: int = Field(256, ge=1, description="waiting requests beyond this get HTTP 429")
     backend: Literal["engine", "peft"] = Field(
         "engine", description="'engine': continuous batching (serving/engine); 'peft': HF generate + PEFT batches"
     )
-    max_num_seqs: int = Field(32, ge=1, le=1024, description="engine: sequences decoding together per step")
-    max_tokens_per_step: int = Field(512, ge=1, description="engine: packed tokens per forward (prefill chunks)")
-    kv_cache_mb: float = Field(512, gt=0, description="engine: KV-cache memory budget")
-    adapter_slots: int = Field(16, ge=1, description="engine: adapters resident at once (LRU beyond)")
-    max_lora_rank: int = Field(16, ge=1, description="engine: largest LoRA rank an adapter may have (vLLM's "
-                               "default too); every slot is sized for it, so memory and LoRA work grow with it")
-    speculative_max_batch: int = Field(4, ge=0, description="engine: live requests above which no row drafts")
-    prefix_caching: bool = Field(True, description="engine: reuse the K/V of prompt prefixes seen before, "
-                                 "per adapter")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="the engine's budgets (its queue "
+                                 "bound, `max_waiting`, bounds the PEFT runner's queue too)")
+    peft: RunnerConfig = Field(default_factory=RunnerConfig, description="the PEFT runner's batching")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none")
     max_tokens_limit: int = Field(2048, ge=1, description="largest max_tokens a request may ask for")
     max_request_bytes: int = Field(
@@ -81,7 +79,7 @@ class ServiceSettings(BaseModel):
     )
     admin_enabled: bool = Field(
         True, description="false turns the /admin endpoints off whatever else is set; true allows them only where "
-        "they are safe: an admin key is set, or the server binds to loopback only (see serving/auth.py)"
+        "they are safe: an admin key is set, or the server binds to loopback only (see serving/api/auth.py)"
     )
     api_keys: tuple[SecretStr, ...] = Field(
         (), description="bearer keys for inference (/v1); several for rotation (env: comma-separated); empty: "
@@ -93,7 +91,7 @@ class ServiceSettings(BaseModel):
     )
     allowed_hosts: tuple[str, ...] | None = Field(
         None, description="Host header names served, without port (`*.example.com`: its subdomains, `*`: any; "
-        "env: comma-separated); None: loopback names when bound to loopback, else any (see serving/auth.py)"
+        "env: comma-separated); None: loopback names when bound to loopback, else any (see serving/api/auth.py)"
     )
     bind_host: str | None = Field(
         None, description="the address the server listens on, passed by the launcher (`lorafleet serve --host`); "
@@ -167,29 +165,47 @@ class ServiceSettings(BaseModel):
 
     @classmethod
     def from_env(cls, settings: Settings, environ: Mapping[str, str]) -> ServiceSettings:
-        """Read `LORAFLEET_BASE_MODEL` and `LORAFLEET_SERVE_<FIELD>`; errors name the variable."""
+        """Read `LORAFLEET_BASE_MODEL` and `LORAFLEET_SERVE_<FIELD>` (nested fields included, see the module
+        docstring); errors name the variable."""
         overrides: dict[str, object] = {}
+        given: set[str] = set()
         if environ.get(BASE_MODEL_ENV):
             overrides["base_model"] = environ[BASE_MODEL_ENV]
-        for name in cls.tunable_fields():
-            value = environ.get(env_name(name))
-            if value not in (None, ""):
-                overrides[name] = value
+            given.add("base_model")
+        for path in cls.tunable_fields():
+            value = environ.get(env_name(path))
+            if value in (None, ""):
+                continue
+            given.add(path)
+            section, dot, field = path.partition(".")
+            if dot:
+                overrides.setdefault(section, {})[field] = value  # type: ignore[index]
+            else:
+                overrides[path] = value
         try:
             return cls.from_settings(settings, **overrides)
         except ValidationError as error:
             problems = []
             for item in error.errors():
-                field = str(item["loc"][0]) if item["loc"] else ""
-                where = env_name(field) if field in overrides else field or "<settings>"
+                path = ".".join(str(part) for part in item["loc"][:2] if isinstance(part, str))
+                if path.partition(".")[0] not in SECTIONS:
+                    path = path.partition(".")[0]
+                where = env_name(path) if path in given else path or "<settings>"
                 problems.append(f"{where}: {str(item['msg']).removeprefix('Value error, ')}")
             raise ValueError("invalid serving settings: " + "; ".join(problems)) from None
 
     @classmethod
     def tunable_fields(cls) -> list[str]:
-        """Fields settable through `LORAFLEET_SERVE_*` (paths come from `Settings`)."""
+        """Fields settable through `LORAFLEET_SERVE_*` (paths come from `Settings`); nested ones dotted
+        (`engine.kv_cache_mb`)."""
         fixed = {"tracking_uri", "model_cache_dir", "adapter_download_dir", "base_model"}
-        return [name for name in cls.model_fields if name not in fixed]
+        fields = []
+        for name in cls.model_fields:
+            if name in SECTIONS:
+                fields.extend(f"{name}.{field}" for field in SECTIONS[name].model_fields)
+            elif name not in fixed:
+                fields.append(name)
+        return fields
 
 
 _TOKEN = re.compile(r"[!-+\--~]{1,512}")  # printable ASCII (0x21-0x7e) except ',' (0x2c): the env list separator
@@ -208,4 +224,7 @@ def _valid_host_pattern(host: str) -> bool:
 
 
 def env_name(field: str) -> str:
-    return BASE_MODEL_ENV if field == "base_model" else ENV_PREFIX + field.upper()
+    """The variable that sets `field` (`adapter_roots`, or a nested `engine.kv_cache_mb`)."""
+    if field == "base_model":
+        return BASE_MODEL_ENV
+    return ENV_PREFIX + _ENV_ALIASES.get(field, field.rpartition(".")[2]).upper()

@@ -16,7 +16,7 @@ from typing import Any
 from lorafleet.evaluation.generation import generate_texts
 from lorafleet.models.batching import IGNORE_INDEX
 from lorafleet.models.cache import atomic_write_text
-from lorafleet.models.prompting import encode_prompt
+from lorafleet.models.prompting import encode_prompt, target_end_id
 from lorafleet.models.turbo_settings import TurboSettings
 from lorafleet.tasks.data.prepare import PreparedData
 
@@ -37,7 +37,7 @@ def distilled_rows(model: Any, tokenizer: Any, prepared: PreparedData, split: st
                              batch_size=DISTILL_BATCH_SIZE, desc=f"self-distillation ({split})")
     rows = []
     for prompt, output in zip(prompts, outputs, strict=True):
-        continuation = list(output.token_ids) + ([tokenizer.eos_token_id] if output.hit_eos else [])
+        continuation = list(output.token_ids) + ([target_end_id(tokenizer)] if output.hit_eos else [])
         if continuation:
             rows.append({"input_ids": prompt + continuation,
                          "labels": [IGNORE_INDEX] * len(prompt) + continuation})

@@ -21,8 +21,8 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 
 from lorafleet.config import FinetuneConfig
-from lorafleet.evaluation.settings import EvaluationSettings
 from lorafleet.models.cache import sha256_text
+from lorafleet.sections.evaluation import EvaluationSettings
 from lorafleet.settings import Settings
 from lorafleet.tasks import registry
 from lorafleet.tasks.data.prepare import PreparedData

@@ -14,17 +14,17 @@ from pathlib import Path
 from typing import Any
 
 from lorafleet.config import FinetuneConfig
-from lorafleet.evaluation.metric_catalog import metric_spec
 from lorafleet.evaluation.quality import QualityReport, evaluate_quality, few_shot_from_examples
 from lorafleet.evaluation.report import comparison_markdown
-from lorafleet.evaluation.settings import EvaluationSettings
 from lorafleet.evaluation.speculative import SpeculativeReport, measure_speculative
 from lorafleet.evaluation.speed import SpeedReport, measure_speed
+from lorafleet.metric_catalog import metric_spec
 from lorafleet.models.adapter_dir import has_lora, read_manifest, write_manifest
 from lorafleet.models.base import load_base_model
 from lorafleet.models.lora import load_adapter
 from lorafleet.models.prompting import encode_prompt
 from lorafleet.models.turbo_heads import has_heads, load_heads
+from lorafleet.sections.evaluation import EvaluationSettings
 from lorafleet.settings import Settings
 from lorafleet.tasks.data.prepare import PreparedData
 

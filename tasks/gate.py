@@ -6,7 +6,7 @@ itself in a sentence. New criteria (for example a minimum speculative speed-up) 
 `CHECKS` plus a field in `PromotionSettings`, without touching the quality rule.
 
 The numbers given here must be comparable (the caller measures champion and challenger on the same
-rows, see `tasks/eval_split.py`); the gate adds the metric's direction (`evaluation/metric_catalog.py`),
+rows, see `tasks/eval_split.py`); the gate adds the metric's direction (`lorafleet/metric_catalog.py`),
 so "better" and the margin point the same way for a score and for a latency.
 """
 
@@ -16,7 +16,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 
-from lorafleet.tasks.gate_settings import PromotionSettings
+from lorafleet.sections.promotion import PromotionSettings
 
 # Metrics are averages over a few hundred rows; two values this close are the same result, and
 # `champion + margin` must not fail on float rounding (0.8 + 0.1 != 0.9).

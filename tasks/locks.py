@@ -1,4 +1,6 @@
-"""Cross-process locks: one finetune per adapter name, one champion move per name, one store migration.
+"""Cross-process locks: one finetune per adapter name, one champion move per name.
+
+(The third, one store migration, is `lorafleet/mlflow_store.py`'s: the server takes it too.)
 
 All are advisory `flock` locks on small files. The kernel drops a `flock` when its holder dies, however
 it dies (SIGKILL included), so a lock file naming a dead process is simply taken over by the next
@@ -25,21 +27,19 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import socket
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from lorafleet.mlflow_store import LOCKS_FOLDER, store_lock_dir
 from lorafleet.models.cache import file_lock
 from lorafleet.names import NAME_PATTERN, NAME_RULE
 
-LOCKS_FOLDER = "locks"
 _PEEK_RETRIES = 20
 _PEEK_WAIT_S = 0.05
 
@@ -61,30 +61,10 @@ class Holder:
         return f"{pid} on host {self.host or 'unknown'}, since {self.started_at or 'an unknown time'}"
 
 
-def store_lock_dir(tracking_uri: str) -> Path:
-    """The folder for locks that guard one MLflow store: beside a local SQLite file, else machine-local."""
-    if tracking_uri.startswith("sqlite:"):
-        from sqlalchemy.engine import make_url
-
-        database = make_url(tracking_uri).database
-        if database and database != ":memory:":
-            return Path(database).expanduser().resolve().parent / LOCKS_FOLDER
-    digest = hashlib.sha256(tracking_uri.encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / f"lorafleet-{LOCKS_FOLDER}-{digest}"
-
-
 @contextlib.contextmanager
 def promotion_lock(tracking_uri: str, name: str) -> Iterator[None]:
     """Held while `champion` of `name` is read, decided on and moved: champion moves are compare-and-set."""
     with file_lock(store_lock_dir(tracking_uri) / f"promote-{_safe(name)}.lock"):
-        yield
-
-
-@contextlib.contextmanager
-def store_init_lock(tracking_uri: str) -> Iterator[None]:
-    """Held while a process creates (and on first use migrates) the MLflow store: MLflow's tracking store
-    migrates an empty SQLite file without a lock, and two first users crash on each other's tables."""
-    with file_lock(store_lock_dir(tracking_uri) / "mlflow-store.lock"):
         yield
 
 

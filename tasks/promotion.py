@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 from mlflow import MlflowClient
 
+from lorafleet.sections.promotion import PromotionSettings
 from lorafleet.tasks import gate as gate_logic
 from lorafleet.tasks import registry
 from lorafleet.tasks.eval_split import ChampionNumbers, ChampionNumbersFn
-from lorafleet.tasks.gate_settings import PromotionSettings
 
 log = logging.getLogger(__name__)
 

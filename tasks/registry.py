@@ -1,5 +1,9 @@
 """The MLflow Model Registry as lorafleet uses it: one registered model per adapter name.
 
+This module is the pipeline's side: it extends the read-only `lorafleet/registry_read.py` (which the
+server imports too) with the writes, and takes from it `CHAMPION`/`CHALLENGER`, the name checks and the
+one atomic download.
+
 A version's source is the run's `adapter` artifact (the adapter directory). Two aliases carry the
 meaning: `challenger` marks the newest candidate, `champion` the version that is served. Champion
 moves are recorded (a registered-model tag with the ordered list of past champions, and
@@ -17,8 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -27,23 +29,27 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import mlflow
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST
 
+from lorafleet.mlflow_store import is_mlflow_error
 from lorafleet.models.adapter_dir import MANIFEST_FILE, AdapterManifest, InvalidAdapterDir, read_manifest
-from lorafleet.models.cache import file_lock
-from lorafleet.names import NAME_PATTERN, NAME_RULE, VERSION_PATTERN, is_alias, is_registered_name, shorten
+from lorafleet.names import NAME_PATTERN, VERSION_PATTERN
+from lorafleet.registry_read import (
+    CHALLENGER,
+    CHAMPION,
+    VersionNotFound,
+    check_alias,
+    check_name,
+    download_version,
+)
 from lorafleet.tasks.locks import promotion_lock
-from lorafleet.tasks.tracking import is_mlflow_error
 
 log = logging.getLogger(__name__)
 
 ADAPTER_ARTIFACT_PATH = "adapter"
-CHALLENGER = "challenger"
-CHAMPION = "champion"
 ADAPTER_MARKER_TAG = "lorafleet.adapter"  # on registered models made here; `list_adapters` shows only these
 HISTORY_TAG = "lorafleet.champion_history"  # JSON list of versions, oldest champion first
 HISTORY_LIMIT = 100
@@ -55,7 +61,7 @@ class RegistryError(RuntimeError):
     """A registry operation that cannot be done as asked."""
 
 
-class AdapterNotFound(RegistryError, LookupError):
+class AdapterNotFound(RegistryError, VersionNotFound):
     """No such registered adapter, version or alias (the service answers 404)."""
 
 
@@ -238,10 +244,9 @@ def get_version(client: MlflowClient, name: str, version_or_alias: str | int) ->
     `..`, a 5,000-digit version or a name no lorafleet adapter can have is AdapterNotFound, never a raw
     store error, and never a folder name for `download_adapter`."""
     ref = str(version_or_alias).strip()
-    if not is_registered_name(name):
-        raise AdapterNotFound(f"no registered adapter named {shorten(repr(name))} (names are {NAME_RULE})")
-    if ref != "latest" and not (VERSION_PATTERN.match(ref) or is_alias(ref)):
-        raise AdapterNotFound(f"adapter {name!r} has no version or alias {shorten(repr(ref))}")
+    check_name(name, AdapterNotFound)
+    if ref != "latest" and not VERSION_PATTERN.match(ref):
+        check_alias(name, ref, AdapterNotFound)
     model = _registered_model(client, name)
     if ref == "latest":
         numbers = [int(v.version) for v in _versions(client, name)]
@@ -408,28 +413,11 @@ def download_adapter(client: MlflowClient, name: str, version_or_alias: str | in
     """Download a version's adapter directory to `dst_root/<name>/v<version>/` (reused if present).
 
     Aliases are resolved first, so a moved alias downloads into a new folder and a running service
-    can keep using the old one until it swaps. The folder appears only once complete.
+    can keep using the old one until it swaps. The folder appears only once complete (the server's
+    download, `registry_read.download_version`), once it holds a valid manifest.
     """
-    version = str(get_version(client, name, version_or_alias).version)
-    target = Path(dst_root) / name / f"v{version}"
-    if (target / MANIFEST_FILE).exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(target.parent / f".v{version}.lock"):
-        if (target / MANIFEST_FILE).exists():
-            return target
-        staging = Path(tempfile.mkdtemp(prefix=f".v{version}.", suffix=".partial", dir=target.parent))
-        try:
-            uri = client.get_model_version_download_uri(name, version)
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(staging),
-                                                             tracking_uri=client.tracking_uri))
-            read_manifest(local)  # refuse to publish a folder that is not an adapter directory
-            if target.exists():  # a leftover without a manifest (e.g. emptied by hand)
-                shutil.rmtree(target)
-            os.replace(local, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
+    version = int(get_version(client, name, version_or_alias).version)
+    return download_version(client, name, version, dst_root, check=read_manifest)
 
 
 def _summarize_version(version: ModelVersion, aliases: tuple[str, ...]) -> VersionSummary:

@@ -29,11 +29,11 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST
 
+from lorafleet.mlflow_store import is_mlflow_error, store_client
 from lorafleet.names import NAME_PATTERN
 from lorafleet.settings import Settings
-from lorafleet.tasks.locks import store_init_lock
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,6 @@ _PARAMS_PER_BATCH = 100  # MLflow's MAX_PARAMS_TAGS_PER_BATCH (params and tags)
 _METRICS_PER_BATCH = 1000  # MLflow's MAX_METRICS_PER_BATCH
 _RESUMABLE = {"RUNNING", "KILLED", "FAILED"}
 RunEndStatus = Literal["FINISHED", "FAILED", "KILLED"]
-# SQLite stores this process has created and migrated under the store lock; later clients skip the lock.
-_READY_STORES: set[str] = set()
 
 
 def mlflow_client(settings: Settings) -> MlflowClient:
@@ -62,26 +60,7 @@ def mlflow_client(settings: Settings) -> MlflowClient:
         settings.home.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(settings.tracking_uri)
     mlflow.set_registry_uri(settings.tracking_uri)
-    return _client(settings.tracking_uri)
-
-
-def _client(uri: str) -> MlflowClient:
-    """A client whose stores exist; a SQLite store is created and migrated under a file lock, once per process.
-
-    MLflow creates the tracking tables of an empty database on first use (when a client is built) without
-    a lock: two processes starting on a fresh home both migrate and the second fails ("duplicate column
-    name"). Building the first client of a store in this process, and making MLflow build its registry
-    store too, happen under the store's lock; MLflow caches both per process, so later clients need
-    neither the lock nor a query.
-    """
-    if uri in _READY_STORES or not uri.startswith("sqlite:"):
-        return MlflowClient(tracking_uri=uri, registry_uri=uri)
-    with store_init_lock(uri):
-        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        client.search_experiments(max_results=1)
-        client.search_registered_models(max_results=1)
-    _READY_STORES.add(uri)
-    return client
+    return store_client(settings.tracking_uri)
 
 
 def experiment_name(adapter_name: str) -> str:
@@ -323,8 +302,3 @@ def system_info() -> dict[str, Any]:
     else:
         info["device"] = "cpu"
     return info
-
-
-def is_mlflow_error(error: MlflowException, code: int) -> bool:
-    """`MlflowException.error_code` holds the enum's name, not its number; compare them safely."""
-    return error.error_code == ErrorCode.Name(code)

@@ -11,7 +11,7 @@ from typing import Any
 
 BASE = "tiny-random-llama"
 # ServiceSettings fields for an in-process app under FastAPI's TestClient: as if bound to loopback (so the
-# admin endpoints are on without a key, see serving/auth.py), answering the test client's `Host: testserver`.
+# admin endpoints are on without a key, see serving/api/auth.py), answering the test client's `Host: testserver`.
 IN_PROCESS = {"bind_host": "127.0.0.1", "allowed_hosts": ("testserver",)}
 
 

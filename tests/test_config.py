@@ -61,3 +61,13 @@ def test_retrain_config_rejects_duplicates_and_names_inline_entries(tmp_path):
     path.write_text("adapters:\n  - {name: a, data: {preset: viggo}, training: {epochs: -1}}\n")
     with pytest.raises(ConfigError, match=r"adapters\.0: training\.epochs"):
         load_retrain_config(path)
+
+
+def test_the_data_section_knows_exactly_the_presets_tasks_define():
+    """`lorafleet/sections/data.py` validates preset names at config load without importing tasks/."""
+    from lorafleet.sections.data import PRESET_NAMES
+    from lorafleet.tasks.data.presets import PRESETS
+
+    assert set(PRESET_NAMES) == set(PRESETS)
+    with pytest.raises(ConfigError, match="unknown data preset 'nope'; known presets: extraction, viggo"):
+        parse_config({"name": "x", "data": {"preset": "nope"}})

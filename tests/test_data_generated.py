@@ -7,9 +7,9 @@ import re
 
 import pytest
 
+from lorafleet.sections.data import DataSettings
 from lorafleet.tasks.data.examples import carve_splits
 from lorafleet.tasks.data.generated import MONTHS, NUMBER_WORDS, RECORD_KEYS, generate_examples
-from lorafleet.tasks.data.settings import DataSettings
 
 DEFAULT_SIZE = DataSettings(preset="extraction").generated_size
 

@@ -9,10 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from lorafleet.sections.data import ColumnMapping
 from lorafleet.tasks.data.errors import DataError
 from lorafleet.tasks.data.examples import carve_splits
 from lorafleet.tasks.data.loaders import read_examples
-from lorafleet.tasks.data.settings import ColumnMapping
 
 PC = ColumnMapping(prompt="text", completion="target")
 CHAT = ColumnMapping(messages="messages")

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from lorafleet.models.prompting import IGNORE_INDEX
+from lorafleet.sections.data import ColumnMapping, DataSettings
 from lorafleet.tasks.data.errors import DataError
 from lorafleet.tasks.data.loaders import read_examples
 from lorafleet.tasks.data.prepare import REPORT_FILE, PreparedData, prepare_dataset, source_key
 from lorafleet.tasks.data.presets import VIGGO_ACTS, VIGGO_SLOTS, resolve_data
-from lorafleet.tasks.data.settings import ColumnMapping, DataSettings
 
 # The tiny model's tokenizer is one token per byte, so the presets' system prompts need room.
 ROOMY = 2048

@@ -16,7 +16,8 @@ import torch
 
 from lorafleet.models.base import load_base_model
 from lorafleet.serving.engine.adapter_cache import AdapterCache, AdapterNotFound, ResolvedAdapter
-from lorafleet.serving.engine.engine import Engine, EngineConfig
+from lorafleet.serving.engine.config import EngineConfig
+from lorafleet.serving.engine.engine import Engine
 from lorafleet.serving.engine.lora_slots import LoraSlots
 from lorafleet.serving.engine.model import CompactLlama
 from lorafleet.serving.engine.scheduler import QueueFull

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from lorafleet.evaluation.engine_bench import measure_engine
 from lorafleet.models.base import load_base_model
-from lorafleet.serving.engine.engine import EngineConfig
+from lorafleet.serving.engine.config import EngineConfig
 
 from serving_helpers import BASE, make_adapter
 

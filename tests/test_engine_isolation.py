@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from test_engine_model import tiny_hf
 
 from lorafleet.models.base import load_base_model
+from lorafleet.models.sampling_rules import SEED_MAX, SEED_MIN, InvalidRequest
 from lorafleet.models.turbo_heads import load_heads
 from lorafleet.serving.engine.adapter_cache import (
     AdapterCache,
@@ -33,12 +34,13 @@ from lorafleet.serving.engine.adapter_cache import (
     read_adapter_dir,
 )
 from lorafleet.serving.engine.adapter_weights import random_lora, read_peft_adapter
-from lorafleet.serving.engine.engine import Engine, EngineConfig
+from lorafleet.serving.engine.config import EngineConfig
+from lorafleet.serving.engine.engine import Engine
 from lorafleet.serving.engine.lora_slots import LoraSlots
 from lorafleet.serving.engine.model import CompactLlama, ForwardBatch
-from lorafleet.serving.engine.sequence import SEED_MAX, SEED_MIN, InvalidRequest, SamplingParams
-from lorafleet.serving.generation import GenerationRequest, RequestRejected
-from lorafleet.serving.generation import SamplingParams as ApiSampling
+from lorafleet.serving.engine.sequence import SamplingParams
+from lorafleet.serving.generation.interface import GenerationRequest, RequestRejected
+from lorafleet.serving.generation.interface import SamplingParams as ApiSampling
 
 from serving_helpers import BASE, add_heads, make_adapter
 
@@ -177,7 +179,7 @@ def test_a_refused_request_leaves_the_engine_exactly_as_it_was(compact, adapters
 
 
 def test_the_generator_answers_every_engine_refusal_with_request_rejected(model_cache):
-    from lorafleet.serving.engine_generator import EngineGenerator
+    from lorafleet.serving.generation.engine_generator import EngineGenerator
 
     loaded = load_base_model(BASE, model_cache)
     generator = EngineGenerator(loaded.model, EngineConfig(kv_cache_mb=0.05, adapter_slots=1, max_lora_rank=8),

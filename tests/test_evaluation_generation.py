@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorafleet.evaluation.generation import generate_texts, stop_token_ids
+from lorafleet.evaluation.generation import generate_texts
 from lorafleet.models.lora import LoraSettings, apply_lora
 from lorafleet.models.prompting import encode_prompt
+from lorafleet.models.sampling_rules import eos_token_ids
 
 QUESTIONS = ["hi", "What is the capital of France?", "ok", "Tell me a story about a dragon and a knight.",
              "2+2?", "List three colours", "abc"]
@@ -67,9 +68,9 @@ def test_each_row_stops_at_its_own_eos(tiny_model):
 
 def test_stop_tokens_union_tokenizer_and_generation_config(tiny_model):
     model, tokenizer = tiny_model.model, tiny_model.tokenizer
-    assert stop_token_ids(model, tokenizer) == [tokenizer.eos_token_id]
+    assert eos_token_ids(model, tokenizer) == (tokenizer.eos_token_id,)
     model.generation_config.eos_token_id = [0, tokenizer.eos_token_id]
-    assert stop_token_ids(model, tokenizer) == [tokenizer.eos_token_id, 0]
+    assert eos_token_ids(model, tokenizer) == (tokenizer.eos_token_id, 0)
 
 
 def test_peft_model_in_train_mode(tiny_model):

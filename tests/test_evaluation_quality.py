@@ -12,9 +12,9 @@ from lorafleet.evaluation.quality import (
     few_shot_from_examples,
     with_few_shot,
 )
-from lorafleet.evaluation.settings import EvaluationSettings
 from lorafleet.models.adapter_dir import TaskInfo
 from lorafleet.models.prompting import encode_prompt
+from lorafleet.sections.evaluation import EvaluationSettings
 
 SYSTEM = {"role": "system", "content": "Answer with a meaning representation."}
 TEXT_TASK = TaskInfo(name="echo", output_format="text")

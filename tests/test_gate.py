@@ -6,8 +6,8 @@ import math
 
 import pytest
 
+from lorafleet.sections.promotion import PromotionSettings
 from lorafleet.tasks.gate import CHECKS, GateDecision, decide, render_markdown
-from lorafleet.tasks.gate_settings import PromotionSettings
 
 M = "field_f1"
 

@@ -26,10 +26,10 @@ from mlflow.exceptions import MlflowException
 
 from lorafleet.config import ConfigError, parse_config
 from lorafleet.models.adapter_dir import AdapterManifest, BaseModelRef, TaskInfo, write_manifest
+from lorafleet.sections.promotion import PromotionSettings
 from lorafleet.settings import Settings
 from lorafleet.tasks import eval_split, locks, registry
 from lorafleet.tasks.eval_split import EvalSplit
-from lorafleet.tasks.gate_settings import PromotionSettings
 from lorafleet.tasks.promotion import gate_and_promote
 from lorafleet.tasks.tracking import RunLogger, ensure_experiment, resume_or_start_run, start_run
 from lorafleet.tasks.transient import is_transient
@@ -144,7 +144,7 @@ import json, sys, time
 from pathlib import Path
 from lorafleet.settings import Settings
 from lorafleet.tasks import eval_split, registry, tracking
-from lorafleet.tasks.gate_settings import PromotionSettings
+from lorafleet.sections.promotion import PromotionSettings
 from lorafleet.tasks.promotion import gate_and_promote
 
 home, version, other, first = sys.argv[1:5]

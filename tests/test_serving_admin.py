@@ -19,9 +19,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from lorafleet.models.adapter_dir import read_manifest
-from lorafleet.serving.adapters import AdapterCatalogue, AdapterLoadFailed, ModelNotFound, ServedModel
+from lorafleet.registry_read import FetchedAdapter, RegistryReader
+from lorafleet.serving.api.openai_api import create_app
 from lorafleet.serving.backend import build_backend
-from lorafleet.serving.local_adapters import (
+from lorafleet.serving.catalogue.adapters import AdapterCatalogue, AdapterLoadFailed, ServedModel
+from lorafleet.serving.catalogue.local_adapters import (
     InvalidLocalAdapter,
     PathNotAllowed,
     check_local_name,
@@ -29,9 +31,8 @@ from lorafleet.serving.local_adapters import (
     inside_roots,
     read_local_manifest,
 )
-from lorafleet.serving.openai_api import create_app
-from lorafleet.serving.registry_poller import ChampionReloader, RegistryPoller
-from lorafleet.serving.registry_reader import FetchedAdapter, RegistryReader
+from lorafleet.serving.catalogue.model_names import ModelNotFound
+from lorafleet.serving.catalogue.registry_poller import ChampionReloader, RegistryPoller
 from lorafleet.serving.settings import ServiceSettings
 from lorafleet.settings import Settings
 
@@ -78,7 +79,7 @@ def fleet(tmp_path_factory, model_cache: Path, migrated_db: Path) -> Fleet:
 
 
 def service_settings(fleet: Fleet, **overrides) -> ServiceSettings:
-    fields = {"registry_poll_s": 0, "adapter_slots": 3, "max_lora_rank": 8, "kv_cache_mb": 16,
+    fields = {"registry_poll_s": 0, "engine": {"adapter_slots": 3, "max_lora_rank": 8, "kv_cache_mb": 16},
               "default_max_tokens": MAX_TOKENS, "adapter_roots": (fleet.roots,), **IN_PROCESS, **overrides}
     return ServiceSettings.from_settings(fleet.settings, **fields)
 
@@ -336,7 +337,7 @@ def test_the_peft_backend_lists_and_loads_but_cannot_unload(fleet):
 
 
 def timed_out(seen: list[ServedModel]):
-    """A warm-up that gives up (what `warm_adapter` does after its timeout); the read it started goes on."""
+    """A warm-up that gives up (what `EngineGenerator.warm` does after its timeout); the read it started goes on."""
     def warm(entry: ServedModel) -> None:
         seen.append(entry)
         raise TimeoutError(f"adapter {entry.adapter!r} was not read in time (slow disk)")
@@ -357,9 +358,9 @@ def test_warming_an_adapter_does_not_wait_for_an_unrelated_slow_read(fresh, flee
 
     generator.cache._reader = reader
     try:
-        generator.load_adapter("quick", fleet.dirs["local"])  # its read starts first (one reader thread)
-        generator.load_adapter("stuck", stuck)  # queued behind it; never finishes on its own
-        slot = generator.warm_adapter("quick", timeout=30)
+        generator.load("quick", fleet.dirs["local"])  # its read starts first (one reader thread)
+        generator.load("stuck", stuck)  # queued behind it; never finishes on its own
+        slot = generator.warm("quick", timeout=30)
         assert slot is not None and generator.cache.slot_of("quick") == slot
     finally:
         release.set()

@@ -12,16 +12,16 @@ from fastapi.testclient import TestClient
 
 from lorafleet.models.adapter_dir import read_manifest
 from lorafleet.models.base import load_base_model
-from lorafleet.serving.adapters import AdapterCatalogue
+from lorafleet.registry_read import FetchedAdapter
+from lorafleet.serving.api.openai_api import create_app
+from lorafleet.serving.api.text_stream import TextAssembler
 from lorafleet.serving.backend import ServingBackend
-from lorafleet.serving.engine.engine import EngineConfig
-from lorafleet.serving.engine_generator import EngineGenerator
+from lorafleet.serving.catalogue.adapters import AdapterCatalogue
+from lorafleet.serving.engine.config import EngineConfig
+from lorafleet.serving.generation.engine_generator import EngineGenerator
+from lorafleet.serving.generation.runner import GenerationRunner
 from lorafleet.serving.metrics import ServingMetrics
-from lorafleet.serving.openai_api import create_app
-from lorafleet.serving.registry_reader import FetchedAdapter
-from lorafleet.serving.runner import GenerationRunner
 from lorafleet.serving.settings import ServiceSettings
-from lorafleet.serving.text_stream import TextAssembler
 from lorafleet.settings import Settings
 
 from serving_helpers import BASE, make_adapter
@@ -278,13 +278,37 @@ def test_service_settings_from_env(tmp_path):
             "LORAFLEET_SERVE_BATCH_WAIT_MS": "0",
         },
     )
-    assert (service.base_model, service.max_batch_size, service.batch_wait_ms) == (BASE, 3, 0.0)
+    assert (service.base_model, service.peft.max_batch_size, service.peft.batch_wait_ms) == (BASE, 3, 0.0)
     assert service.adapter_download_dir == settings.adapter_download_dir
     assert ServiceSettings.from_env(settings, {}).base_model is None
     with pytest.raises(ValueError, match="LORAFLEET_SERVE_MAX_BATCH_SIZE"):
         ServiceSettings.from_env(settings, {"LORAFLEET_SERVE_MAX_BATCH_SIZE": "0"})
     with pytest.raises(ValueError, match="default_max_tokens"):
         ServiceSettings.from_env(settings, {"LORAFLEET_SERVE_DEFAULT_MAX_TOKENS": "5000"})
+
+
+def test_engine_settings_are_nested_not_redeclared_and_keep_their_variables(tmp_path):
+    """One place per default: the service nests the engine's and the runner's configs (it used to re-declare
+    them, with a KV budget of 512 MB against the engine's 256), and the documented variables still set them."""
+    from lorafleet.serving.engine.config import EngineConfig
+    from lorafleet.serving.generation.runner import RunnerConfig
+
+    assert not set(ServiceSettings.model_fields) & (set(EngineConfig.model_fields) | set(RunnerConfig.model_fields)
+                                                    | {"max_queue"})
+    settings = Settings.for_home(tmp_path)
+    default = ServiceSettings.from_env(settings, {})
+    assert default.engine == EngineConfig() and default.peft == RunnerConfig()
+    assert (default.engine.kv_cache_mb, default.engine.max_waiting) == (512, 256)  # what the service ran with
+    service = ServiceSettings.from_env(settings, {
+        "LORAFLEET_SERVE_KV_CACHE_MB": "300", "LORAFLEET_SERVE_MAX_QUEUE": "9", "LORAFLEET_SERVE_ADAPTER_SLOTS": "3",
+        "LORAFLEET_SERVE_MAX_LORA_RANK": "8", "LORAFLEET_SERVE_MAX_NUM_SEQS": "64",
+        "LORAFLEET_SERVE_SPECULATIVE_MAX_BATCH": "0", "LORAFLEET_SERVE_PREFIX_CACHING": "false"})
+    assert service.engine == EngineConfig(kv_cache_mb=300, max_waiting=9, adapter_slots=3, max_lora_rank=8,
+                                          max_num_seqs=64, speculative_max_batch=0, prefix_caching=False)
+    for variable, value in (("LORAFLEET_SERVE_KV_CACHE_MB", "0"), ("LORAFLEET_SERVE_MAX_QUEUE", "many"),
+                            ("LORAFLEET_SERVE_PREFIX_CACHING", "maybe"), ("LORAFLEET_SERVE_BATCH_WAIT_MS", "-1")):
+        with pytest.raises(ValueError, match=f"invalid serving settings: {variable}: "):
+            ServiceSettings.from_env(settings, {variable: value})
 
 
 def test_server_env_points_the_subprocess_at_this_home(tmp_path):

@@ -27,8 +27,8 @@ from starlette.testclient import TestClient
 from starlette.websockets import WebSocket, WebSocketDisconnect
 from typer.testing import CliRunner
 
-from lorafleet.serving.adapters import AdapterCatalogue, ModelNotFound, VersionNotAllowed
-from lorafleet.serving.auth import (
+from lorafleet.registry_read import RegistryReader
+from lorafleet.serving.api.auth import (
     AccessMiddleware,
     SettingsPolicy,
     caller_of,
@@ -36,8 +36,9 @@ from lorafleet.serving.auth import (
     is_loopback,
     request_host,
 )
+from lorafleet.serving.catalogue.adapters import AdapterCatalogue, VersionNotAllowed
+from lorafleet.serving.catalogue.model_names import ModelNotFound
 from lorafleet.serving.launcher import BIND_HOST_ENV, ServerHandle, server_env, start_server
-from lorafleet.serving.registry_reader import RegistryReader
 from lorafleet.serving.settings import ServiceSettings
 from lorafleet.settings import Settings
 
@@ -287,7 +288,7 @@ class RecordingLoader:
     def __init__(self) -> None:
         self.loaded: list[str] = []
 
-    def load_adapter(self, name: str, adapter_dir: Path) -> None:
+    def load(self, name: str, adapter_dir: Path) -> None:
         self.loaded.append(name)
 
 

@@ -24,18 +24,18 @@ from hypothesis import strategies as st
 
 from lorafleet.models.adapter_dir import read_manifest
 from lorafleet.models.base import load_base_model
-from lorafleet.serving import body_limit
-from lorafleet.serving.adapters import AdapterCatalogue
+from lorafleet.registry_read import FetchedAdapter
+from lorafleet.serving.api import body_limit
+from lorafleet.serving.api.body_limit import BodyLimit
+from lorafleet.serving.api.openai_api import create_app
+from lorafleet.serving.api.openai_schema import UNSUPPORTED
+from lorafleet.serving.api.text_stream import MAX_HELD_TOKENS, TextAssembler
 from lorafleet.serving.backend import ServingBackend, build_backend
-from lorafleet.serving.body_limit import BodyLimit
-from lorafleet.serving.engine.engine import EngineConfig
-from lorafleet.serving.engine_generator import EngineGenerator
-from lorafleet.serving.generation import RequestRejected
-from lorafleet.serving.openai_api import create_app
-from lorafleet.serving.openai_schema import UNSUPPORTED
-from lorafleet.serving.registry_reader import FetchedAdapter
+from lorafleet.serving.catalogue.adapters import AdapterCatalogue
+from lorafleet.serving.engine.config import EngineConfig
+from lorafleet.serving.generation.engine_generator import EngineGenerator
+from lorafleet.serving.generation.interface import RequestRejected
 from lorafleet.serving.settings import ServiceSettings
-from lorafleet.serving.text_stream import MAX_HELD_TOKENS, TextAssembler
 
 from serving_helpers import BASE, make_adapter
 
@@ -493,7 +493,7 @@ def test_a_prompt_larger_than_the_kv_pool_is_400_context_length_exceeded(tmp_pat
     """The engine's KV pool (here ~96 tokens) bounds the context below the model's 2048 positions."""
     service = ServiceSettings(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", model_cache_dir=model_cache,
                               adapter_download_dir=tmp_path / "downloads", base_model=BASE, device="cpu",
-                              kv_cache_mb=0.05, load_champions=False, registry_poll_s=0, default_max_tokens=8)
+                              engine=EngineConfig(kv_cache_mb=0.05), load_champions=False, registry_poll_s=0, default_max_tokens=8)
     backend = build_backend(service)
     try:
         assert backend.context_length < 2048
@@ -516,7 +516,7 @@ def test_unexpected_errors_answer_a_request_id_and_never_the_exception_text(back
         raise RuntimeError("SECRET-FILE-CONTENTS")
 
     stub = dataclasses.replace(backend, catalogue=SimpleNamespace(models=boom))
-    with caplog.at_level(logging.ERROR, logger="lorafleet.serving.openai_api"), \
+    with caplog.at_level(logging.ERROR, logger="lorafleet.serving.api.openai_api"), \
             TestClient(create_app(stub), raise_server_exceptions=False) as client:
         response = client.get("/v1/models")
     error = assert_error(response, 500, None, "internal_error")

@@ -30,11 +30,12 @@ from lorafleet.models.adapter_dir import (
     read_adapter_text,
     read_manifest,
 )
-from lorafleet.serving.adapters import ModelNotFound, split_model
+from lorafleet.registry_read import RegistryReader, VersionNotFound
+from lorafleet.serving.api.openai_api import create_app
 from lorafleet.serving.backend import build_backend
-from lorafleet.serving.local_adapters import InvalidLocalAdapter, read_local_manifest
-from lorafleet.serving.openai_api import create_app
-from lorafleet.serving.registry_reader import RegistryReader, VersionNotFound
+from lorafleet.serving.catalogue.local_adapters import InvalidLocalAdapter, read_local_manifest
+from lorafleet.serving.catalogue.model_names import ModelNotFound, split_model
+from lorafleet.serving.engine.config import EngineConfig
 from lorafleet.serving.settings import ServiceSettings
 from lorafleet.settings import Settings as LorafleetSettings
 
@@ -75,9 +76,9 @@ def world(tmp_path_factory, model_cache: Path, migrated_db: Path) -> World:
 @pytest.fixture(scope="module")
 def backend(world: World):
     settings = ServiceSettings.from_settings(
-        world.settings, registry_poll_s=0, adapter_slots=2, max_lora_rank=8, kv_cache_mb=16,
+        world.settings, registry_poll_s=0, engine=EngineConfig(adapter_slots=2, max_lora_rank=8, kv_cache_mb=16),
         default_max_tokens=4, adapter_roots=(world.roots,), load_champions=False, base_model=BASE,
-        bind_host="127.0.0.1", allowed_hosts=("testserver",))  # loopback: admin on without a key (serving/auth.py)
+        bind_host="127.0.0.1", allowed_hosts=("testserver",))  # loopback: admin on without a key (serving/api/auth.py)
     backend = build_backend(settings)
     yield backend
     backend.close()

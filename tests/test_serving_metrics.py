@@ -18,9 +18,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from lorafleet.models.base import load_base_model
-from lorafleet.serving.engine.engine import EngineConfig
-from lorafleet.serving.engine_generator import EngineGenerator, StepReport
-from lorafleet.serving.generation import GenerationRequest, SamplingParams, TokenStream
+from lorafleet.serving.engine.config import EngineConfig
+from lorafleet.serving.generation.engine_generator import EngineGenerator, StepReport
+from lorafleet.serving.generation.interface import GenerationRequest, SamplingParams, TokenStream
 from lorafleet.serving.metrics import BASE_LABEL, ServingMetrics
 
 from serving_helpers import BASE, add_heads, make_adapter
@@ -58,7 +58,7 @@ class Served:
         settings = EngineConfig(**{"kv_cache_mb": 4, "adapter_slots": 2, "max_lora_rank": 8, **config})
         self.generator = EngineGenerator(hf_model, settings, eos_token_ids=frozenset(), on_step=on_step)
         for name in names:
-            self.generator.load_adapter(name, dirs[name])
+            self.generator.load(name, dirs[name])
 
     def value(self, name: str, **labels: str) -> float:
         return self.metrics.registry.get_sample_value(name, labels) or 0.0
@@ -134,7 +134,7 @@ def test_adapter_cache_metrics_for_three_adapters_through_two_slots(serve):
     # adapter still loading is neither), never once per engine step it waits.
     assert stats.hits >= 1 and stats.misses >= 3 and stats.hits + stats.misses <= 7
     # An admin unload on an idle engine shows up too: idle passes of the engine thread report.
-    assert served.generator.unload_adapter(served.generator.cache.resident()[0])
+    assert served.generator.unload(served.generator.cache.resident()[0])
     deadline = time.monotonic() + DEADLINE_S
     while served.value("lorafleet_adapter_cache_resident") != 1:
         assert time.monotonic() < deadline, "the resident gauge never followed the unload"

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 
 from lorafleet.models.base import load_base_model
-from lorafleet.serving.generation import (
+from lorafleet.serving.generation.interface import (
     GenerationFailed,
     GenerationRequest,
     GeneratorBusy,
     SamplingParams,
 )
-from lorafleet.serving.runner import GenerationRunner
+from lorafleet.serving.generation.runner import GenerationRunner, RunnerConfig
 
 from serving_helpers import make_adapter, reference_greedy
 
@@ -38,10 +38,10 @@ def adapter_dirs(tmp_path_factory, model_cache: Path) -> dict[str, Path]:
 def runner(adapter_dirs, model_cache: Path):
     loaded = load_base_model("tiny-random-llama", model_cache)
     runner = GenerationRunner(
-        loaded.model, pad_token_id=loaded.tokenizer.pad_token_id, batch_wait_s=0.2, max_queue=4
+        loaded.model, pad_token_id=loaded.tokenizer.pad_token_id, config=RunnerConfig(batch_wait_ms=200), max_queue=4
     )
     for name, path in adapter_dirs.items():
-        runner.load_adapter(name, path)
+        runner.load(name, path)
     runner.tokenizer = loaded.tokenizer  # for the tests only
     yield runner
     runner.close()
@@ -69,9 +69,9 @@ def test_mixed_adapter_batch_matches_each_adapter_alone(runner, adapter_dirs, mo
     async def together():
         return await asyncio.gather(*(collect(runner, greedy(runner, name, 12)) for name in PROMPTS))
 
-    before = runner.stats.batches
+    before = runner.counters.batches
     results = asyncio.run(together())
-    assert runner.stats.batches == before + 1, "three greedy requests submitted together share one batch"
+    assert runner.counters.batches == before + 1, "three greedy requests submitted together share one batch"
     for (tokens, reason), name in zip(results, PROMPTS, strict=True):
         oracle = reference_greedy(model_cache, adapter_dirs.get(name), list(ids(runner, PROMPTS[name])), 12)
         assert tokens == oracle, f"row for {name or 'base'} differs from PEFT with that adapter alone"
@@ -109,11 +109,11 @@ def test_cancel_drops_the_request_and_stops_its_batch_early(runner):
         follow_up = await collect(runner, greedy(runner, None, 2))
         return received, stream.finish_reason, follow_up
 
-    steps_before = runner.stats.decode_steps
+    steps_before = runner.counters.decode_steps
     received, reason, follow_up = asyncio.run(cancel_after_three())
     assert len(received) == 3 and reason == "cancelled"
     assert len(follow_up[0]) == 2, "the worker keeps serving after a cancellation"
-    assert runner.stats.decode_steps - steps_before < 1500, "generation stopped once every row was cancelled"
+    assert runner.counters.decode_steps - steps_before < 1500, "generation stopped once every row was cancelled"
 
 
 def test_a_failing_batch_fails_its_requests_and_the_worker_survives(runner):
@@ -123,9 +123,9 @@ def test_a_failing_batch_fails_its_requests_and_the_worker_survives(runner):
             [token async for token in bad]
         return await collect(runner, greedy(runner, "beta", 4))
 
-    failed_before = runner.stats.failed_batches
+    failed_before = runner.counters.failed_batches
     tokens, reason = asyncio.run(bad_then_good())
-    assert runner.stats.failed_batches == failed_before + 1
+    assert runner.counters.failed_batches == failed_before + 1
     assert len(tokens) == 4 and reason == "length"
 
 
@@ -161,9 +161,9 @@ def test_unknown_adapter_and_invalid_names_are_refused(runner):
     async def submit_unknown():
         runner.submit(GenerationRequest((5,), SamplingParams(max_tokens=1), "nope"))
 
-    with pytest.raises(ValueError, match="not loaded"):
+    with pytest.raises(LookupError, match="not loaded"):  # the generator interface's error, as the engine's
         asyncio.run(submit_unknown())
     with pytest.raises(ValueError, match="not usable"):
-        runner.load_adapter("has.dot", Path("/nonexistent"))
+        runner.load("has.dot", Path("/nonexistent"))
     with pytest.raises(ValueError, match="max_tokens"):
         SamplingParams(max_tokens=0)

@@ -22,7 +22,8 @@ import pytest
 from lorafleet.models.base import load_tokenizer, resolve_base_model
 from lorafleet.models.embedded import EMBEDDED_MODEL_ID
 from lorafleet.models.prompting import encode_prompt
-from lorafleet.serving.adapters import (
+from lorafleet.registry_read import RegistryReader
+from lorafleet.serving.catalogue.adapters import (
     AdapterCatalogue,
     AdapterIncompatible,
     ModelNotFound,
@@ -30,7 +31,6 @@ from lorafleet.serving.adapters import (
     fetch_champions,
 )
 from lorafleet.serving.launcher import ServerStartError, start_server
-from lorafleet.serving.registry_reader import RegistryReader
 from lorafleet.settings import Settings
 
 from serving_helpers import BASE, make_adapter, reference_greedy, register_adapter
@@ -273,7 +273,7 @@ class RecordingLoader:
         self.loaded: list[str] = []
         self.lock = threading.Lock()
 
-    def load_adapter(self, name: str, adapter_dir: Path) -> None:
+    def load(self, name: str, adapter_dir: Path) -> None:
         assert (adapter_dir / "adapter_model.safetensors").exists()
         with self.lock:
             self.loaded.append(name)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from lorafleet.models.base import load_base_model
-from lorafleet.serving.generation import GenerationRequest, SamplingParams
-from lorafleet.serving.runner import GenerationRunner
+from lorafleet.serving.generation.interface import GenerationRequest, SamplingParams
+from lorafleet.serving.generation.runner import GenerationRunner, RunnerConfig
 
 from serving_helpers import add_heads, make_adapter, reference_greedy
 
@@ -31,9 +31,10 @@ def adapter_dirs(tmp_path_factory, model_cache: Path) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def runner(adapter_dirs, model_cache: Path):
     loaded = load_base_model("tiny-random-llama", model_cache)
-    runner = GenerationRunner(loaded.model, pad_token_id=loaded.tokenizer.pad_token_id, batch_wait_s=0.2)
+    runner = GenerationRunner(loaded.model, pad_token_id=loaded.tokenizer.pad_token_id,
+                              config=RunnerConfig(batch_wait_ms=200))
     for name, path in adapter_dirs.items():
-        runner.load_adapter(name, path)
+        runner.load(name, path)
     runner.prompt = tuple(loaded.tokenizer(PROMPT)["input_ids"])
     yield runner
     runner.close()
@@ -49,10 +50,10 @@ def test_turbo_adapters_decode_speculatively_with_unchanged_greedy_output(runner
     async def together():
         return await asyncio.gather(*(collect(runner, name, 24) for name in ("plain", "turbo", "heads", None)))
 
-    batches, steps = runner.stats.batches, runner.stats.speculative_steps
+    batches, steps = runner.counters.batches, runner.counters.speculative_steps
     plain, turbo, heads, base = asyncio.run(together())
-    assert runner.stats.batches == batches + 3, "plain+base share a batch; each Turbo adapter decodes on its own"
-    assert runner.stats.speculative_steps > steps
+    assert runner.counters.batches == batches + 3, "plain+base share a batch; each Turbo adapter decodes on its own"
+    assert runner.counters.speculative_steps > steps
     prompt = list(runner.prompt)
     assert turbo == reference_greedy(model_cache, adapter_dirs["turbo"], prompt, 24)
     assert plain == reference_greedy(model_cache, adapter_dirs["plain"], prompt, 24)

@@ -11,8 +11,8 @@ switched off when more than `speculative_max_batch` sequences are live, where th
 compute-bound and verifying extra tokens stops paying. Greedy stays token-for-token identical to plain
 decoding because verification keeps only tokens the target itself picks (`models.speculative`).
 
-The engine is single-threaded on purpose: the async front (`serving/engine_generator.py`) owns the thread that
-calls `step`, and adapter loading happens elsewhere but is installed here, between forwards.
+The engine is single-threaded on purpose: the async front (`serving/generation/engine_generator.py`) owns
+the thread that calls `step`, and adapter loading happens elsewhere but is installed here, between forwards.
 
 Isolation (one tenant never hurts another): `add_request` checks everything before it changes any
 state. In `step`, what one request or adapter causes fails that request only: per-row work is guarded
@@ -32,7 +32,9 @@ from typing import Any, Literal
 
 import torch
 
+from lorafleet.models.sampling_rules import TOKEN_ID_MAX, InvalidRequest, cut_at_stop
 from lorafleet.models.speculative import verify
+from lorafleet.serving.engine.config import EngineConfig
 from lorafleet.serving.engine.isolation import (
     NonFiniteValues,
     RowLogits,
@@ -45,33 +47,11 @@ from lorafleet.serving.engine.kv_cache import BlockAllocator, KVPool
 from lorafleet.serving.engine.lora_slots import LoraSlots
 from lorafleet.serving.engine.model import CompactLlama, ForwardBatch
 from lorafleet.serving.engine.scheduler import QueueFull, ScheduledSeq, Scheduler
-from lorafleet.serving.engine.sequence import (
-    TOKEN_ID_MAX,
-    InvalidRequest,
-    SamplingParams,
-    SeqStatus,
-    Sequence,
-    check_prompt,
-)
+from lorafleet.serving.engine.sequence import SamplingParams, SeqStatus, Sequence, check_prompt
 
 log = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length", "abort", "error"]
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Budgets of one engine; defaults suit the embedded SmolLM2 on a laptop CPU."""
-
-    block_size: int = 16
-    kv_cache_mb: float = 256  # KV pool budget; the scheduler preempts when it runs out
-    max_num_seqs: int = 32  # running sequences per step
-    max_tokens_per_step: int = 512  # packed tokens per forward (prefill chunks + decodes)
-    max_waiting: int = 256  # queue bound: beyond it `add_request` raises QueueFull (HTTP 429)
-    speculative_max_batch: int = 4  # live sequences above which no row drafts
-    adapter_slots: int = 16
-    max_lora_rank: int = 16  # slots are sized (and LoRA work done) at this rank: keep it at the largest in use
-    prefix_caching: bool = True  # reuse K/V of prompt prefixes already computed with the same adapter
 
 
 @dataclass(frozen=True)
@@ -138,7 +118,9 @@ class Engine:
         self.kv = model.new_kv_pool(num_blocks, self.config.block_size)
         self.allocator = BlockAllocator(num_blocks, self.config.block_size)
         self.scheduler = Scheduler(self.allocator, max_num_seqs=self.config.max_num_seqs,
-                                   max_tokens_per_step=self.config.max_tokens_per_step,
+                                   # every running sequence needs a token per step
+                                   max_tokens_per_step=max(self.config.max_tokens_per_step,
+                                                           self.config.max_num_seqs),
                                    max_waiting=self.config.max_waiting,
                                    prefix_caching=self.config.prefix_caching)
         self.adapters = adapters  # an AdapterCache, or None: base model only
@@ -447,14 +429,7 @@ class Engine:
     def _emit(self, live: _Live, tokens: list[int]) -> RequestOutput:
         """Append `tokens` up to the request's budget and first stop token; finish it if done."""
         seq, params = live.seq, live.seq.params
-        budget = params.max_new_tokens - len(seq.output_ids)
-        tokens = tokens[:budget]
-        reason: FinishReason | None = None
-        stop_at = next((j for j, t in enumerate(tokens) if t in params.stop_token_ids), None)
-        if stop_at is not None:
-            tokens, reason = tokens[:stop_at], "stop"
-        elif len(tokens) == budget:
-            reason = "length"
+        tokens, reason = cut_at_stop(tokens, params.max_new_tokens - len(seq.output_ids), params.stop_token_ids)
         seq.output_ids.extend(tokens)
         key = seq.adapter or ""
         self.stats.generation_tokens += len(tokens)

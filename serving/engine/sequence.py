@@ -8,9 +8,19 @@ recomputing from `all_ids` rebuilds every K/V it lost.
 from __future__ import annotations
 
 import enum
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+from lorafleet.models.sampling_rules import (
+    TOKEN_ID_MAX,
+    InvalidRequest,
+    check_max_new_tokens,
+    check_seed,
+    check_stop_ids,
+    check_temperature,
+    check_top_p,
+    is_int,
+)
 
 
 class SeqStatus(enum.Enum):
@@ -28,43 +38,13 @@ class SeqStatus(enum.Enum):
 _FINISHED = frozenset({SeqStatus.FINISHED_STOP, SeqStatus.FINISHED_LENGTH, SeqStatus.FINISHED_ABORT})
 
 
-# What the engine can represent; the HTTP schema imports these so both edges refuse the same values.
-SEED_MIN = -(2**63)  # torch.Generator.manual_seed takes any int in [-2**63, 2**64 - 1]
-SEED_MAX = 2**64 - 1
-MAX_NEW_TOKENS_LIMIT = 2**20  # far past any context this engine serves; refuses absurd budgets early
-TOKEN_ID_MAX = 2**63 - 1  # token ids become int64 tensors
-
-
-class InvalidRequest(ValueError):
-    """A request the engine cannot run as asked; nothing was queued or allocated.
-
-    `param` names the engine-side field at fault (`max_new_tokens`, `seed`, `prompt_ids`...), so the
-    service can name the matching API parameter in its 400 answer."""
-
-    def __init__(self, message: str, *, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _shown(value: object) -> str:
-    """A refused value for an error message, bounded (a 10**5-digit int must not become a 100 kB error)."""
-    if isinstance(value, int) and abs(value) >= 10**40:  # repr of a huge int is slow, past 4300 digits an error
-        return f"an int of about 10**{int(value.bit_length() * 0.30103)}"
-    text = repr(value)
-    return text if len(text) <= 40 else f"{text[:37]}..."
-
-
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens; frozen because a request's params must not change under a running batch.
 
-    Validated here, at the edge of the engine, and nowhere else: this is the one place that knows
-    which values the engine can represent (a seed `torch.Generator` refuses, a NaN temperature, a
-    budget no context could hold), so a bad request fails before anything is allocated.
+    Validated on creation, at the edge of the engine, by the shared rules of `models/sampling_rules.py`
+    (which the HTTP schema applies too): a seed `torch.Generator` refuses, a NaN temperature or a budget
+    no context could hold fails here, before anything is allocated.
     """
 
     max_new_tokens: int
@@ -74,26 +54,11 @@ class SamplingParams:
     stop_token_ids: frozenset[int] = frozenset()
 
     def __post_init__(self) -> None:
-        if not _is_int(self.max_new_tokens) or not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
-            raise InvalidRequest(f"max_new_tokens must be an int in [1, {MAX_NEW_TOKENS_LIMIT}], "
-                                 f"got {_shown(self.max_new_tokens)}", param="max_new_tokens")
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
-                or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise InvalidRequest(f"temperature must be a finite number >= 0, got {_shown(self.temperature)}",
-                                 param="temperature")
-        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            raise InvalidRequest(f"top_p must be a number in (0, 1], got {_shown(self.top_p)}", param="top_p")
-        if self.seed is not None and (not _is_int(self.seed) or not SEED_MIN <= self.seed <= SEED_MAX):
-            raise InvalidRequest(f"seed must be an int in [{SEED_MIN}, {SEED_MAX}] or None, got {_shown(self.seed)}",
-                                 param="seed")
-        try:
-            stops = frozenset(self.stop_token_ids)
-        except TypeError as error:
-            raise InvalidRequest(f"stop_token_ids must be a collection of ints, got "
-                                 f"{type(self.stop_token_ids).__name__}", param="stop_token_ids") from error
-        if any(not _is_int(t) or not 0 <= t <= TOKEN_ID_MAX for t in stops):
-            raise InvalidRequest(f"stop_token_ids must be ints in [0, {TOKEN_ID_MAX}]", param="stop_token_ids")
-        object.__setattr__(self, "stop_token_ids", stops)  # accept any iterable, store a frozenset
+        check_max_new_tokens(self.max_new_tokens)
+        check_temperature(self.temperature)
+        check_top_p(self.top_p)
+        check_seed(self.seed)
+        object.__setattr__(self, "stop_token_ids", check_stop_ids(self.stop_token_ids))  # any iterable in
 
 
 def check_prompt(prompt_ids: Iterable[int], params: SamplingParams, *, vocab_size: int,
@@ -109,7 +74,7 @@ def check_prompt(prompt_ids: Iterable[int], params: SamplingParams, *, vocab_siz
         raise InvalidRequest("prompt_ids must be a list of token ids", param="prompt_ids") from error
     if not prompt:
         raise InvalidRequest("prompt_ids is empty: generation needs at least one prompt token", param="prompt_ids")
-    if any(not _is_int(t) or not 0 <= t < vocab_size for t in prompt):
+    if any(not is_int(t) or not 0 <= t < vocab_size for t in prompt):
         raise InvalidRequest(f"prompt_ids contain a token id outside the vocabulary [0, {vocab_size})",
                              param="prompt_ids")
     for limit, what in limits:
@@ -152,7 +117,7 @@ class Sequence:
         if not self.prompt_ids:
             raise InvalidRequest(f"request {self.request_id!r}: prompt_ids is empty (generation needs a prompt "
                                  f"token)", param="prompt_ids")
-        if any(not _is_int(t) or not 0 <= t <= TOKEN_ID_MAX for t in self.prompt_ids):
+        if any(not is_int(t) or not 0 <= t <= TOKEN_ID_MAX for t in self.prompt_ids):
             raise InvalidRequest(f"request {self.request_id!r}: prompt_ids must be ints >= 0", param="prompt_ids")
 
     @property

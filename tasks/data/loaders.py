@@ -16,11 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from lorafleet.sections.data import ColumnMapping
+
 from .errors import DataError, RowUnit
 from .examples import SPLITS, Example, carve_splits
 from .generated import SOURCE_NAME, generate_examples
 from .presets import ResolvedData
-from .settings import ColumnMapping
 
 ROLES = ("system", "user", "assistant")
 _SUFFIX_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}

@@ -27,13 +27,13 @@ from lorafleet.models.adapter_dir import TaskInfo
 from lorafleet.models.base import tokenizer_fingerprint
 from lorafleet.models.cache import atomic_directory, atomic_write_text, file_lock, sha256_file, sha256_text
 from lorafleet.models.prompting import build_messages, encode_example
+from lorafleet.sections.data import DataSettings
 
 from .errors import DataError
 from .examples import SPLITS, Example
 from .generated import GENERATOR_VERSION
 from .loaders import load_source_splits
 from .presets import FILE_FIELDS, ResolvedData, resolve_data
-from .settings import DataSettings
 
 PREPARE_VERSION = 1  # bump when the same inputs would give different rows (invalidates source keys)
 REPORT_FILE = "prepare_report.json"

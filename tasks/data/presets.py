@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lorafleet.sections.data import ColumnMapping, DataSettings
+
 from .generated import RECORD_KEYS
-from .settings import ColumnMapping, DataSettings
 
 FILE_FIELDS = ("train_file", "validation_file", "test_file")
 

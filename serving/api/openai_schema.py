@@ -27,12 +27,13 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-# The engine owns what it can represent: a seed outside its range used to fail inside the engine.
-from lorafleet.serving.engine.sequence import SEED_MAX, SEED_MIN
+# The shared sampling bounds: what every decoder can represent (a seed outside the engine's range used to
+# fail inside the engine), so the API refuses exactly what a generator would.
+from lorafleet.models.sampling_rules import SEED_MAX, SEED_MIN, TEMPERATURE_MAX
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 
-Temperature = Annotated[float, Field(ge=0.0, le=2.0, strict=True, allow_inf_nan=False)]
+Temperature = Annotated[float, Field(ge=0.0, le=TEMPERATURE_MAX, strict=True, allow_inf_nan=False)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0, strict=True, allow_inf_nan=False)]
 TokenCount = Annotated[StrictInt, Field(ge=1)]  # upper bounds depend on the server: checked by the API
 Seed = Annotated[StrictInt, Field(ge=SEED_MIN, le=SEED_MAX)]

@@ -22,8 +22,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from lorafleet.serving.adapters import AdapterCatalogue, ModelNotFound, Warm
-from lorafleet.serving.registry_reader import CHAMPION, VersionNotFound
+from lorafleet.registry_read import CHAMPION, VersionNotFound
+from lorafleet.serving.catalogue.adapters import AdapterCatalogue, Warm
+from lorafleet.serving.catalogue.model_names import ModelNotFound
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,8 @@
 """Every metric lorafleet can gate on, with the direction that counts as better.
 
-One table, next to the code that computes the metrics (`metrics/`, `quality.py`, `speed.py`,
-`speculative.py`), so a metric and its direction are declared together. The promotion gate never
+One table, in `lorafleet/` beside the config that names a metric (`promotion.metric`, validated at load);
+the code that computes the metrics is `evaluation/` (`metrics/`, `quality.py`, `speed.py`,
+`speculative.py`), which adds a metric here when it adds one there. The promotion gate never
 guesses: a metric missing here is a config error (`promotion.metric`), because "higher is better"
 applied to a latency promotes a 900 ms adapter over a 12 ms one.
 """

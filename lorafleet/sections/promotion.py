@@ -1,17 +1,19 @@
-"""Config section `promotion`: when a challenger may replace the champion."""
+"""Config section `promotion`: when a challenger may replace the champion.
+
+Owned by `lorafleet/` so that `lorafleet/config.py` imports nothing from tasks/ (whose gate applies it)."""
 
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from lorafleet.evaluation.metric_catalog import MetricSpec, metric_spec
+from lorafleet.metric_catalog import MetricSpec, metric_spec
 
 
 class PromotionSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     metric: str = Field("field_f1", description="primary metric; its direction (higher or lower is better) "
-                                                "comes from evaluation/metric_catalog.py")
+                                                "comes from lorafleet/metric_catalog.py")
     margin: float = Field(0.0, ge=0.0, description="how far the challenger must improve on the champion (or base), "
                                                    "in the metric's better direction")
     auto_promote: bool = Field(True, description="move `champion` when the gate passes")

@@ -1,12 +1,14 @@
 """Admin endpoints under `/admin`: list, load, unload and reload adapters while the server runs.
 
-Who may call them is decided before any route runs, by `serving/auth.py`: admin is on only with an admin
+Who may call them is decided before any route runs, by `serving/api/auth.py`: admin is on only with an admin
 key or on a loopback-only server, and never with `admin_enabled=False` (`LORAFLEET_SERVE_ADMIN_ENABLED=false`),
 which answers 403. Reading local folders is off separately until `adapter_roots` names the folders an admin
 may load from.
 
 Errors are OpenAI-shaped, as in `openai_api`: unknown model 404, bad body 400, path outside the
-roots 403, unloading an adapter that running requests use 409, unload on the PEFT backend 501.
+roots 403, unloading an adapter that running requests use 409, unload on a generator that cannot evict
+(the PEFT backend: `UnloadNotSupported`) 501. The generator is reached only through its interface
+(`serving/generation/interface.py`): nothing here asks which generator runs.
 Bodies are bounded where they enter (the models below): a name follows its name rule, a `model` or a
 `path` has a maximum length and no control characters (a NUL byte), so no such value reaches the
 catalogue or the file system and each is a 400 naming its parameter.
@@ -30,18 +32,23 @@ from lorafleet.names import (
     control_characters,
     is_registered_name,
 )
-from lorafleet.serving.adapters import (
+from lorafleet.serving.api.auth import caller_of
+from lorafleet.serving.api.openai_api import ApiError, require_backend
+from lorafleet.serving.backend import ServingBackend
+from lorafleet.serving.catalogue.adapters import (
     AdapterCatalogue,
     AdapterIncompatible,
     AdapterLoadFailed,
-    ModelNotFound,
     ServedModel,
 )
-from lorafleet.serving.auth import caller_of
-from lorafleet.serving.backend import ServingBackend
-from lorafleet.serving.engine_generator import EngineGenerator
-from lorafleet.serving.local_adapters import LOCAL_NAME, LOCAL_NAME_RULE, InvalidLocalAdapter, PathNotAllowed
-from lorafleet.serving.openai_api import ApiError, require_backend
+from lorafleet.serving.catalogue.local_adapters import (
+    LOCAL_NAME,
+    LOCAL_NAME_RULE,
+    InvalidLocalAdapter,
+    PathNotAllowed,
+)
+from lorafleet.serving.catalogue.model_names import ModelNotFound
+from lorafleet.serving.generation.interface import ResidentAdapter, TokenGenerator, UnloadNotSupported
 from lorafleet.serving.settings import env_name
 
 log = logging.getLogger(__name__)
@@ -121,7 +128,7 @@ async def load_adapter(body: LoadBody, request: Request) -> dict[str, Any]:
         raise ApiError(400, "the base model is always loaded: name an adapter", param="model")
     resident = _resident(backend.generator).get(entry.adapter)
     return {**_card(entry, catalogue), "resident": resident is not None,
-            "slot": None if resident is None else resident["slot"]}
+            "slot": None if resident is None else resident.slot}
 
 
 @router.post("/adapters/unload")
@@ -133,10 +140,11 @@ async def unload_adapter(body: UnloadBody, request: Request) -> dict[str, Any]:
     if entry.adapter is None:
         raise ApiError(400, "the base model cannot be unloaded", param="model")
     generator = backend.generator
-    if not isinstance(generator, EngineGenerator):
-        raise ApiError(501, "the peft backend keeps every adapter it loaded in memory and cannot unload; "
-                       f"serve with {env_name('backend')}=engine", code="not_supported", type="server_error")
-    unloaded = await asyncio.to_thread(generator.unload_adapter, entry.adapter)
+    try:
+        unloaded = await asyncio.to_thread(generator.unload, entry.adapter)
+    except UnloadNotSupported as error:
+        raise ApiError(501, f"{error}; serve with {env_name('backend')}=engine", code="not_supported",
+                       type="server_error") from None
     if not unloaded:
         resident = _resident(generator).get(entry.adapter)
         if resident is not None:
@@ -173,7 +181,7 @@ async def reload_adapters(request: Request, body: ReloadBody | None = None) -> d
 def _admin(request: Request) -> ServingBackend:
     backend = require_backend(request)
     if not caller_of(request.scope).admin:  # a backstop: the access middleware refused such callers already
-        raise ApiError(403, "the admin endpoints need admin rights (see serving/auth.py)", code="admin_disabled")
+        raise ApiError(403, "the admin endpoints need admin rights (see serving/api/auth.py)", code="admin_disabled")
     return backend
 
 
@@ -211,9 +219,9 @@ def _listing(backend: ServingBackend) -> dict[str, Any]:
     resident = []
     for adapter, row in _resident(backend.generator).items():
         entry = catalogue.by_adapter(adapter)
-        resident.append({**row, "id": None if entry is None else entry.id,
+        resident.append({**row.as_dict(), "id": None if entry is None else entry.id,
                          "name": None if entry is None else entry.name,
-                         "version": None if entry is None else entry.version, "pinned": bool(row["running"])})
+                         "version": None if entry is None else entry.version, "pinned": bool(row.running)})
     registered, registry_error = [], None
     if catalogue.registry is not None:
         try:
@@ -221,11 +229,11 @@ def _listing(backend: ServingBackend) -> dict[str, Any]:
                           for model in catalogue.registry.registered_models()]
         except Exception as error:  # noqa: BLE001 - the listing still shows what is served
             registry_error = f"{type(error).__name__}: {error}"
-    generator = backend.generator
+    stats = backend.generator.stats()
     return {
         "base_model": catalogue.base.id,
-        "backend": "engine" if isinstance(generator, EngineGenerator) else "peft",
-        "adapter_slots": generator.cache.slots.num_slots if isinstance(generator, EngineGenerator) else None,
+        "backend": stats.backend,
+        "adapter_slots": stats.adapter_slots,
         "registry_poll_s": backend.poller.interval_s if backend.poller is not None else 0,
         "served": [_card(entry, catalogue) for entry in catalogue.models() if entry.adapter is not None],
         "resident": resident,
@@ -234,12 +242,9 @@ def _listing(backend: ServingBackend) -> dict[str, Any]:
     }
 
 
-def _resident(generator: Any) -> dict[str, dict[str, Any]]:
-    """adapter name -> {adapter, slot, turbo_heads, running}; the PEFT runner keeps all it loaded."""
-    if isinstance(generator, EngineGenerator):
-        return {row["adapter"]: row for row in generator.resident_adapters()}
-    return {name: {"adapter": name, "slot": None, "turbo_heads": None, "running": 0}
-            for name in sorted(getattr(generator, "adapters", ()))}
+def _resident(generator: TokenGenerator) -> dict[str, ResidentAdapter]:
+    """adapter name -> what the generator holds of it."""
+    return {row.adapter: row for row in generator.resident()}
 
 
 def _card(entry: ServedModel, catalogue: AdapterCatalogue) -> dict[str, Any]:

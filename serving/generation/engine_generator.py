@@ -1,9 +1,10 @@
 """The service's `TokenGenerator` on the continuous-batching engine (`serving/engine/`).
 
 The engine speaks token ids and knows nothing of HTTP; this adapter gives it the service's
-contract: `submit` returns a `TokenStream` fed from the engine's stepping thread, `load_adapter`
-tells the engine where an adapter name lives (the adapter cache loads it on first use, LRU under
-its slot budget), and a full queue raises `GeneratorBusy`, which the API answers with 429.
+contract (`serving/generation/interface.py`): `submit` returns a `TokenStream` fed from the engine's
+stepping thread, `load` tells the engine where an adapter name lives (the adapter cache reads it in the
+background, LRU under its slot budget), `warm` waits for that read, `unload` evicts, and a full queue
+raises `GeneratorBusy`, which the API answers with 429.
 
 This is the engine's async front: a background thread steps the engine; callers iterate a
 `TokenStream` (an async iterator of token ids); cancelling it aborts the request and frees its KV
@@ -31,24 +32,25 @@ from pathlib import Path
 from typing import Any
 
 from lorafleet.serving.engine.adapter_cache import AdapterCache, AdapterNotFound, ResolvedAdapter
-from lorafleet.serving.engine.engine import Engine, EngineConfig, RequestOutput
+from lorafleet.serving.engine.config import EngineConfig
+from lorafleet.serving.engine.engine import Engine, RequestOutput
 from lorafleet.serving.engine.lora_slots import LoraSlots
 from lorafleet.serving.engine.model import CompactLlama
 from lorafleet.serving.engine.openmp_pool import release_thread_pool
 from lorafleet.serving.engine.scheduler import QueueFull
 from lorafleet.serving.engine.sequence import SamplingParams as EngineSampling
-from lorafleet.serving.generation import GenerationRequest, GeneratorBusy, RequestRejected, TokenStream
+from lorafleet.serving.generation.interface import (
+    GenerationRequest,
+    GeneratorBusy,
+    GeneratorStats,
+    ResidentAdapter,
+    TokenStream,
+    rejected,
+)
 
 log = logging.getLogger(__name__)
 _IDLE_WAIT_S = 0.5
-# The engine's field names as the API's request names them (RequestRejected.param).
-_API_PARAMS = {"prompt_ids": "prompt", "max_new_tokens": "max_tokens", "adapter": "model", "stop_token_ids": "stop"}
-
-
-def _rejected(error: Exception) -> RequestRejected:
-    """An engine refusal as the service's 400, its `param` renamed to the API's field."""
-    param = getattr(error, "param", None)
-    return RequestRejected(str(error), param=_API_PARAMS.get(param, param))
+WARM_TIMEOUT_S = 120.0  # how long `warm` waits for an adapter's files to be read
 
 
 @dataclass
@@ -122,7 +124,7 @@ class EngineGenerator:
                                     seed=request.params.seed,
                                     stop_token_ids=self.eos_token_ids | set(request.params.stop_token_ids))
         except (TypeError, ValueError) as error:
-            raise _rejected(error) from None
+            raise rejected(error) from None
         request_id = f"req-{next(self._ids)}"
         with self._lock:
             try:
@@ -130,13 +132,13 @@ class EngineGenerator:
             except QueueFull as error:
                 raise GeneratorBusy(f"{self.engine.num_waiting()} requests are waiting: {error}") from error
             except (TypeError, ValueError) as error:  # AdapterNotFound (a LookupError) passes through: 404
-                raise _rejected(error) from None
+                raise rejected(error) from None
             self._streams[request_id] = stream
             self._timings[request_id] = _Timing(request.adapter, len(request.prompt_ids), time.monotonic())
         self._wake.set()
         return stream
 
-    def load_adapter(self, name: str, adapter_dir: Path) -> None:
+    def load(self, name: str, adapter_dir: Path) -> None:
         """Record where `name` lives; the adapter cache reads it on the first request (or now, to warm)."""
         moved = name in self._paths and self._paths[name] != Path(adapter_dir)
         self._paths[name] = Path(adapter_dir)
@@ -155,14 +157,13 @@ class EngineGenerator:
         self._thread.join(timeout)
         self.cache.close()
 
-    # ----- admin -----------------------------------------------------------------------------------
-    def unload_adapter(self, name: str) -> bool:
+    def unload(self, name: str) -> bool:
         """Evict `name` from the adapter cache; it is read again on its next request. False when a running
         request pins it (refused, nothing changes) or it was not resident."""
         with self._lock:
             return self.cache.unload(name)
 
-    def warm_adapter(self, name: str, timeout: float = 120.0) -> int | None:
+    def warm(self, name: str, timeout: float = WARM_TIMEOUT_S) -> int | None:
         """Read `name` now and install it between two steps, even while the engine is idle.
 
         Returns its slot (0: Turbo heads only), or None when every slot is pinned by running requests
@@ -184,15 +185,21 @@ class EngineGenerator:
             raise error
         return slot
 
-    def resident_adapters(self) -> list[dict[str, Any]]:
-        """JSON-ready rows for the admin listing, most recently used first; `running` requests pin theirs."""
+    def resident(self) -> list[ResidentAdapter]:
+        """The adapter cache's residents, most recently used first; `running` requests pin theirs."""
         with self._lock:
             running: dict[str | None, int] = {}
             for seq in self.engine.scheduler.running:
                 running[seq.adapter] = running.get(seq.adapter, 0) + 1
-            return [{"adapter": name, "slot": self.cache.slot_of(name),
-                     "turbo_heads": self.cache.heads(name) is not None, "running": running.get(name, 0)}
+            return [ResidentAdapter(adapter=name, slot=self.cache.slot_of(name),
+                                    turbo_heads=self.cache.heads(name) is not None, running=running.get(name, 0))
                     for name in reversed(self.cache.resident())]
+
+    def stats(self) -> GeneratorStats:
+        with self._lock:
+            return GeneratorStats(backend="engine", adapter_slots=self.cache.slots.num_slots,
+                                  capacity_tokens=self.engine.scheduler.capacity_tokens,
+                                  waiting=self.engine.num_waiting(), running=self.engine.num_running())
 
     def _resolve(self, name: str) -> ResolvedAdapter:
         path = self._paths.get(name)

@@ -9,27 +9,28 @@
     (`NAME@champion` = `NAME`).
 Fetching a version that is neither the champion nor the challenger (nor served here already) is an admin
 capability (`resolve(any_version=True)`): it costs disk and memory, so the HTTP layer allows it only for
-callers with admin rights (`serving/auth.py`).
+callers with admin rights (`serving/api/auth.py`).
 
 Every registry version (and every load of a local folder) gets its own generator adapter name, so moving
 `NAME` to another version is only a change of which entry `NAME` means: requests that already resolved
 `NAME` finish on the version they started with, and no weights are ever replaced under them.
 
-"Attached" entries have been handed to the generator (`load_adapter`); the engine then reads them into
-its LRU adapter cache. At start-up only the first `warm_limit` champions are attached (the cache's
-capacity: attaching 100 champions to 16 slots would only evict in a loop); the rest are attached on
-first use. Adapters trained on a different base model are refused: their deltas would be applied to
+"Attached" entries have been handed to the generator (`TokenGenerator.load`); the engine then reads them
+into its LRU adapter cache, the PEFT runner loads them at once. At start-up only the first `warm_limit`
+champions are attached (the cache's capacity: attaching 100 champions to 16 slots would only evict in a
+loop); the rest are attached on first use. Adapters trained on a different base model are refused: their deltas would be applied to
 weights they were never trained against. Local folders follow the rules of `local_adapters`. A failed
 admin load undoes only what it added: an entry that was already served stays served.
 
-`model` comes from unauthenticated clients: `split_model` checks every spelling against the name rules
-(`lorafleet.names`; a local adapter's own rule for a bare `NAME`) before anything is looked up, so a
-bad name is a 404 that touched neither the registry nor the disk.
+`model` comes from unauthenticated clients: `model_names.split_model` checks every spelling against the
+name rules before anything is looked up, so a bad name is a 404 that touched neither the registry nor
+the disk.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import re
 import threading
@@ -38,13 +39,12 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Protocol
 
 from lorafleet.models.adapter_dir import AdapterManifest, InvalidAdapterDir
 from lorafleet.models.embedded import EMBEDDED_MODEL_ID
-from lorafleet.names import MAX_MODEL_REFERENCE, VERSION_PATTERN, is_alias, is_registered_name, shorten
-from lorafleet.serving.local_adapters import (
-    LOCAL_NAME,
+from lorafleet.names import shorten
+from lorafleet.registry_read import CHALLENGER, CHAMPION, FetchedAdapter, RegistryReader, VersionNotFound
+from lorafleet.serving.catalogue.local_adapters import (
     Fingerprint,
     InvalidLocalAdapter,
     check_local_name,
@@ -52,25 +52,10 @@ from lorafleet.serving.local_adapters import (
     inside_roots,
     read_local_manifest,
 )
-from lorafleet.serving.registry_reader import (
-    CHALLENGER,
-    CHAMPION,
-    FetchedAdapter,
-    RegistryReader,
-    VersionNotFound,
-)
+from lorafleet.serving.catalogue.model_names import MODELS_URI, ModelNotFound, split_model
+from lorafleet.serving.generation.interface import AdapterLoader, UnloadNotSupported
 
 log = logging.getLogger(__name__)
-
-MODELS_URI = "models:/"
-
-
-class ModelNotFound(LookupError):
-    """The request's `model` names nothing this server can serve (HTTP 404)."""
-
-    def __init__(self, model: str, reason: str) -> None:
-        super().__init__(f"the model `{shorten(model)}` does not exist: {reason}")
-        self.model = model
 
 
 class VersionNotAllowed(PermissionError):
@@ -83,10 +68,6 @@ class AdapterIncompatible(ValueError):
 
 class AdapterLoadFailed(RuntimeError):
     """The adapter's files could not be loaded into the generator; nothing was changed (HTTP 400)."""
-
-
-class AdapterLoader(Protocol):  # the engine also has `unload_adapter`, used to undo a failed load
-    def load_adapter(self, name: str, adapter_dir: Path) -> None: ...
 
 
 Warm = Callable[["ServedModel"], object]  # make an attached adapter resident now; raises if it cannot load
@@ -124,37 +105,6 @@ def choose_base_model(configured: str | None, champions: Sequence[FetchedAdapter
         return EMBEDDED_MODEL_ID
     best = max(counts.values())
     return min(base for base, count in counts.items() if count == best)
-
-
-def split_model(model: str) -> tuple[str, str | None]:
-    """`model` as (NAME, selector or None); ModelNotFound for a spelling that is none of the above.
-
-    NAME must follow the registered-model name rule, or, without a selector, a local adapter's name
-    rule; a selector is a version number (at most 18 digits) or an alias. Nothing else reaches the
-    registry or the disk: not `..`, a NUL byte, 5,000 characters or a name no folder could have."""
-    hint = "use NAME, NAME@ALIAS, NAME@VERSION, models:/NAME@ALIAS, models:/NAME/VERSION or the base model id"
-    if len(model) > MAX_MODEL_REFERENCE:
-        raise ModelNotFound(model, f"a model name is at most {MAX_MODEL_REFERENCE} characters; {hint}")
-    if model.startswith(MODELS_URI):
-        rest = model[len(MODELS_URI):]
-        if "@" in rest:
-            name, _, selector = rest.partition("@")
-        else:
-            name, _, selector = rest.rpartition("/")
-            if not selector.isdigit():  # MLflow's stages (`/Production`) are deprecated: aliases replace them
-                raise ModelNotFound(model, hint)
-    else:
-        name, has_selector, selector = model.partition("@")
-        selector = selector if has_selector else None
-    if selector is None:
-        valid = is_registered_name(name) or LOCAL_NAME.match(name) is not None
-    else:
-        number = selector.isascii() and selector.isdigit()
-        valid = is_registered_name(name) and (VERSION_PATTERN.match(selector) is not None if number
-                                              else is_alias(selector))
-    if not valid:
-        raise ModelNotFound(model, hint)
-    return name, selector
 
 
 class AdapterCatalogue:
@@ -451,7 +401,7 @@ class AdapterCatalogue:
                     path = self._paths.get(adapter)
                 if path is None:
                     raise ModelNotFound(entry.id, "its loading failed just now and it was dropped: ask again")
-                self._loader.load_adapter(adapter, path)
+                self._loader.load(adapter, path)
                 with self._lock:
                     self._attached.add(adapter)
                 log.info("attached %s (adapter %s)", entry.id, adapter)
@@ -473,9 +423,9 @@ class AdapterCatalogue:
                 self._paths.pop(adapter, None)
                 attached = adapter in self._attached
                 self._attached.discard(adapter)
-            unload = getattr(self._loader, "unload_adapter", None)
-            if attached and unload is not None:  # refused while running requests use it: LRU drops it later
-                unload(adapter)
+            if attached:  # refused while running requests use it: LRU drops it later
+                with contextlib.suppress(UnloadNotSupported):  # PEFT keeps it; the name is never asked again
+                    self._loader.unload(adapter)
 
     def _check_compatible(self, name: str, version: int | None, manifest: AdapterManifest) -> None:
         label = f"adapter {name}" + ("" if version is None else f" version {version}")

@@ -16,10 +16,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from lorafleet.serving.adapters import ServedModel
+from lorafleet.serving.api.text_stream import TextAssembler
 from lorafleet.serving.backend import ServingBackend
-from lorafleet.serving.generation import GenerationFailed, GenerationRequest, SamplingParams, TokenStream
-from lorafleet.serving.text_stream import TextAssembler
+from lorafleet.serving.catalogue.adapters import ServedModel
+from lorafleet.serving.generation.interface import (
+    GenerationFailed,
+    GenerationRequest,
+    SamplingParams,
+    TokenStream,
+)
 
 Kind = Literal["chat", "text"]
 CLIENT_GONE = 499  # nginx's status for "the client closed the connection", used in metrics only

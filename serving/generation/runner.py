@@ -11,14 +11,19 @@ with a seed runs alone so its sample is reproducible). Rows of one batch may use
 adapters: PEFT's `adapter_names=` applies each row's LoRA (or none, `__base__`) in one forward.
 
 Per-row limits are enforced by a streamer plus a stopping criterion that apply the same rule
-(`_Row.decide`): a row ends at one of its stop ids (not emitted), at its own `max_tokens`, or when
-cancelled; `generate` keeps stepping until every row has ended, and tokens a finished row still
-receives (padding) are dropped.
+(`_Row.decide`, the shared `sampling_rules.cut_at_stop`): a row ends at one of its stop ids (not emitted),
+at its own `max_tokens`, or when cancelled; `generate` keeps stepping until every row has ended, and
+tokens a finished row still receives (padding) are dropped.
 
 Adapters with Turbo heads (turbo_lora, or heads alone on the bare base) decode speculatively through
 `models.decoding.stream`: their requests batch only with requests for the same adapter, the adapter
 is made PEFT's active one (or switched off for heads on the bare base), and each verification step
 streams however many tokens it accepted. Greedy output is identical to the HF path.
+
+As a `TokenGenerator` (`interface.py`): `load` loads before it returns, so `warm` has nothing left to do;
+PEFT keeps every adapter it loaded, so `resident` lists them all and `unload` raises UnloadNotSupported.
+Its batching knobs are `RunnerConfig` (the service nests it as `ServiceSettings.peft`); its queue bound
+is the engine's (`EngineConfig.max_waiting`), so one setting bounds the queue whichever generator runs.
 """
 
 from __future__ import annotations
@@ -36,7 +41,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorafleet.serving.generation import FinishReason, GenerationRequest, GeneratorBusy, TokenStream
+from pydantic import BaseModel, ConfigDict, Field
+
+from lorafleet.models.sampling_rules import cut_at_stop, eos_token_ids
+from lorafleet.serving.engine.config import DEFAULT_MAX_WAITING
+from lorafleet.serving.generation.interface import (
+    FinishReason,
+    GenerationRequest,
+    GeneratorBusy,
+    GeneratorStats,
+    ResidentAdapter,
+    TokenStream,
+    UnknownAdapter,
+    UnloadNotSupported,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +62,18 @@ BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in `adapter_names=`
 _ids = itertools.count()
 
 
+class RunnerConfig(BaseModel):
+    """The PEFT runner's batching knobs: the one place their defaults live."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_batch_size: int = Field(8, ge=1, le=256, description="peft: rows in one generate() call")
+    batch_wait_ms: float = Field(5.0, ge=0.0, le=1000.0, description="peft: how long a new request waits for "
+                                 "others to share its batch")
+
+
 @dataclass
-class RunnerStats:
+class RunnerCounters:
     """Counters for tests and logs (written by the worker thread only)."""
 
     batches: int = 0
@@ -71,11 +99,7 @@ class _Row:
         """Why the row ends at its `position`-th generated token (1-based), or None to go on."""
         if self.stream.cancelled:
             return "cancelled"
-        if token in self.stop_ids:
-            return "stop"
-        if position >= self.request.params.max_tokens:
-            return "length"
-        return None
+        return cut_at_stop([token], self.request.params.max_tokens - position + 1, self.stop_ids)[1]
 
 
 def _batch_key(row: _Row, speculative: bool) -> tuple:
@@ -145,28 +169,30 @@ def _make_stopping(rows: list[_Row], prompt_width: int):
 
 
 class GenerationRunner:
-    """Implements `serving.generation.TokenGenerator` over a (PEFT-wrapped) Hugging Face causal LM."""
+    """Implements `TokenGenerator` (`interface.py`) over a (PEFT-wrapped) Hugging Face causal LM."""
 
     def __init__(
         self,
         model: Any,
         *,
         pad_token_id: int,
-        max_batch_size: int = 8,
-        batch_wait_s: float = 0.005,
-        max_queue: int = 256,
+        config: RunnerConfig | None = None,
+        max_queue: int = DEFAULT_MAX_WAITING,
+        eos_token_ids: frozenset[int] | None = None,
         device: Any = None,
         on_batch: Callable[[int], None] | None = None,
         on_speculative: Callable[[int, int, int], None] | None = None,
     ) -> None:
-        if max_batch_size < 1 or max_queue < 1 or batch_wait_s < 0:
-            raise ValueError("max_batch_size and max_queue must be >= 1 and batch_wait_s >= 0")
+        """`eos_token_ids`: the ids that end every request (default: the model's own, `sampling_rules`)."""
+        config = config or RunnerConfig()
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         self._model = model
         self._device = device if device is not None else next(model.parameters()).device
         self._pad_token_id = int(pad_token_id)
-        self._eos_ids = _eos_ids(model)
-        self._max_batch_size = max_batch_size
-        self._batch_wait_s = batch_wait_s
+        self._eos_ids = frozenset(eos_token_ids if eos_token_ids is not None else _eos_token_ids(model))
+        self._max_batch_size = config.max_batch_size
+        self._batch_wait_s = config.batch_wait_ms / 1000
         self._max_queue = max_queue
         self._on_batch = on_batch  # told each batch's size (metrics), on the worker thread
         self._on_speculative = on_speculative  # told (row-steps, drafted, accepted) per speculative batch
@@ -177,7 +203,8 @@ class GenerationRunner:
         self._calls: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
         self._cond = threading.Condition()
         self._closed = False
-        self.stats = RunnerStats()
+        self.counters = RunnerCounters()
+        self._running = 0  # rows of the batch generating now (read by `stats`)
         self._thread = threading.Thread(target=self._work, name="lorafleet-generation", daemon=True)
         self._thread.start()
 
@@ -191,7 +218,7 @@ class GenerationRunner:
         import asyncio
 
         if request.adapter is not None and request.adapter not in self._adapters:
-            raise ValueError(f"adapter {request.adapter!r} is not loaded (loaded: {sorted(self._adapters)})")
+            raise UnknownAdapter(f"adapter {request.adapter!r} is not loaded (loaded: {sorted(self._adapters)})")
         stream = TokenStream(loop=asyncio.get_running_loop())
         row = _Row(
             request=request,
@@ -211,11 +238,31 @@ class GenerationRunner:
             self._cond.notify_all()
         return stream
 
-    def load_adapter(self, name: str, adapter_dir: Path) -> None:
+    def load(self, name: str, adapter_dir: Path) -> None:
         """Load a PEFT adapter directory under `name`; blocks until the worker has done it."""
         if not name or "." in name or name == BASE_ADAPTER:
             raise ValueError(f"adapter name {name!r} is not usable by PEFT (no '.', not {BASE_ADAPTER!r})")
         self._call(lambda: self._load_adapter(name, Path(adapter_dir)))
+
+    def warm(self, name: str) -> int | None:
+        """Nothing left to do: `load` loaded it synchronously. There are no slots, hence None."""
+        if name not in self._adapters:
+            raise UnknownAdapter(f"adapter {name!r} is not loaded (loaded: {sorted(self._adapters)})")
+        return None
+
+    def unload(self, name: str) -> bool:
+        raise UnloadNotSupported("the peft backend keeps every adapter it loaded in memory and cannot unload")
+
+    def resident(self) -> list[ResidentAdapter]:
+        """Every adapter it loaded (PEFT keeps them all), by name; no slots, no pinning."""
+        return [ResidentAdapter(adapter=name, slot=None, turbo_heads=None, running=0)
+                for name in sorted(self._adapters)]
+
+    def stats(self) -> GeneratorStats:
+        with self._cond:
+            waiting = len(self._pending)
+        return GeneratorStats(backend="peft", adapter_slots=None, capacity_tokens=None, waiting=waiting,
+                              running=self._running)
 
     def close(self, timeout: float = 30.0) -> None:
         with self._cond:
@@ -305,21 +352,22 @@ class GenerationRunner:
     def _run_batch(self, rows: list[_Row]) -> None:
         if not rows:
             return
-        self.stats.batches += 1
-        self.stats.rows += len(rows)
-        self.stats.largest_batch = max(self.stats.largest_batch, len(rows))
+        self.counters.batches += 1
+        self.counters.rows += len(rows)
+        self.counters.largest_batch = max(self.counters.largest_batch, len(rows))
         if self._on_batch is not None:
             try:
                 self._on_batch(len(rows))
             except Exception:  # a metrics hook must not stop generation
                 log.exception("the on_batch hook failed")
+        self._running = len(rows)
         try:
             if rows[0].request.adapter in self._heads:
                 self._generate_speculative(rows)
             else:
                 self._generate(rows)
         except Exception as error:
-            self.stats.failed_batches += 1
+            self.counters.failed_batches += 1
             log.exception("a generation batch of %d request(s) failed", len(rows))
             message = f"generation failed: {type(error).__name__}: {error}"
             for row in rows:
@@ -327,6 +375,7 @@ class GenerationRunner:
                     row.done = True
                     row.stream.fail_threadsafe(message)
         finally:
+            self._running = 0
             for row in rows:  # generate() returned without ending a row: it hit the length limit
                 if not row.done:
                     row.done = True
@@ -362,7 +411,7 @@ class GenerationRunner:
             kwargs["adapter_names"] = [row.request.adapter or BASE_ADAPTER for row in rows]
         with torch.inference_mode():
             output = self._model.generate(**kwargs)
-        self.stats.decode_steps += int(output.shape[1]) - width
+        self.counters.decode_steps += int(output.shape[1]) - width
 
     def _generate_speculative(self, rows: list[_Row]) -> None:
         from lorafleet.models.decoding import DecodeStats, stream
@@ -389,11 +438,11 @@ class GenerationRunner:
                 if all(row.done for row in rows):
                     steps.close()
                     break
-        self.stats.decode_steps += stats.steps
+        self.counters.decode_steps += stats.steps
         accepted = sum(stats.accepted_per_step)
-        self.stats.speculative_steps += len(stats.accepted_per_step)
-        self.stats.speculative_drafted += stats.num_heads * len(stats.accepted_per_step)
-        self.stats.speculative_accepted += accepted
+        self.counters.speculative_steps += len(stats.accepted_per_step)
+        self.counters.speculative_drafted += stats.num_heads * len(stats.accepted_per_step)
+        self.counters.speculative_accepted += accepted
         if self._on_speculative is not None:
             try:
                 self._on_speculative(len(stats.accepted_per_step), stats.num_heads * len(stats.accepted_per_step),
@@ -436,9 +485,6 @@ class GenerationRunner:
             future.set_exception(RuntimeError("the generation runner is closed"))
 
 
-def _eos_ids(model: Any) -> frozenset[int]:
-    """The ids at which `generate` itself ends a row (it always applies generation_config.eos_token_id)."""
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        return frozenset()
-    return frozenset([int(eos)] if isinstance(eos, int) else [int(token) for token in eos])
+def _eos_token_ids(model: Any) -> frozenset[int]:
+    """The model's own end ids, which `generate` applies anyway (generation_config.eos_token_id)."""
+    return frozenset(eos_token_ids(model))

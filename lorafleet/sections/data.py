@@ -1,4 +1,9 @@
-"""Config section `data`: where examples come from and how they become chat prompts."""
+"""Config section `data`: where examples come from and how they become chat prompts.
+
+Owned by `lorafleet/` (not `tasks/data/`, which applies it) so that `lorafleet/config.py` depends on
+models/ and lorafleet/ only. The presets themselves (files, columns, prompts) live in
+`tasks/data/presets.py`; their names are listed here so a config naming an unknown one fails at load.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lorafleet.models.adapter_dir import OutputFormat
+
+# The presets `tasks/data/presets.py` defines (a test keeps the two lists equal).
+PRESET_NAMES = ("extraction", "viggo")
 
 
 class ColumnMapping(BaseModel):
@@ -57,10 +65,8 @@ class DataSettings(BaseModel):
     @field_validator("preset")
     @classmethod
     def _known_preset(cls, value: str | None) -> str | None:
-        if value is not None:
-            from .presets import get_preset  # presets import this module
-
-            get_preset(value)
+        if value is not None and value not in PRESET_NAMES:
+            raise ValueError(f"unknown data preset {value!r}; known presets: {', '.join(sorted(PRESET_NAMES))}")
         return value
 
     @field_validator("prompt_template")

@@ -34,13 +34,26 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from lorafleet.models.prompting import encode_prompt
-from lorafleet.serving.adapters import AdapterIncompatible, ModelNotFound, ServedModel, VersionNotAllowed
-from lorafleet.serving.auth import caller_of, install_access_control
+from lorafleet.serving.api.auth import caller_of, install_access_control
+from lorafleet.serving.api.body_limit import BodyLimit
+from lorafleet.serving.api.completions import (
+    Job,
+    Outcome,
+    cancel_on_disconnect,
+    complete,
+    start,
+    stream_events,
+)
+from lorafleet.serving.api.openai_schema import UNSUPPORTED_ERROR, ChatCompletionRequest, CompletionRequest
 from lorafleet.serving.backend import ServingBackend
-from lorafleet.serving.body_limit import BodyLimit
-from lorafleet.serving.completions import Job, Outcome, cancel_on_disconnect, complete, start, stream_events
-from lorafleet.serving.generation import GenerationFailed, GeneratorBusy, RequestRejected, SamplingParams
-from lorafleet.serving.openai_schema import UNSUPPORTED_ERROR, ChatCompletionRequest, CompletionRequest
+from lorafleet.serving.catalogue.adapters import AdapterIncompatible, ServedModel, VersionNotAllowed
+from lorafleet.serving.catalogue.model_names import ModelNotFound
+from lorafleet.serving.generation.interface import (
+    GenerationFailed,
+    GeneratorBusy,
+    RequestRejected,
+    SamplingParams,
+)
 from lorafleet.serving.settings import ServiceSettings, env_name
 
 log = logging.getLogger(__name__)
@@ -85,7 +98,7 @@ def create_app(backend: ServingBackend | None = None) -> FastAPI:
     _install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=functools.partial(max_request_bytes, app))
     install_access_control(app)  # added last, so it runs first: Host, admin switch and keys before anything
-    from lorafleet.serving.admin_api import router as admin_router  # here: admin_api imports this module
+    from lorafleet.serving.api.admin_api import router as admin_router  # here: admin_api imports this module
 
     app.include_router(admin_router)
 
@@ -303,13 +316,16 @@ def _sampling(
         )
     else:
         max_tokens = requested
-    return SamplingParams(
-        max_tokens=max_tokens,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        seed=body.seed,
-        stop_token_ids=backend.eos_token_ids,
-    )
+    try:  # the schema already holds every field to the shared bounds: this is a backstop
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            seed=body.seed,
+            stop_token_ids=backend.eos_token_ids,
+        )
+    except RequestRejected as error:
+        raise _rejected(error, body) from None
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -1,4 +1,6 @@
-"""Config section `evaluation`: how much of the test split to score and how to time generation."""
+"""Config section `evaluation`: how much of the test split to score and how to time generation.
+
+Owned by `lorafleet/` so that `lorafleet/config.py` imports nothing from evaluation/ (which applies it)."""
 
 from __future__ import annotations
 

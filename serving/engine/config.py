@@ -1,0 +1,37 @@
+"""The engine's budgets: the one place their defaults live.
+
+The service nests this model (`ServiceSettings.engine`) instead of re-declaring its fields, and maps its
+documented environment variables onto them (`LORAFLEET_SERVE_KV_CACHE_MB` -> `kv_cache_mb`,
+`LORAFLEET_SERVE_MAX_QUEUE` -> `max_waiting`, see `serving/settings.py`). Defaults are what the service
+runs with, sized for the embedded SmolLM2 on a laptop CPU. Pydantic (not torch) so that the settings, the
+CLI and the launcher can import it without loading the engine.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# The queue bound of every generator (the PEFT runner takes it too): beyond it, HTTP 429.
+DEFAULT_MAX_WAITING = 256
+
+
+class EngineConfig(BaseModel):
+    """Budgets of one engine; every field is validated on creation and errors name it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    block_size: int = Field(16, ge=1, le=1024, description="tokens per KV-cache block")
+    kv_cache_mb: float = Field(512, gt=0, description="KV-cache memory budget; the scheduler preempts (and "
+                               "recomputes later) when it runs out")
+    max_num_seqs: int = Field(32, ge=1, le=1024, description="sequences decoding together per step")
+    max_tokens_per_step: int = Field(512, ge=1, description="packed tokens per forward (prefill chunks + "
+                                     "decodes); below max_num_seqs the engine uses max_num_seqs, since every "
+                                     "running sequence needs a token per step")
+    max_waiting: int = Field(DEFAULT_MAX_WAITING, ge=1, description="waiting requests beyond this are refused "
+                             "(QueueFull, HTTP 429)")
+    speculative_max_batch: int = Field(4, ge=0, description="live requests above which no row drafts")
+    adapter_slots: int = Field(16, ge=1, description="adapters resident at once (LRU beyond)")
+    max_lora_rank: int = Field(16, ge=1, description="largest LoRA rank an adapter may have (vLLM's default "
+                               "too); every slot is sized for it, so memory and LoRA work grow with it")
+    prefix_caching: bool = Field(True, description="reuse the K/V of prompt prefixes already computed with "
+                                 "the same adapter")
