@@ -16,6 +16,9 @@ os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
 from lorafleet.settings import Settings
 
+# Fixtures of the flow tests (`prefect_api`, `home`); modules that define their own keep theirs.
+pytest_plugins = ("flow_helpers",)
+
 
 @pytest.fixture(scope="session")
 def model_cache() -> Path:

@@ -1,4 +1,5 @@
-"""A small learnable task and config builder for flow-level tests on the tiny random Llama."""
+"""A small learnable task, a config builder and the fixtures (a temporary Prefect API, a private
+LORAFLEET_HOME) for flow-level tests on the tiny random Llama; registered as a plugin in conftest.py."""
 
 from __future__ import annotations
 
@@ -6,6 +7,12 @@ import json
 import random
 from pathlib import Path
 from typing import Any
+
+import mlflow
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+
+from lorafleet.settings import Settings
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 NAMES = ["Ana", "Bob", "Carla", "Dmitri", "Eve", "Femi"]
@@ -46,3 +53,25 @@ def copy_task_config(data_file: Path, *, name: str = "copy", steps: int = 120, l
     }
     config.update(overrides)
     return config
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    """One temporary Prefect API for a test module's flow runs (a first start migrates its database).
+    Modules that run flows ask for it: `pytestmark = pytest.mark.usefixtures("prefect_api")`."""
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model_cache: Path) -> Settings:
+    """Flows read settings from the environment (they are entry points): point it at tmp_path."""
+    monkeypatch.setenv("LORAFLEET_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LORAFLEET_MODEL_CACHE", str(model_cache))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    yield Settings.from_env()
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+    assert not (tmp_path / "mlruns").exists(), "MLflow fell back to ./mlruns"

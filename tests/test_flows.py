@@ -5,35 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import mlflow
 import pytest
 from mlflow import MlflowClient
-from prefect.testing.utilities import prefect_test_harness
 
 from lorafleet.settings import Settings
 from lorafleet.tasks import registry
 
 from flow_helpers import copy_task_config, write_copy_task
 
-
-@pytest.fixture(scope="module", autouse=True)
-def prefect_api():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model_cache: Path) -> Settings:
-    """Flows read settings from the environment (they are entry points): point it at tmp_path."""
-    monkeypatch.setenv("LORAFLEET_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("LORAFLEET_MODEL_CACHE", str(model_cache))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
-    monkeypatch.chdir(tmp_path)
-    yield Settings.from_env()
-    mlflow.set_tracking_uri(None)
-    mlflow.set_registry_uri(None)
-    assert not (tmp_path / "mlruns").exists()
+pytestmark = pytest.mark.usefixtures("prefect_api")  # `home` and `prefect_api` come from flow_helpers
 
 
 def client_for(settings: Settings) -> MlflowClient:

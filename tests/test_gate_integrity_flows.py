@@ -22,36 +22,18 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 from prefect import task
-from prefect.testing.utilities import prefect_test_harness
 
 from lorafleet.settings import Settings
 from lorafleet.tasks import eval_split, locks, registry, steps
 
 from flow_helpers import copy_task_config, write_copy_task
 
+pytestmark = pytest.mark.usefixtures("prefect_api")  # `home` and `prefect_api` come from flow_helpers
+
 QUALITY = ("field_f1", "exact_match", "rouge_l", "parse_rate")
 # Short answers and a token of timing: these tests check what is compared and logged, not how well.
 QUICK_EVAL = {"max_examples": 8, "max_new_tokens": 24, "batch_size": 16, "speed_prompts": 1, "speed_max_new_tokens": 4}
 DEADLINE_S = 300  # waits on other processes; generous for a loaded 2-core machine, never a measurement
-
-
-@pytest.fixture(scope="module", autouse=True)
-def prefect_api():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model_cache: Path) -> Settings:
-    """Flows read settings from the environment (they are entry points): point it at tmp_path."""
-    monkeypatch.setenv("LORAFLEET_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("LORAFLEET_MODEL_CACHE", str(model_cache))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
-    monkeypatch.chdir(tmp_path)
-    yield Settings.from_env()
-    mlflow.set_tracking_uri(None)
-    mlflow.set_registry_uri(None)
 
 
 def client_for(settings: Settings) -> MlflowClient:
