@@ -10,12 +10,14 @@ turn every answer of that adapter into garbage. Errors never quote tensor conten
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})  # safetensors' names of the dtypes weights may use
+K = TypeVar("K")
 _KEY_SHOWN = 120  # characters of a tensor name quoted in an error
 
 
@@ -39,13 +41,25 @@ def read_checked_tensors(path: Path, check: Callable[[str, tuple[int, ...]], Non
                 raise ValueError(f"{path}: tensor {shown(name)} has dtype {dtype}; weights must be one of "
                                  f"{', '.join(sorted(FLOAT_DTYPES))}")
             check(name, tuple(entry.get_shape()))
-        tensors = {}
-        for name in names:
-            tensor = file.get_tensor(name)
-            if not bool(torch.isfinite(tensor).all()):
-                raise ValueError(f"{path}: tensor {shown(name)} holds non-finite values (NaN or Inf)")
-            tensors[name] = tensor
+        tensors = {name: file.get_tensor(name) for name in names}
+    bad = first_non_finite(tensors)
+    if bad is not None:
+        raise ValueError(f"{path}: tensor {shown(bad)} holds non-finite values (NaN or Inf)")
     return tensors
+
+
+def first_non_finite(tensors: Mapping[K, torch.Tensor]) -> K | None:
+    """The key of the first tensor holding NaN or Inf, or None when every value is finite.
+
+    One `isfinite` over all tensors of a dtype at once (an r=16 adapter has hundreds of small tensors:
+    one check each cost ~13 ms of per-op overhead on the 2-core CPU, against ~1 ms for the copy into one
+    flat tensor); tensors are looked at one by one only to name the culprit."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for tensor in tensors.values():
+        by_dtype.setdefault(tensor.dtype, []).append(tensor.reshape(-1))
+    if all(bool(torch.isfinite(torch.cat(flat)).all()) for flat in by_dtype.values()):
+        return None
+    return next(key for key, tensor in tensors.items() if not bool(torch.isfinite(tensor).all()))
 
 
 def shown(name: str) -> str:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lorafleet.models.adapter_dir import adapter_file, read_adapter_text
-from lorafleet.models.tensor_files import read_checked_tensors, shown
+from lorafleet.models.tensor_files import first_non_finite, read_checked_tensors, shown
 
 if TYPE_CHECKING:
     from lorafleet.serving.engine.model import LlamaShape
@@ -193,8 +193,11 @@ def check_weights(weights: LoraWeights, shape: LlamaShape, *, source: str = "Lor
         for which, tensor in (("lora_A", a), ("lora_B", b)):
             if not tensor.is_floating_point():
                 raise ValueError(f"{source}: layer {layer} {module} {which} is {tensor.dtype}, not a float tensor")
-            if not bool(torch.isfinite(tensor).all()):
-                raise ValueError(f"{source}: layer {layer} {module} {which} holds non-finite values (NaN or Inf)")
+    tensors = {(layer, module, "lora_A"): a for (layer, module), a in weights.a.items()}
+    tensors.update({(layer, module, "lora_B"): b for (layer, module), b in weights.b.items()})
+    bad = first_non_finite(tensors)
+    if bad is not None:
+        raise ValueError(f"{source}: layer {bad[0]} {bad[1]} {bad[2]} holds non-finite values (NaN or Inf)")
     if not math.isfinite(weights.scaling):
         raise ValueError(f"{source}: scaling {weights.scaling} is not finite")
 
