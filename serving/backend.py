@@ -13,6 +13,7 @@ starts (`registry_poll_s` > 0); `close()` stops it before the generator.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +74,8 @@ def build_backend(settings: ServiceSettings, *, metrics: ServingMetrics | None =
         adapter_roots=settings.adapter_roots,
         warm_limit=settings.engine.adapter_slots,
     )
+    if metrics is not None:
+        metrics.name_adapters(_served_names(catalogue))
     catalogue.install_champions(champions)
     warm = _warm(generator)
     reloader = ChampionReloader(catalogue, warm=warm, add_new=settings.load_champions)
@@ -89,6 +92,24 @@ def build_backend(settings: ServiceSettings, *, metrics: ServingMetrics | None =
         poller=poller,
         warm=warm,
     )
+
+
+def _served_names(catalogue: AdapterCatalogue) -> Callable[[Collection[str]], dict[str, str]]:
+    """Generator adapter names -> the `model` clients send for them, as /v1/models lists them (`NAME` for the
+    champion, `NAME@VERSION` for other versions, `NAME` for local folders): LoRA-affinity routers match a
+    request's `model` against the adapters `vllm:lora_requests_info` names (serving/metrics.py)."""
+
+    def served(adapters: Collection[str]) -> dict[str, str]:
+        champions = catalogue.champions()
+        names = {}
+        for adapter in adapters:
+            entry = catalogue.by_adapter(adapter)
+            if entry is not None:
+                champion = entry.version is not None and champions.get(entry.name or "") == entry.version
+                names[adapter] = entry.name if champion and entry.name else entry.id
+        return names
+
+    return served
 
 
 def _warm(generator: TokenGenerator) -> Warm:

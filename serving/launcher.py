@@ -4,7 +4,10 @@ The server is a separate `bentoml serve` process (never imported in-process: Ben
 test client hangs on `/metrics`, and a real process is what users run). It gets its configuration
 only through the environment, so the launcher passes `LORAFLEET_HOME`, `MLFLOW_TRACKING_URI`, the
 model cache, any `LORAFLEET_BASE_MODEL` / `LORAFLEET_SERVE_*` overrides, and the address it binds. A background server runs
-in its own process group so `stop()` takes BentoML's worker processes down with it.
+in its own process group, but BentoML starts each worker in a session of its own: a signal to the group
+reaches the arbiter only, and an arbiter killed before it stopped its workers leaves them running with
+their model and port. So stopping always ends with the whole process tree, found from the live process
+table (`psutil`), not with the process group.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Self
 
+import psutil
+
 from lorafleet.settings import Settings
 
 # Named for the subprocess, never imported here (only `bentoml serve` loads the service module).
@@ -31,6 +36,8 @@ DEFAULT_HOST = "127.0.0.1"
 # How the service learns the address it listens on (a `ServiceSettings` field): it decides whether admin is
 # on without a key and which Host headers are answered (serving/api/auth.py). Set from `host`, never from `env`.
 BIND_HOST_ENV = "LORAFLEET_SERVE_BIND_HOST"
+# How long a SIGKILLed process may take to be reaped (the kernel frees its memory first).
+KILL_REAP_S = 30.0
 
 
 class ServerStartError(RuntimeError):
@@ -55,16 +62,19 @@ class ServerHandle:
         return self.process.poll() is None
 
     def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM the whole process group, then SIGKILL if it has not exited within `timeout`."""
+        """SIGTERM the process group (BentoML stops its workers), SIGKILL after `timeout`, then kill
+        whatever of the server's process tree is still alive: workers live in sessions of their own."""
+        tree = process_tree(self.process.pid)
         if self.running():
             _signal_group(self.process, signal.SIGTERM)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
                 _signal_group(self.process, signal.SIGKILL)
-                self.process.wait(timeout)
-        if _group_alive(self.process):  # workers that outlived their arbiter
+                self.process.wait(KILL_REAP_S)
+        if _group_alive(self.process):
             _signal_group(self.process, signal.SIGKILL)
+        kill_survivors(tree)
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -189,20 +199,56 @@ def _log_contains(log_file: Path, marker: str) -> bool:
 def serve_foreground(
     settings: Settings, port: int = 3000, *, host: str = DEFAULT_HOST, env: Mapping[str, str] | None = None
 ) -> int:
-    """Run the server attached to this terminal until it exits or Ctrl-C; returns its exit code."""
+    """Run the server attached to this terminal until it exits, Ctrl-C or SIGTERM; returns its exit code.
+
+    SIGTERM is what process managers, `docker stop` and Kubernetes send to `lorafleet serve`; Python's
+    default would end this process alone and leave BentoML serving, so it is forwarded as a shutdown.
+    """
     settings.ensure()
     process = subprocess.Popen(serve_command(port, host), env=server_env(settings, env, host=host),
                                cwd=settings.home)
+
+    def _shutdown(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _shutdown)
     try:
         return process.wait()
     except KeyboardInterrupt:
-        # A terminal's Ctrl-C reached BentoML too; a SIGINT sent to this process alone did not.
+        # A terminal's Ctrl-C reached BentoML too; a SIGINT or SIGTERM sent to this process alone did not.
+        tree = process_tree(process.pid)
         process.terminate()
         try:
             return process.wait(20)
         except subprocess.TimeoutExpired:
             process.kill()
             return process.wait()
+        finally:
+            kill_survivors(tree, grace=5.0)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def process_tree(pid: int) -> list[psutil.Process]:
+    """`pid` and every descendant alive now (workers included, whatever their session)."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def kill_survivors(tree: list[psutil.Process], grace: float = 0.0) -> None:
+    """Give the processes of `tree` up to `grace` seconds to exit, then SIGKILL the rest and reap them.
+
+    psutil remembers each process's start time, so a pid reused by an unrelated process is never signalled."""
+    _, alive = psutil.wait_procs(tree, timeout=grace) if grace > 0 else ([], tree)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=KILL_REAP_S)
 
 
 def _signal_group(process: subprocess.Popen, sig: int) -> None:

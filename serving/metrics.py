@@ -13,10 +13,23 @@ is `lorafleet_num_requests_running`). The engine core has no Prometheus import: 
 the engine thread, `observe_engine` reads the engine's `EngineStats` and the adapter cache's counters
 and publishes deltas, plus the per-request latencies the `EngineGenerator` measured (a `StepReport`).
 That runs between forwards, so it does O(requests touched) work and no more.
+
+`vllm:lora_requests_info` keeps vLLM's exact name and shape, because LoRA-affinity routers (the Gateway
+API Inference Extension's endpoint picker, llm-d's scorers) read it from every replica to send a request
+to a replica that already runs its adapter: labels `running_lora_adapters` and `waiting_lora_adapters`
+(comma-separated adapter names with requests running / queued; base-model requests are not named) and
+`max_lora` (adapters resident at once: the engine's slot count); the value is the wall-clock time at which
+that label set was last the current one. As in vLLM, earlier label sets are not removed (in BentoML's
+multiprocess mode prometheus_client cannot remove a series anyway): a reader takes the series with the
+largest value, which is what those routers do. Names are the ones clients put in `model`, as /v1/models
+lists them (`NAME` for a champion or local adapter, `NAME@VERSION` otherwise), through the
+`name_adapters` mapping the backend installs; without it the engine's adapter names are shown.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Collection
 from typing import Any
 
 REQUESTS = "lorafleet_requests"
@@ -50,6 +63,11 @@ CACHE_FAILURES = "lorafleet_adapter_cache_failures"
 CACHE_LOAD_SECONDS = "lorafleet_adapter_load_seconds"
 CACHE_RESIDENT = "lorafleet_adapter_cache_resident"
 CACHE_SLOTS = "lorafleet_adapter_cache_slots"
+# Read by LoRA-affinity routers: vLLM's name and labels, unprefixed on purpose.
+LORA_INFO = "vllm:lora_requests_info"
+LORA_RUNNING_LABEL = "running_lora_adapters"
+LORA_WAITING_LABEL = "waiting_lora_adapters"
+LORA_MAX_LABEL = "max_lora"
 
 BASE_LABEL = "base"  # the `adapter` label of requests on the bare base model (served adapters are NAME-vN)
 _GAUGE_MODE = "livemostrecent"
@@ -129,6 +147,11 @@ class ServingMetrics:
                                             LOAD_BUCKETS)
         self.cache_resident = gauge(CACHE_RESIDENT, "adapters resident in the cache")
         self.cache_slots = gauge(CACHE_SLOTS, "LoRA slots of the adapter cache (its capacity)")
+        self.lora_info = Gauge(LORA_INFO, "Running stats on lora requests: the time this label set was last "
+                               "current (vLLM's gauge, read by LoRA-affinity routers)",
+                               [LORA_MAX_LABEL, LORA_WAITING_LABEL, LORA_RUNNING_LABEL], registry=registry,
+                               multiprocess_mode=_GAUGE_MODE)
+        self._served_names: Callable[[Collection[str]], dict[str, str]] | None = None
         # Counters at the previous engine pass: the engine and the cache keep totals, metrics take deltas.
         self._engine_last: tuple[int, ...] | None = None  # steps, drafts, draft tokens, accepted, preemptions
         self._cache_last = dict.fromkeys(_CACHE_COUNTERS, 0)
@@ -153,9 +176,16 @@ class ServingMetrics:
         self.batch_size.observe(rows)
 
     # ----- the engine -----------------------------------------------------------------------------
+    def name_adapters(self, served_names: Callable[[Collection[str]], dict[str, str]]) -> None:
+        """How `vllm:lora_requests_info` names engine adapters (`alpha-v3`): `served_names` maps a batch of
+        them to the `model` names clients send (`alpha`); a name it leaves out is shown as it is."""
+        self._served_names = served_names
+
     def observe_engine(self, report: Any) -> None:
         """After a pass of the engine thread (an `EngineGenerator.StepReport`), on that thread."""
         engine = report.engine
+        # First: a scrape that sees the running/waiting gauges of this pass sees its adapters too.
+        self._observe_lora_info(engine, report.cache.slots.num_slots)
         self._observe_engine_counters(engine.stats)
         self.running.set(engine.num_running())
         self.waiting.set(engine.num_waiting())
@@ -168,6 +198,19 @@ class ServingMetrics:
             self._prefix_last = prefix
         self._observe_requests(report)
         self._observe_cache(report.cache)
+
+    def _observe_lora_info(self, engine: Any, max_lora: int) -> None:
+        """vLLM's `vllm:lora_requests_info`: this pass's adapters, stamped with the current time."""
+        scheduler = engine.scheduler
+        running = {seq.adapter for seq in scheduler.running if seq.adapter is not None}
+        waiting = {seq.adapter for seq in scheduler.waiting if seq.adapter is not None}
+        names = self._served_names(running | waiting) if self._served_names and (running or waiting) else {}
+
+        def joined(adapters: set[str]) -> str:  # sorted: one label set per combination, not per order
+            return ",".join(sorted({names.get(adapter, adapter) for adapter in adapters}))
+
+        self.lora_info.labels(**{LORA_MAX_LABEL: str(max_lora), LORA_WAITING_LABEL: joined(waiting),
+                                 LORA_RUNNING_LABEL: joined(running)}).set(time.time())
 
     def _observe_engine_counters(self, stats: Any) -> None:
         current = (stats.steps, stats.spec_drafts, stats.spec_draft_tokens, stats.spec_accepted_tokens,

@@ -1,5 +1,7 @@
 """The engine's Prometheus metrics in-process (~15 s): a real `EngineGenerator` on the tiny random Llama,
-real LoRA/Turbo adapter folders, feeding `ServingMetrics` on a private `CollectorRegistry`.
+real LoRA/Turbo adapter folders, feeding `ServingMetrics` on a private `CollectorRegistry`. The last test
+starts a real `bentoml serve` over a SQLite MLflow registry (~30 s) for vLLM's `vllm:lora_requests_info`,
+which LoRA-affinity routers scrape.
 
 No stop token is configured, so every request generates exactly `max_tokens` tokens and the expected
 counts are known. Latency histograms are checked by their counts and by an exact invariant (for a
@@ -10,23 +12,29 @@ wall-clock values. The real-server side (multiprocess gauges, disconnects) is te
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 
 from lorafleet.models.base import load_base_model
 from lorafleet.serving.engine.config import EngineConfig
 from lorafleet.serving.generation.engine_generator import EngineGenerator, StepReport
 from lorafleet.serving.generation.interface import GenerationRequest, SamplingParams, TokenStream
+from lorafleet.serving.launcher import start_server
 from lorafleet.serving.metrics import BASE_LABEL, ServingMetrics
+from lorafleet.settings import Settings
 
-from serving_helpers import BASE, add_heads, make_adapter
+from serving_helpers import BASE, add_heads, make_adapter, register_adapter
 
 PROMPTS = [(5, 17, 42, 8, 99), (3, 3, 7), (120, 64, 2, 11, 19, 23, 31, 77, 6), (9,), (44, 45, 46, 47)]
 DEADLINE_S = 60.0  # generous bound on waiting for the engine thread; never a timing assertion
+ATTEMPTS = 3  # a real-server check that a starved test process can miss is repeated, never loosened
 
 
 @pytest.fixture(scope="module")
@@ -249,3 +257,151 @@ def test_prefix_cache_queries_and_hits_are_counted_in_tokens(serve):
         assert time.monotonic() < deadline, "the engine thread never reported the adapter's prefills"
         time.sleep(0.01)
     assert served.value("lorafleet_prefix_cache_hits_total") == 32
+
+
+# ----- vLLM's `vllm:lora_requests_info`, read by LoRA-affinity routers ------------------------------
+
+
+def lora_series(registry) -> dict[tuple[str, str, str], float]:
+    """(running, waiting, max_lora) -> value of every `vllm:lora_requests_info` series."""
+    return {
+        (s.labels["running_lora_adapters"], s.labels["waiting_lora_adapters"], s.labels["max_lora"]): s.value
+        for family in registry.collect() if family.name == "vllm:lora_requests_info"
+        for s in family.samples
+    }
+
+
+def latest(series: dict[tuple[str, str, str], float]) -> tuple[str, str, str]:
+    """What a router reads: the label set with the largest value (the time it was last current)."""
+    return max(series, key=series.__getitem__)
+
+
+def test_lora_requests_info_names_running_and_waiting_adapters_not_the_base(serve):
+    seen: list[tuple[tuple[str, str, str], tuple[str, str, str]]] = []  # (what a router reads, the engine's truth)
+    shown = {"a0": "alpha"}  # the backend maps engine names to what clients request; others are shown as they are
+
+    def record(report: StepReport, metrics: ServingMetrics) -> None:
+        scheduler = report.engine.scheduler
+
+        def names(seqs) -> str:
+            return ",".join(sorted({shown.get(seq.adapter, seq.adapter) for seq in seqs if seq.adapter}))
+
+        seen.append((latest(lora_series(metrics.registry)), (names(scheduler.running), names(scheduler.waiting), "3")))
+
+    started = time.time()
+    served = serve(["a0", "a1"], record=record, max_num_seqs=1, adapter_slots=3)
+    served.metrics.name_adapters(lambda adapters: {name: shown[name] for name in adapters if name in shown})
+    for name in ("a0", "a1"):  # resident first, so that first come is first served: a0, the base, a1
+        served.generator.warm(name)
+
+    async def queued():
+        streams = [served.submit(adapter, PROMPTS[0], 30) for adapter in ("a0", None, "a1")]
+        return [[token async for token in stream] for stream in streams]
+
+    assert [len(tokens) for tokens in asyncio.run(queued())] == [30, 30, 30]
+    mismatched = [(read, truth) for read, truth in seen if read != truth]
+    assert not mismatched, f"the newest label set is not the engine's state: {mismatched[:3]}"
+    states = [truth for _, truth in seen]
+    assert ("alpha", "a1", "3") in states, "a0 (shown as alpha) runs while a1 (and the unnamed base) wait"
+    assert ("", "a1", "3") in states, "the base request runs: no adapter named"
+    assert ("a1", "", "3") in states
+    assert states[-1] == ("", "", "3"), "idle: the newest label set names nothing"
+    series = lora_series(served.metrics.registry)
+    assert set(states) <= set(series), "earlier label sets stay, with older timestamps, as in vLLM"
+    assert started <= max(series.values()) <= time.time(), "the value is the wall-clock time it was current"
+
+
+@pytest.fixture(scope="module")
+def lora_server(tmp_path_factory: pytest.TempPathFactory, model_cache: Path):
+    """A real server with one champion, `alpha`; one request runs at a time, so the next one queues."""
+    from mlflow import MlflowClient
+
+    settings = Settings.for_home(tmp_path_factory.mktemp("lora-info") / "home", model_cache_dir=model_cache).ensure()
+    client = MlflowClient(settings.tracking_uri, registry_uri=settings.tracking_uri)
+    adapter = make_adapter(model_cache, settings.home / "src" / "alpha", name="alpha", seed=1)
+    register_adapter(client, adapter, name="alpha", artifact_root=settings.mlflow_artifacts_dir)
+    env = {"LORAFLEET_SERVE_MAX_NUM_SEQS": "1", "LORAFLEET_SERVE_ADAPTER_SLOTS": "2",
+           "LORAFLEET_SERVE_KV_CACHE_MB": "16", "HF_HUB_OFFLINE": "1"}
+    with start_server(settings, env=env) as handle:
+        yield handle
+
+
+def scrape_lora(url: str) -> tuple[dict[tuple[str, str, str], float], float, float]:
+    """Every `vllm:lora_requests_info` series of a real server's /metrics, and its running/waiting gauges."""
+    text = httpx.get(f"{url}/metrics", timeout=60).text
+    series, gauges = {}, {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "vllm:lora_requests_info":
+                series[(s.labels["running_lora_adapters"], s.labels["waiting_lora_adapters"],
+                        s.labels["max_lora"])] = s.value
+            elif s.name in ("lorafleet_num_requests_running", "lorafleet_num_requests_waiting"):
+                gauges[s.name] = s.value
+    return series, gauges.get("lorafleet_num_requests_running", 0.0), gauges.get("lorafleet_num_requests_waiting", 0.0)
+
+
+class LongChat(threading.Thread):
+    """A streamed chat of ~1900 tokens (about a second here) that hangs up when `stop` is set."""
+
+    def __init__(self, url: str, model: str, stop: threading.Event) -> None:
+        super().__init__(daemon=True)
+        self.url, self.model, self.stop, self.finished = url, model, stop, False
+
+    def run(self) -> None:
+        body = {"model": self.model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1900,
+                "temperature": 0, "stream": True}
+        with httpx.Client(timeout=120) as client, client.stream("POST", f"{self.url}/v1/chat/completions",
+                                                                 json=body) as response:
+            for line in response.iter_lines():
+                if self.stop.is_set():
+                    return  # leaving closes the connection: the server aborts the request
+                if line == "data: [DONE]":
+                    self.finished = True
+
+
+def queue_behind(url: str, first: str, second: str) -> tuple[str, str, str] | None:
+    """`first` running and `second` queued behind it: the newest label set, or None when `first` ended
+    before both were seen at once (a starved test process), so the attempt proves nothing."""
+    stop = threading.Event()
+    chats = [LongChat(url, first, stop), LongChat(url, second, stop)]
+    try:
+        chats[0].start()
+        deadline = time.monotonic() + DEADLINE_S
+        while scrape_lora(url)[1] != 1:  # `first` runs
+            assert time.monotonic() < deadline and chats[0].is_alive(), "the first request never ran"
+            time.sleep(0.02)
+        chats[1].start()
+        while True:
+            series, running, waiting = scrape_lora(url)
+            if running == 1 and waiting == 1:
+                return latest(series)
+            if chats[0].finished or not chats[0].is_alive():
+                return None
+            assert time.monotonic() < deadline, "the second request never queued"
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        for chat in chats:
+            chat.join(DEADLINE_S)
+
+
+def test_lora_requests_info_from_a_real_server(lora_server):
+    url = lora_server.url
+    for first, second, expected in ((BASE, "alpha", ("", "alpha", "2")), ("alpha", BASE, ("alpha", "", "2"))):
+        for _ in range(ATTEMPTS):
+            read = queue_behind(url, first, second)
+            if read is not None:
+                break
+        else:
+            pytest.fail(f"in {ATTEMPTS} attempts {first} always ended before {second} was seen queued")
+        # The champion is named as clients request it (`alpha`, not the engine's `alpha-v1`), the base never.
+        assert read == expected, f"{first} running, {second} waiting: a router reads {read}"
+    deadline = time.monotonic() + DEADLINE_S
+    while (state := scrape_lora(url))[1:] != (0.0, 0.0):  # both hung up: aborted
+        assert time.monotonic() < deadline, f"requests still running/waiting: {state[1:]}"
+        time.sleep(0.05)
+    deadline = time.monotonic() + DEADLINE_S
+    while latest(scrape_lora(url)[0]) != ("", "", "2"):  # the idle engine thread stamps an empty set
+        assert time.monotonic() < deadline, f"idle, yet a router still reads {latest(scrape_lora(url)[0])}"
+        time.sleep(0.05)
+    assert {("", "alpha", "2"), ("alpha", "", "2")} <= set(scrape_lora(url)[0]), "earlier sets stay, as in vLLM"
