@@ -67,8 +67,11 @@ def _store_errors(settings) -> Iterator[None]:
     except (SQLAlchemyError, MlflowException, OSError) as error:
         cause = getattr(error, "orig", None) or error  # SQLAlchemy's own text adds the SQL statement
         first_line = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
-        _fail(f"MLflow store {settings.tracking_uri}: {first_line} "
-              "(check MLFLOW_TRACKING_URI, or LORAFLEET_HOME for the default store)")
+        from lorafleet.settings import redact
+
+        # Redacted: a database or server URI may carry a password, and this line goes to terminals and logs.
+        _fail(redact(f"MLflow store {settings.tracking_uri}: {first_line} "
+                     "(check MLFLOW_TRACKING_URI, or LORAFLEET_HOME for the default store)"))
 
 
 @app.command()

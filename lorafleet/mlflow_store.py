@@ -4,11 +4,18 @@ Neutral ground (it imports nothing from tasks/ or serving/): the pipeline (`task
 `tasks/locks.py`) and the server (`lorafleet/registry_read.py`) both open their clients here, so a server
 starting on a fresh home while a finetune creates the store cannot crash in MLflow's migration either.
 
-MLflow creates the tables of an empty SQLite database on first use (when a client first touches its
-store) without a lock: two processes starting on a fresh home both migrate and the second fails
-("duplicate column name"). `store_client` builds the first client of a store in this process, and makes
-MLflow build its registry store too, under the store's lock; MLflow caches both per process, so later
-clients need neither the lock nor a query.
+MLflow creates the tables of an empty database on first use (when a client first touches its store)
+without a lock: two processes starting on a fresh home both migrate and the second fails (SQLite:
+"duplicate column name"; an empty PostgreSQL database opened directly: "duplicate key value violates
+unique constraint pg_type_typname_nsp_index"). `store_client` builds the first client of a database store
+in this process, and makes MLflow build its registry store too, under the store's lock; MLflow caches
+both per process, so later clients need neither the lock nor a query.
+
+The lock is a file lock on this machine (beside a SQLite file, else in the temp dir, keyed by the URI),
+so for a PostgreSQL store opened directly by several machines it guards only the processes of each one:
+run `mlflow db upgrade <uri>` once when the database is set up, or go through `mlflow server`, which
+migrates once when it starts. A tracking server URI (http://) needs no lock here: the server owns its
+store, and nothing local is created or locked for it.
 """
 
 from __future__ import annotations
@@ -21,13 +28,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lorafleet.models.cache import file_lock
+from lorafleet.settings import database_dialect
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
 LOCKS_FOLDER = "locks"
-# SQLite stores this process has created and migrated under the store lock; later clients skip the lock.
+# Database stores this process has created and migrated under the store lock; later clients skip the lock.
 _READY_STORES: set[str] = set()
 
 
@@ -39,24 +47,26 @@ def store_lock_dir(tracking_uri: str) -> Path:
         database = make_url(tracking_uri).database
         if database and database != ":memory:":
             return Path(database).expanduser().resolve().parent / LOCKS_FOLDER
-    digest = hashlib.sha256(tracking_uri.encode()).hexdigest()[:16]
+    # One folder per store whichever way its URI is written (`http://host:5000` or `http://host:5000/`).
+    digest = hashlib.sha256(tracking_uri.rstrip("/").encode()).hexdigest()[:16]
     return Path(tempfile.gettempdir()) / f"lorafleet-{LOCKS_FOLDER}-{digest}"
 
 
 @contextlib.contextmanager
 def store_init_lock(tracking_uri: str) -> Iterator[None]:
     """Held while a process creates (and on first use migrates) the MLflow store: MLflow's tracking store
-    migrates an empty SQLite file without a lock, and two first users crash on each other's tables."""
+    migrates an empty database without a lock, and two first users crash on each other's tables."""
     with file_lock(store_lock_dir(tracking_uri) / "mlflow-store.lock"):
         yield
 
 
 def store_client(uri: str) -> MlflowClient:
-    """A client (tracking and registry on `uri`) whose stores exist; a SQLite store is created and migrated
-    under `store_init_lock`, once per process."""
+    """A client (tracking and registry on `uri`) whose stores exist; a database store (SQLite, PostgreSQL,
+    ...) is created and migrated under `store_init_lock`, once per process. A tracking server's URI is
+    opened as is."""
     from mlflow import MlflowClient
 
-    if uri in _READY_STORES or not uri.startswith("sqlite:"):
+    if uri in _READY_STORES or database_dialect(uri) is None:
         return MlflowClient(tracking_uri=uri, registry_uri=uri)
     with store_init_lock(uri):
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)

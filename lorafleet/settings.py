@@ -7,11 +7,21 @@ reading the environment, so tests can point a whole pipeline at a temporary fold
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
 
 DEFAULT_HOME = Path("~/.lorafleet")
 _SQLITE = "sqlite:///"
+# Tracking URIs MLflow opens as a SQLAlchemy database (`<dialect>[+<driver>]://...`), as in MLflow's own list.
+DATABASE_DIALECTS = ("sqlite", "postgresql", "mysql", "mssql")
+# Tracking URIs that are a tracking server: artifacts go where the server says (e.g. its proxied store).
+_SERVER_SCHEMES = ("http://", "https://", "databricks")
+_PASSWORD = re.compile(r"(://[^/@:]*:)[^/@]*@")  # user:PASSWORD@host in a URI
 _FIXES = {  # what the one-line error tells the user to do, per variable
     "LORAFLEET_HOME": "set LORAFLEET_HOME to a folder you can write to",
     "LORAFLEET_MODEL_CACHE": "set LORAFLEET_MODEL_CACHE to a folder you can write to (or unset it)",
@@ -74,8 +84,10 @@ class Settings:
 
     @property
     def tracks_locally(self) -> bool:
-        """A SQLite/file store needs an explicit artifact root, or MLflow writes ./mlruns in the cwd."""
-        return not self.tracking_uri.startswith(("http://", "https://", "databricks"))
+        """A store this process opens itself (SQLite, PostgreSQL, a folder) needs an explicit artifact root,
+        or MLflow writes ./mlruns in the cwd. A tracking server decides where artifacts go (with
+        `--artifacts-destination`: its proxied `mlflow-artifacts:/` store), so no local folder is used."""
+        return not self.tracking_uri.startswith(_SERVER_SCHEMES)
 
     @property
     def sqlite_file(self) -> Path | None:
@@ -98,6 +110,9 @@ class Settings:
             problem = _folder_problem(path)
             if problem:
                 raise SettingsError(self._message(variable, problem))
+        driver_problem = database_driver_problem(self.tracking_uri)
+        if driver_problem:
+            raise SettingsError(driver_problem)
         database = self.sqlite_file
         if database is not None and os.path.lexists(database):
             if not os.path.isfile(database):
@@ -115,10 +130,13 @@ class Settings:
         return self
 
     def _folders(self) -> list[tuple[Path, str]]:
-        """Every folder lorafleet writes, with the variable that decides where it is."""
-        folders = [(path, "LORAFLEET_HOME") for path in (
-            self.home, self.prepared_data_dir, self.adapters_dir, self.checkpoints_dir,
-            self.mlflow_artifacts_dir, self.adapter_download_dir)]
+        """Every folder lorafleet writes, with the variable that decides where it is. The artifact folder
+        only for a store opened locally: with a tracking server, artifacts travel through the server."""
+        local = [self.home, self.prepared_data_dir, self.adapters_dir, self.checkpoints_dir]
+        if self.tracks_locally:
+            local.append(self.mlflow_artifacts_dir)
+        local.append(self.adapter_download_dir)
+        folders = [(path, "LORAFLEET_HOME") for path in local]
         folders.append((self.model_cache_dir, self._variable(self.model_cache_dir, "LORAFLEET_MODEL_CACHE")))
         database = self.sqlite_file
         if database is not None:  # SQLite creates the file, not the folder it goes in
@@ -131,8 +149,58 @@ class Settings:
 
     def _message(self, variable: str, problem: str) -> str:
         value = {"LORAFLEET_HOME": self.home, "LORAFLEET_MODEL_CACHE": self.model_cache_dir,
-                 "MLFLOW_TRACKING_URI": self.tracking_uri}[variable]
+                 "MLFLOW_TRACKING_URI": redact(self.tracking_uri)}[variable]
         return f"{variable}={value} cannot be used: {problem}; {_FIXES[variable]}"
+
+
+def redact(uri: str) -> str:
+    """`uri` with any password replaced by `***`: tracking URIs end up in error lines and logs."""
+    return _PASSWORD.sub(r"\1***@", uri)
+
+
+def database_dialect(uri: str) -> str | None:
+    """The SQLAlchemy dialect of a database tracking URI (`postgresql+psycopg2://` -> postgresql), else None."""
+    scheme = uri.split("://", 1)[0] if "://" in uri else uri.split(":", 1)[0]
+    dialect = scheme.split("+", 1)[0].lower()
+    return dialect if dialect in DATABASE_DIALECTS else None
+
+
+def database_driver_problem(uri: str) -> str | None:
+    """Why MLflow could not open database `uri` here because its Python driver is missing, else None.
+
+    Checked up front because MLflow reports it only on first use, as a traceback ending in
+    `No module named 'psycopg'`: SQLAlchemy 2.1 maps a bare `postgresql://` to psycopg 3, while the
+    common install (and lorafleet's `scale` extra) is psycopg2. Nothing is connected to."""
+    dialect = database_dialect(uri)
+    if dialect is None or dialect == "sqlite":
+        return None
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    shown = redact(uri)
+    try:
+        url = make_url(uri)
+        url.get_dialect().import_dbapi()
+    except (ArgumentError, NoSuchModuleError) as error:
+        return (f"MLFLOW_TRACKING_URI={shown} cannot be used: {error}; set it to a database URL such as "
+                "postgresql+psycopg2://USER@HOST:PORT/DATABASE or a tracking server's http:// address")
+    except ImportError as error:
+        missing = getattr(error, "name", None) or str(error)
+        return (f"MLFLOW_TRACKING_URI={shown} cannot be used: its database driver {missing!r} "
+                f"({url.drivername}) is not installed; {_driver_fix(url)}")
+    return None
+
+
+def _driver_fix(url: URL) -> str:
+    """Name the installed psycopg2 driver when it is there; else say what to install."""
+    import importlib.util
+
+    if url.get_backend_name() != "postgresql":
+        return f"install the Python driver for {url.drivername}"
+    if url.drivername != "postgresql+psycopg2" and importlib.util.find_spec("psycopg2") is not None:
+        return ("name the installed psycopg2 driver instead: "
+                + url.set(drivername="postgresql+psycopg2").render_as_string(hide_password=True))
+    return "install it (pip install 'lorafleet[scale]' brings psycopg2; then use postgresql+psycopg2://...)"
 
 
 def _folder_problem(path: Path) -> str | None:

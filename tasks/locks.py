@@ -8,18 +8,30 @@ caller: there is no stale-lock clean-up to get wrong, and a reused pid cannot ke
 finetune lock file also records who holds it (pid, host, start time) so the second caller's error can
 name them.
 
-Scope: these locks serialise processes on one machine that share one LORAFLEET_HOME (finetune) or one
-local SQLite store (promotion, store creation); the store's locks live in a `locks/` folder beside the
-database file. A tracking server shared by several machines (MLflow over HTTP, or the PostgreSQL store a
-later issue moves to) needs the same guarantees from the server, which file locks cannot give:
-- promotion: the read of `champion` and the alias move in one transaction under a per-name lock
-  (PostgreSQL: `SELECT pg_advisory_xact_lock(hashtext('lorafleet.promote.' || name))`), or a
-  compare-and-set on the alias row (`UPDATE ... WHERE version = <expected>`, checking the row count);
-- finetune: a per-name lease row (owner, host, heartbeat, expiry) inserted with a unique constraint,
-  since a holder on another machine cannot be checked for liveness;
-- store creation: run `mlflow db upgrade` once at deployment instead of on first use.
-Until then, for a non-SQLite store these locks still serialise the processes of this machine (in a
-folder keyed by the store URI under the temp dir) and nothing more.
+What they guarantee, and where they stop: a `flock` orders processes of one machine (on a network
+filesystem only where it implements `flock`, e.g. NFSv4, with its caveats). With a tracking server shared
+by several machines (`MLFLOW_TRACKING_URI=http://...`, PostgreSQL behind it):
+- finetune (`LORAFLEET_HOME/locks/finetune-<name>.lock`): one finetune of a name per home. Two machines,
+  each with its own home, can fine-tune one name at the same time and do not see each other; the
+  registry still stays consistent (each run registers at most one version, and the server's database
+  numbers versions), but the work is done twice, and resuming a run works only on the machine whose
+  checkpoint folder recorded it.
+- promotion (a machine-local folder keyed by the tracking URI; beside the database for SQLite): every
+  champion move of a name from this machine is a compare-and-set against the others from this machine.
+  Across machines there is no mutual exclusion: MLflow's registry has no conditional write (setting an
+  alias overwrites it), so `tasks/registry.py` re-reads the champion under this lock before it moves it
+  and reads it back after: a move another machine overtook in that window is reported, not recorded.
+  A whole read-decide-write of another machine that falls between our read and our write is still
+  lost to "last writer wins".
+- store creation (`lorafleet/mlflow_store.py`): migrations of a database opened directly, per machine.
+  A server migrates its store once when it starts; a shared database used directly needs
+  `mlflow db upgrade <uri>` once at deployment.
+What closes the cross-machine gaps without a new lock service: serialise per adapter name in the
+orchestrator already in use, i.e. run finetunes and promotions of a name only as Prefect deployments
+under a concurrency limit of 1 (a global concurrency limit or a work queue with limit 1), which the
+Prefect server enforces across workers; or, for writers that talk to PostgreSQL directly, a transaction
+holding `pg_advisory_xact_lock(hashtext('lorafleet.promote.' || name))` around read and move, which the
+MLflow REST API does not expose.
 """
 
 from __future__ import annotations

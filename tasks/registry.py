@@ -12,6 +12,12 @@ moves are recorded (a registered-model tag with the ordered list of past champio
 Every move of `champion` (gate, `promote`, `rollback`) happens under the store's per-name promotion
 lock (`tasks/locks.py`), and the gate moves it with `move_champion_if`, a compare-and-set: two gates
 deciding at once cannot both win against the same old champion. A run registers at most one version.
+That lock is a file lock, so it orders the writers of one machine only. MLflow's registry has no
+conditional write (setting an alias overwrites it), so against writers on other machines each move
+reads the alias back right after writing it: a move that another writer overtook is reported
+(`ChampionMovedElsewhere`; `move_champion_if` returns False and the gate judges again) instead of being
+recorded as done. This narrows the cross-host race to one round trip; it does not close it (see
+`tasks/locks.py` for what would).
 
 Version numbers are returned as `ModelVersion` objects whose `.version` may be an int (SQLite
 store) or a str (REST); every function here accepts either and compares them as strings.
@@ -75,6 +81,11 @@ class VersionNotReady(RegistryError, ValueError):
 
 class NoPreviousChampion(RegistryError, LookupError):
     """`rollback` found no earlier champion to return to."""
+
+
+class ChampionMovedElsewhere(RegistryError, ValueError):
+    """Read back right after the move, `champion` named another version: a writer that does not share this
+    machine's promotion lock (another host on the same tracking server) moved it at the same moment."""
 
 
 @dataclass(frozen=True)
@@ -316,7 +327,11 @@ def move_champion_if(client: MlflowClient, name: str, version: str | int, *, exp
             log.info("%s champion moved to v%s while v%s was being judged against v%s; not moving it",
                      name, current, version, expected)
             return False
-        _set_champion(client, name, version, reason=reason)
+        try:
+            _set_champion(client, name, version, reason=reason)
+        except ChampionMovedElsewhere as error:
+            log.warning("%s", error)
+            return False
         return True
 
 
@@ -357,8 +372,21 @@ def _set_champion(client: MlflowClient, name: str, version: str | int, *, reason
     history.append(new)
     _mark_promoted(client, name, new, reason)
     client.set_registered_model_alias(name, CHAMPION, new)
+    _verify_champion(client, name, new, moving_from=current)
     _write_history(client, name, history)
     log.info("%s champion: v%s -> v%s (%s)", name, current, new, reason)
+
+
+def _verify_champion(client: MlflowClient, name: str, written: str, *, moving_from: str | None) -> None:
+    """Read `champion` back after writing it: the one check MLflow allows against writers that do not
+    share our lock. On a mismatch the history is left as the other writer made it (it is not written)."""
+    now = _alias(client.get_registered_model(name), CHAMPION)
+    if now != written:
+        raise ChampionMovedElsewhere(
+            f"{name}: champion was moved from v{moving_from} to v{written}, but reads back as v{now}: another "
+            "writer (a process on another machine using the same tracking server) moved it at the same "
+            "time. Check `lorafleet models` and promote again if needed; run promotions of one adapter "
+            "from one place (e.g. the `promote` deployment) to avoid this.")
 
 
 def _rollback(client: MlflowClient, name: str) -> tuple[str, str]:
@@ -378,6 +406,7 @@ def _rollback(client: MlflowClient, name: str) -> tuple[str, str]:
     client.set_model_version_tag(name, current, "rolled_back_at", now)
     _mark_promoted(client, name, previous, f"rollback from v{current}", at=now)
     client.set_registered_model_alias(name, CHAMPION, previous)
+    _verify_champion(client, name, previous, moving_from=current)
     _write_history(client, name, history)
     log.info("%s champion rolled back: v%s -> v%s", name, current, previous)
     return current, previous

@@ -1,9 +1,12 @@
 """MLflow tracking I/O: one experiment per adapter, one run per finetune, batched logging.
 
 Everything goes through an explicit `MlflowClient` built from `Settings`, so a test or a second
-pipeline can point at its own store. With a local store the experiment's artifact location is
-fixed under `Settings.mlflow_artifacts_dir`; MLflow would otherwise fall back to `./mlruns` in
-whatever folder the process happened to start in.
+pipeline can point at its own store. With a store this process opens itself (SQLite, or PostgreSQL
+named directly) the experiment's artifact location is fixed under `Settings.mlflow_artifacts_dir`;
+MLflow would otherwise fall back to `./mlruns` in whatever folder the process happened to start in.
+With a tracking server (`http://...`) the server chooses: started with `--artifacts-destination`, it
+gives `mlflow-artifacts:/` locations, and adapters are uploaded and downloaded through it, so trainers,
+promoters and replicas on different machines share nothing but its URL.
 
 Reruns are idempotent: a run is resumed only by the process holding its adapter's finetune lock
 (`tasks/locks.py`), so a RUNNING run found then was left by a process that died; and `RunLogger`

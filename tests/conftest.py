@@ -16,8 +16,9 @@ os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
 from lorafleet.settings import Settings
 
-# Fixtures of the flow tests (`prefect_api`, `home`); modules that define their own keep theirs.
-pytest_plugins = ("flow_helpers",)
+# Fixtures of the flow tests (`prefect_api`, `home`) and of the scale-out tests (`postgres_cluster`,
+# `mlflow_server`); modules that define their own keep theirs.
+pytest_plugins = ("flow_helpers", "pg_mlflow_helpers")
 
 
 @pytest.fixture(scope="session")
