@@ -53,6 +53,7 @@ class FinetuneConfig(BaseModel):
     def _turbo_fields_fit_the_method(self) -> FinetuneConfig:
         if self.turbo.base_adapter is not None and self.method != "turbo":
             raise ValueError("turbo.base_adapter only applies to method 'turbo' (heads on an existing LoRA)")
+        self.training.distributed.check_fits(method=self.method, device=self.device)
         return self
 
     @property

@@ -122,11 +122,13 @@ def load_base_model(
     dtype: DType = "auto",
     device: str = "auto",
     quantization: Quantization = "none",
+    quant_storage: str | None = None,
 ) -> LoadedModel:
     """Load a base model for training, evaluation or serving.
 
     `quantization="nf4"` loads the weights as bitsandbytes 4-bit NF4 with double quantization (QLoRA);
-    this works on CPU and CUDA.
+    this works on CPU and CUDA. `quant_storage` (e.g. "bfloat16") packs the 4-bit weights in that float
+    dtype and loads the rest of the model in it too: FSDP shards only float tensors (FSDP + QLoRA).
     """
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -142,7 +144,10 @@ def load_base_model(
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute,
+            **({"bnb_4bit_quant_storage": getattr(torch, quant_storage)} if quant_storage else {}),
         )
+        if quant_storage:
+            kwargs["dtype"] = getattr(torch, quant_storage)
         kwargs["device_map"] = {"": str(target) if target.type == "cpu" else target.index or 0}
     elif quantization != "none":
         raise ValueError(f"quantization must be 'none' or 'nf4', got {quantization!r}")

@@ -2,17 +2,21 @@
 
 Rows of similar length are batched together (less padding: on CPU every padded token costs as much
 as a real one), and the order depends only on (seed, epoch), so a resumed run can rebuild the epoch's
-batch order and skip the batches it already trained on.
+batch order and skip the batches it already trained on. With several data-parallel processes every rank
+builds the same global order and trains on its own slice of each batch (`shard`), so the order does
+not depend on the world size either.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 
 IGNORE_INDEX = -100
+T = TypeVar("T")
 
 
 def length_grouped_batches(lengths: Sequence[int], batch_size: int, *, seed: int, epoch: int,
@@ -28,6 +32,23 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int, *, seed: int
         batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
     rng.shuffle(batches)
     return batches
+
+
+def shard(items: Sequence[T], rank: int, world_size: int) -> list[T]:
+    """Rank `rank`'s disjoint part of a global batch: every `world_size`-th row, starting at `rank`.
+
+    Strided rather than contiguous because a length-grouped batch is sorted by length: striding gives
+    every rank rows of about the same lengths, so no rank waits on the others' padding.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside a world of {world_size} processes")
+    return list(items[rank::world_size])
+
+
+def count_targets(rows: Sequence[dict]) -> int:
+    """Target tokens of rows as `collate` + the shifted loss see them (a label at position 0 has no
+    predecessor, so it is never a target); lets every rank weight its slice by the global count."""
+    return sum(sum(1 for label in row["labels"][1:] if label != IGNORE_INDEX) for row in rows)
 
 
 def collate(rows: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -5,7 +5,9 @@ Layout under a run's checkpoint folder:
   best/           trainable.safetensors, state.json   (weights with the best validation loss)
   DONE            written when training finished; a rerun then returns the stored result
 
-Each entry is written atomically, so the newest complete checkpoint is always loadable. Optimizer
+Each entry is written atomically, so the newest complete checkpoint is always loadable. Progress is
+counted globally (optimizer steps, batch index in the epoch's global order, samples seen), so a
+checkpoint written by N data-parallel ranks resumes on M; only rank 0 writes. Optimizer
 and RNG state are our own files (never an adapter) and are read with `weights_only=True`.
 """
 
@@ -40,6 +42,8 @@ class TrainerState:
     val_history: list[tuple[int, float]] = field(default_factory=list)
     tokens_seen: int = 0
     train_seconds: float = 0.0
+    samples_seen: int = 0  # global rows trained on: independent of how many ranks shared them
+    world_size: int = 1  # data-parallel processes of the run that wrote this (any size resumes it)
 
     @classmethod
     def from_json(cls, text: str) -> TrainerState:

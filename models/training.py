@@ -4,6 +4,12 @@ Our own loop rather than HF `Trainer` because we need three things it makes awkw
 on completion positions (`loss.completion_loss`, ~20% of a CPU step), bf16 autocast on CPU, and
 exact resume of a killed run (batch order replayed from (seed, epoch), see `batching`). Logging is a
 duck-typed callback so this module stays free of MLflow and Prefect.
+
+Data-parallel training takes a `DistributedContext` (rank, world size, two collectives) built by the
+launcher plumbing in `tasks/`: every rank walks the same global batch order, trains on its slice of
+each batch (`batching.shard`), and gradients are summed across ranks before the optimizer step, so N
+processes compute the updates one process would (up to fp32 summation order). Only rank 0 writes
+checkpoints and calls the callbacks.
 """
 
 from __future__ import annotations
@@ -11,15 +17,15 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
-from .batching import IGNORE_INDEX, collate, length_grouped_batches
+from .batching import collate, count_targets, length_grouped_batches, shard
 from .checkpoints import (
     TrainerState,
     finished_state,
@@ -38,6 +44,36 @@ class TrainingCallback(Protocol):
     def on_train_step(self, step: int, metrics: dict[str, float]) -> None: ...
 
     def on_validation(self, step: int, metrics: dict[str, float]) -> None: ...
+
+
+def _no_collective(*_: Any) -> None:
+    return None
+
+
+def _sum_alone(values: dict[str, float]) -> dict[str, float]:
+    return dict(values)
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """This process's place among data-parallel ranks and the collectives the loop needs.
+
+    The loop never imports `torch.distributed`: whoever launched the ranks (Accelerate, torchrun)
+    passes these functions in. The default is one process, for which every collective is a no-op.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    all_reduce_sum: Callable[[torch.Tensor], None] = field(default=_no_collective)  # in place, every rank
+    sum_across_ranks: Callable[[dict[str, float]], dict[str, float]] = field(default=_sum_alone)
+    barrier: Callable[[], None] = field(default=_no_collective)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+SINGLE_PROCESS = DistributedContext()
 
 
 @dataclass
@@ -85,15 +121,17 @@ def total_optimizer_steps(n_rows: int, settings: TrainingSettings) -> int:
 
 @torch.no_grad()
 def validation_metrics(objective: Any, module: torch.nn.Module, rows: Sequence[dict], *, batch_size: int,
-                       pad_token_id: int, precision: str, progress: bool = False) -> dict[str, float]:
+                       pad_token_id: int, precision: str, progress: bool = False,
+                       dist: DistributedContext = SINGLE_PROCESS) -> dict[str, float]:
     """The objective's token-weighted means over `rows` (dropout off): `loss`, and for Turbo
-    `lm_loss`, `headK_loss`, `headK_acc` (top-1 accuracy of head K)."""
+    `lm_loss`, `headK_loss`, `headK_acc` (top-1 accuracy of head K). With several ranks each scores
+    its share of the batches and the sums are added up, so every rank returns the same numbers."""
     was_training = module.training
     module.eval()
     device = next(module.parameters()).device
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
     sums: dict[str, float] = {}
-    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    chunks = shard([order[i:i + batch_size] for i in range(0, len(order), batch_size)], dist.rank, dist.world_size)
     for chunk in tqdm(chunks, desc="validation", leave=False, disable=not progress):
         batch = {k: v.to(device) for k, v in collate([rows[i] for i in chunk], pad_token_id).items()}
         with autocast(precision, device):
@@ -101,7 +139,7 @@ def validation_metrics(objective: Any, module: torch.nn.Module, rows: Sequence[d
         for key, value in out.sums.items():
             sums[key] = sums.get(key, 0.0) + value
     module.train(was_training)
-    return summarize(sums)
+    return summarize(dist.sum_across_ranks(sums))
 
 
 def validation_loss(model: Any, rows: Sequence[dict], *, batch_size: int, pad_token_id: int,
@@ -124,6 +162,7 @@ def train_adapter(
     heads: torch.nn.Module | None = None,
     turbo: TurboSettings | None = None,
     train_lm: bool = True,
+    dist: DistributedContext = SINGLE_PROCESS,
 ) -> TrainResult:
     """Train the trainable parameters of `model` (a PEFT model) — and Turbo `heads` if given — on rows.
 
@@ -131,6 +170,10 @@ def train_adapter(
     (if `train_lm`) plus each head's weighted loss; heads get their own learning rate. Resumes from the
     newest checkpoint in `checkpoint_dir`; if that folder says training already finished, loads the
     best weights and returns at once. On return the weights with the best validation loss are loaded.
+
+    With `dist` (several data-parallel ranks) every rank calls this with the same rows and settings;
+    `settings.batch_size` is the global batch, split across ranks. Only rank 0 writes to
+    `checkpoint_dir` and calls `callbacks`; checkpoints count global steps, so any world size resumes them.
     """
     from transformers import get_scheduler
 
@@ -156,20 +199,25 @@ def train_adapter(
     state = restore_latest(checkpoint_dir, trainable, optimizer, scheduler)
     resumed_from = state.step if state else None
     state = state or TrainerState()
+    state.world_size = dist.world_size
+    callbacks = callbacks if dist.is_main else ()
     val_subset = list(val_rows[: settings.eval_examples] if settings.eval_examples else val_rows)
     lengths = [len(row["input_ids"]) for row in train_rows]
     batches_per_epoch = math.ceil(len(train_rows) / settings.batch_size)
 
     trainable.train()
-    bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step", disable=not progress)
+    bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step",
+               disable=not (progress and dist.is_main))
     while state.step < total_steps and not state.stopped_early:
         order = length_grouped_batches(lengths, settings.batch_size, seed=settings.seed, epoch=state.epoch)
         while state.batch_in_epoch < len(order) and state.step < total_steps and not state.stopped_early:
             group = order[state.batch_in_epoch: state.batch_in_epoch + settings.grad_accum]
-            metrics = _optimizer_step(objective, trainable, [[train_rows[i] for i in b] for b in group],
-                                      optimizer, scheduler, settings, pad_token_id, precision, device)
+            micro_batches = [[train_rows[i] for i in b] for b in group]
+            metrics = _optimizer_step(objective, trainable, micro_batches, optimizer, scheduler, settings,
+                                      pad_token_id, precision, device, dist)
             state.step += 1
             state.batch_in_epoch += len(group)
+            state.samples_seen += sum(len(b) for b in group)
             state.tokens_seen += int(metrics.pop("_tokens"))
             state.train_seconds += metrics["train/step_seconds"]
             metrics["train/epoch"] = state.epoch + state.batch_in_epoch / batches_per_epoch
@@ -179,8 +227,8 @@ def train_adapter(
                     callback.on_train_step(state.step, metrics)
             if state.step % settings.eval_every == 0 or state.step == total_steps:
                 _validate(objective, trainable, val_subset, settings, state, checkpoint_dir, pad_token_id, precision,
-                          callbacks)
-            if state.step % settings.checkpoint_every == 0 and state.step < total_steps:
+                          callbacks, dist)
+            if state.step % settings.checkpoint_every == 0 and state.step < total_steps and dist.is_main:
                 save_checkpoint(checkpoint_dir, trainable, optimizer, scheduler, state,
                                 keep=settings.keep_checkpoints)
             bar.update(1)
@@ -190,8 +238,11 @@ def train_adapter(
             state.epoch += 1
             state.batch_in_epoch = 0
     bar.close()
+    dist.barrier()  # rank 0's last `best/` is on disk before anyone reads it
     restore_best(checkpoint_dir, trainable)
-    mark_done(checkpoint_dir, state)
+    if dist.is_main:
+        mark_done(checkpoint_dir, state)
+    dist.barrier()
     return TrainResult(state, total_steps, precision, resumed_from_step=resumed_from)
 
 
@@ -216,12 +267,18 @@ def _training_setup(model: Any, heads: torch.nn.Module | None, turbo: TurboSetti
 
 def _optimizer_step(objective: Any, trainable: torch.nn.Module, micro_batches: list[list[dict]], optimizer: Any,
                     scheduler: Any, settings: TrainingSettings, pad_token_id: int, precision: str,
-                    device: torch.device) -> dict[str, float]:
-    """One optimizer step over `grad_accum` micro-batches, weighting each by its target tokens."""
+                    device: torch.device, dist: DistributedContext = SINGLE_PROCESS) -> dict[str, float]:
+    """One optimizer step over `grad_accum` global micro-batches, weighting each by its target tokens.
+
+    Each rank backpropagates its slice weighted by the *global* target count, so the sum of the ranks'
+    gradients is the one-process gradient; summing them (`all_reduce_sum`) before clipping keeps the
+    clip norm and the optimizer step identical on every rank.
+    """
     started = time.perf_counter()
-    batches = [collate(rows, pad_token_id) for rows in micro_batches]
-    n_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-    n_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    n_targets = sum(count_targets(rows) for rows in micro_batches)
+    n_tokens = sum(len(row["input_ids"]) for rows in micro_batches for row in rows)
+    local = [part for rows in micro_batches if (part := shard(rows, dist.rank, dist.world_size))]
+    batches = [collate(rows, pad_token_id) for rows in local]
     sums: dict[str, float] = {}
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -231,6 +288,9 @@ def _optimizer_step(objective: Any, trainable: torch.nn.Module, micro_batches: l
         for key, value in out.sums.items():
             sums[key] = sums.get(key, 0.0) + value
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    if dist.world_size > 1:
+        _sum_gradients(params, dist)
+        sums = dist.sum_across_ranks(sums)
     grad_norm = (torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
                  if settings.max_grad_norm else torch.tensor(0.0))
     lr = scheduler.get_last_lr()[0]
@@ -244,21 +304,40 @@ def _optimizer_step(objective: Any, trainable: torch.nn.Module, micro_batches: l
     return metrics
 
 
+def _sum_gradients(params: list[torch.nn.Parameter], dist: DistributedContext) -> None:
+    """Add up every rank's gradients in place: one flat buffer per dtype, so one collective each
+    (a rank whose slice was empty contributes zeros)."""
+    by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
+    for p in params:
+        by_dtype.setdefault(p.dtype, []).append(p)
+    for group in by_dtype.values():
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group])
+        dist.all_reduce_sum(flat)
+        offset = 0
+        for p in group:
+            n = p.numel()
+            p.grad = flat[offset:offset + n].view_as(p).clone()
+            offset += n
+
+
 def _validate(objective: Any, trainable: torch.nn.Module, rows: list[dict], settings: TrainingSettings,
               state: TrainerState, checkpoint_dir: Path, pad_token_id: int, precision: str,
-              callbacks: Sequence[TrainingCallback]) -> None:
-    """Validation pass + early-stopping bookkeeping; the best weights are saved as they appear."""
+              callbacks: Sequence[TrainingCallback], dist: DistributedContext = SINGLE_PROCESS) -> None:
+    """Validation pass + early-stopping bookkeeping; the best weights are saved as they appear.
+
+    Every rank gets the same summed metrics, so every rank takes the same early-stopping decision."""
     if not rows:
         return
     metrics = validation_metrics(objective, trainable, rows, batch_size=settings.batch_size,
-                                 pad_token_id=pad_token_id, precision=precision)
+                                 pad_token_id=pad_token_id, precision=precision, dist=dist)
     loss = metrics["loss"]
     state.val_history.append((state.step, loss))
     improved = state.best_val_loss is None or loss < state.best_val_loss - settings.early_stopping_min_delta
     if improved:
         state.best_val_loss, state.best_step = loss, state.step
         state.evals_without_improvement = 0
-        save_best(checkpoint_dir, trainable, state)
+        if dist.is_main:
+            save_best(checkpoint_dir, trainable, state)
     else:
         state.evals_without_improvement += 1
         patience = settings.early_stopping_patience

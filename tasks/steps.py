@@ -23,8 +23,8 @@ from lorafleet.evaluation.report import (
 )
 from lorafleet.models.base import load_tokenizer, resolve_base_model
 from lorafleet.settings import Settings
+from lorafleet.tasks import distributed, registry, tracking
 from lorafleet.tasks import gate as gate_logic
-from lorafleet.tasks import registry, tracking
 from lorafleet.tasks.data.prepare import PreparedData, prepare_dataset, source_key
 from lorafleet.tasks.eval_split import SPLIT_TAG, EvalSplit, champion_numbers_on
 from lorafleet.tasks.evaluate import EvaluationOutcome, evaluate_adapter
@@ -116,9 +116,15 @@ class _PrefectProgress:
 @task(name="train")
 def train(config: FinetuneConfig, prepared: PreparedData, settings: Settings, key: str,
           run_id: str) -> TrainedAdapter:
+    """Train in this process, or, with `training.distributed.launcher`, on N processes started by that
+    launcher (their rank 0 logs the steps to the run; this task logs the summary either way)."""
     run = tracking.RunLogger(tracking.mlflow_client(settings), run_id)
     every = max(config.training.eval_every // 2, 1)
-    trained = train_from_config(config, prepared, settings, key=key, callbacks=[run, _PrefectProgress(every)])
+    if config.training.distributed.enabled:
+        trained = distributed.train_in_processes(config, prepared, settings, key=key, run_id=run_id,
+                                                 on_line=get_run_logger().info)
+    else:
+        trained = train_from_config(config, prepared, settings, key=key, callbacks=[run, _PrefectProgress(every)])
     if trained.already_finished:
         get_run_logger().info("training for key %s had already finished: reusing its weights", key)
     run.log_metrics(trained.summary_metrics())

@@ -22,7 +22,7 @@ from lorafleet.models.adapter_dir import PEFT_WEIGHTS_FILE, AdapterManifest, Bas
 from lorafleet.models.base import load_base_model, resolve_base_model, tokenizer_fingerprint
 from lorafleet.models.cache import atomic_write_text, sha256_file, sha256_text
 from lorafleet.models.lora import apply_lora, count_trainable, load_adapter, save_adapter
-from lorafleet.models.training import TrainingCallback, train_adapter
+from lorafleet.models.training import SINGLE_PROCESS, DistributedContext, TrainingCallback, train_adapter
 from lorafleet.models.turbo_heads import new_heads
 from lorafleet.settings import Settings
 from lorafleet.tasks.adapter_sources import resolve_adapter_source
@@ -67,6 +67,9 @@ class TrainedAdapter:
 def training_key(config: FinetuneConfig, prepared: PreparedData, settings: Settings) -> str:
     """Identity of a training run: same key ⇒ same weights, so a checkpoint can be resumed."""
     relevant = config.model_dump(mode="json", include={"name", "base_model", "method", "lora", "training"})
+    # How many processes train changes speed, not weights (the global batch is fixed): a checkpoint
+    # written by N processes resumes on M.
+    relevant["training"].pop("distributed", None)
     if config.has_heads:
         relevant["turbo"] = config.turbo.model_dump(mode="json")
     revision = resolve_base_model(config.base_model, settings.model_cache_dir).revision
@@ -99,23 +102,33 @@ def train_from_config(
     key: str,
     callbacks: Sequence[TrainingCallback] = (),
     progress: bool = True,
+    dist: DistributedContext = SINGLE_PROCESS,
+    device: str | None = None,
+    quant_storage: str | None = None,
 ) -> TrainedAdapter:
     """Train the adapter the config asks for and save its directory.
 
     lora / qlora: LoRA on the (4-bit for QLoRA) base. turbo_lora: LoRA and heads jointly. turbo: heads
     only, on the frozen base or a frozen existing LoRA, trained on the model's own greedy outputs.
+
+    As one rank of a data-parallel run (`dist`, from `tasks/distributed_worker.py`) it trains on
+    `device` (this rank's) instead of `config.device`, and only rank 0 writes the adapter directory.
     """
     quantized = config.method == "qlora"
-    loaded = load_base_model(config.base_model, settings.model_cache_dir, device=config.device,
-                             quantization="nf4" if quantized else "none")
+    loaded = load_base_model(config.base_model, settings.model_cache_dir, device=device or config.device,
+                             quantization="nf4" if quantized else "none", quant_storage=quant_storage)
     folder = checkpoint_dir(config, key, settings)
     torch.manual_seed(config.training.seed)  # LoRA A matrices and heads are initialised from the global RNG
     base_adapter = None
     if config.method == "turbo":
         model, base_adapter = _frozen_model(loaded.model, config, settings)
+        if not dist.is_main:
+            dist.barrier()  # rank 0 generates the distilled rows once; the others read its cache
         train_rows, val_rows = (distilled_rows(model, loaded.tokenizer, prepared, split, folder, config.turbo, limit)
                                 for split, limit in (("train", config.turbo.distill_examples),
                                                      ("validation", config.training.eval_examples)))
+        if dist.is_main:
+            dist.barrier()
     else:
         model = apply_lora(loaded.model, config.lora, quantized=quantized)
         columns = ["input_ids", "labels"]
@@ -129,7 +142,7 @@ def train_from_config(
 
     result = train_adapter(model, train_rows, val_rows, config.training, checkpoint_dir=folder,
                            pad_token_id=loaded.tokenizer.pad_token_id, callbacks=callbacks, progress=progress,
-                           heads=heads, turbo=config.turbo, train_lm=config.method != "turbo")
+                           heads=heads, turbo=config.turbo, train_lm=config.method != "turbo", dist=dist)
 
     state = result.state
     manifest = AdapterManifest(
@@ -146,7 +159,9 @@ def train_from_config(
         lorafleet_version=__version__,
     )
     lora_model = model if (config.method != "turbo" or base_adapter) else None
-    adapter_dir = save_adapter(lora_model, settings.adapters_dir / config.name / key, manifest, heads=heads)
+    adapter_dir = settings.adapters_dir / config.name / key
+    if dist.is_main:
+        adapter_dir = save_adapter(lora_model, adapter_dir, manifest, heads=heads)
     return TrainedAdapter(
         adapter_dir=adapter_dir, steps=state.step, total_steps=result.total_steps,
         best_val_loss=state.best_val_loss, best_step=state.best_step, stopped_early=state.stopped_early,

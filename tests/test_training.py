@@ -172,3 +172,24 @@ def test_qlora_trains_on_a_4bit_base(model_cache, tmp_path):
     assert result.state.step == 4
     changed = [n for n, t in lora_weights(model).items() if not torch.equal(t, before[n])]
     assert any("lora_B" in n for n in changed)
+
+
+def test_shards_of_a_batch_are_disjoint_cover_it_and_balance_lengths():
+    from lorafleet.models.batching import shard
+
+    batch = list(range(10, 21))  # 11 rows sorted by length, as a length-grouped batch is
+    parts = [shard(batch, rank, 3) for rank in range(3)]
+    assert sorted(i for part in parts for i in part) == batch
+    assert [len(part) for part in parts] == [4, 4, 3]
+    assert parts[0] == [10, 13, 16, 19]  # strided: every rank gets short and long rows
+    assert shard(batch, 0, 1) == batch
+    with pytest.raises(ValueError, match="rank 2 is outside a world of 2"):
+        shard(batch, 2, 2)
+
+
+def test_global_target_count_matches_the_collated_batch(tiny_tokenizer):
+    from lorafleet.models.batching import count_targets
+
+    rows = make_rows(tiny_tokenizer, 5, seed=3)
+    batch = collate(rows, tiny_tokenizer.pad_token_id)
+    assert count_targets(rows) == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
