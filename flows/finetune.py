@@ -7,6 +7,11 @@ version, each training step logged once.
 
 One finetune per adapter name at a time (`tasks/locks.py`): a second one fails at once naming the
 first, instead of sharing its MLflow run, checkpoint folder and registered version.
+
+Many adapters share few devices (`tasks/device_slots.py`): after its name lock, a finetune holds one
+slot of the Prefect global concurrency limit (`gpu`) and claims one of this machine's devices, which
+becomes its `device` when the config says `auto`. The slot is taken here, where the training runs, so
+every way of starting a finetune (the CLI, a retrain, a deployment on any worker) is bounded by it.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from prefect import flow, get_run_logger
 
 from lorafleet.config import FinetuneConfig, load_config, parse_config
 from lorafleet.settings import Settings
-from lorafleet.tasks import locks, steps, tracking
+from lorafleet.tasks import device_slots, locks, steps, tracking
+from lorafleet.tasks.device_slots import SlotSettings
 from lorafleet.tasks.train import training_key
 
 
@@ -37,18 +43,25 @@ def finetune(config: str | dict[str, Any], promote: bool = True) -> dict[str, An
     Returns a summary: run id, registered version, gate decision, headline metrics.
     """
     settings = Settings.from_env().ensure()
+    slots = SlotSettings.from_env()
     spec = _config_from(config)
     if not promote:
         spec = spec.model_copy(update={"promotion": spec.promotion.model_copy(update={"auto_promote": False})})
-    return run_finetune(spec, settings)
+    return run_finetune(spec, settings, slots)
 
 
-def run_finetune(spec: FinetuneConfig, settings: Settings) -> dict[str, Any]:
+def run_finetune(spec: FinetuneConfig, settings: Settings, slots: SlotSettings) -> dict[str, Any]:
     """The flow body, callable from other flows (retrain) with already-validated config and settings.
 
-    Raises `locks.AlreadyRunning` when another process is fine-tuning the same name in this home.
+    Raises `locks.AlreadyRunning` when another process is fine-tuning the same name in this home. Waits
+    for a slot of the global concurrency limit, then trains on the device claimed in it.
     """
-    with locks.finetune_lock(settings.home, spec.name):
+    logger = get_run_logger()
+    with locks.finetune_lock(settings.home, spec.name), \
+            device_slots.device_slot(slots, spec.device, logger) as device:
+        if device != spec.device:
+            logger.info("%s: training on %s", spec.name, device)
+            spec = spec.model_copy(update={"device": device})
         return _run_locked(spec, settings)
 
 

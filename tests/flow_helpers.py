@@ -75,3 +75,92 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model_cache: Path) -> 
     mlflow.set_tracking_uri(None)
     mlflow.set_registry_uri(None)
     assert not (tmp_path / "mlruns").exists(), "MLflow fell back to ./mlruns"
+
+
+# ----- a real `prefect server start` (tests/test_parallel_finetune.py) ------------------------------
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (the server binds it a moment later)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def prefect_env(api_url: str, prefect_home: Path, **extra: str) -> dict[str, str]:
+    """The environment of a process that talks to one private Prefect server (CLI, worker, deploy)."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API_", "MLFLOW_"))}
+    env.update(PREFECT_HOME=str(prefect_home), PREFECT_API_URL=api_url,
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_SERVER_UI_ENABLED="false",
+               PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def stop_process_group(process: Any, grace_s: float = 20) -> None:
+    """SIGTERM the whole group (a server or worker starts children), then SIGKILL what is left."""
+    import os
+    import signal
+    import subprocess
+
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait)
+            # children may outlive the leader: one more signal to the group reaps them
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real `prefect server start` on a free port with a private PREFECT_HOME (SQLite inside it).
+
+    Yields `(api_url, prefect_home)`. The scheduler service is off: tests create their runs explicitly,
+    and prefect.yaml's cron schedules must not start a real nightly retrain in the middle of a test.
+    """
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    root = tmp_path_factory.mktemp("prefect-server")
+    prefect_home = root / "prefect-home"
+    port = free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    log_path = root / "server.log"
+    prefect_cli = Path(sys.executable).with_name("prefect")
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [str(prefect_cli), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui",
+             "--no-scheduler", "--no-late-runs", "--analytics-off"],
+            env=prefect_env(api_url, prefect_home), stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True, cwd=root)
+    try:
+        deadline = time.monotonic() + 300  # the first start migrates the database; this machine is busy
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"prefect server exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{api_url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"prefect server not healthy after 300 s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(1)
+        yield api_url, prefect_home
+    finally:
+        stop_process_group(process)
