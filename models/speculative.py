@@ -132,7 +132,11 @@ def _nucleus(probs: torch.Tensor, top_p: torch.Tensor | Scalar) -> torch.Tensor:
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # (..., V) mass of strictly likelier tokens
     if isinstance(top_p, torch.Tensor):
         top_p = top_p.to(device=probs.device, dtype=probs.dtype).expand(probs.shape[:-1]).unsqueeze(-1)
-    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+    outside = mass_before >= top_p
+    # The most likely token is always kept, structurally: a top_p too small for the dtype (1e-300 is 0.0
+    # in fp32) would otherwise zero every token and turn the row into NaN.
+    outside[..., 0] = False
+    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
     kept = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)  # (..., V)
     return kept / kept.sum(dim=-1, keepdim=True)
 

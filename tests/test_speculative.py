@@ -102,6 +102,17 @@ def test_top_p_never_samples_outside_the_nucleus():
     assert (tiny == 0).all()
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("top_p", [1e-300, 5e-324, 1e-45], ids=["1e-300", "denormal-min", "fp32-denormal"])
+def test_a_top_p_below_the_dtypes_resolution_keeps_the_most_likely_token(top_p, dtype):
+    """Found by the HTTP property test: `top_p: 1e-300` is a valid (0, 1] number but 0.0 in fp32, which
+    zeroed every token and made the row NaN (a 500). Scalar and per-row tensor forms, every logits dtype."""
+    logits = torch.tensor([0.1, 2.0, 0.3, -1.0]).to(dtype).expand(8, -1)  # (N, 4): token 1 most likely
+    for p in (top_p, torch.full((8,), top_p, dtype=torch.float64)):
+        draws = sample_tokens(logits, temperature=1.0, top_p=p, generator=torch.Generator().manual_seed(0))
+        assert (draws == 1).all()
+
 TARGET_0 = torch.tensor([1.0, 2.0, 0.5, -1.0, 1.5, 0.0])  # distribution of the first emitted token
 TARGET_1 = torch.tensor([0.0, -0.5, 2.0, 1.0, 0.3, 0.8])  # after draft d_1: distribution of the second
 
