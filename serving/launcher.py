@@ -64,17 +64,7 @@ class ServerHandle:
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM the process group (BentoML stops its workers), SIGKILL after `timeout`, then kill
         whatever of the server's process tree is still alive: workers live in sessions of their own."""
-        tree = process_tree(self.process.pid)
-        if self.running():
-            _signal_group(self.process, signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                _signal_group(self.process, signal.SIGKILL)
-                self.process.wait(KILL_REAP_S)
-        if _group_alive(self.process):
-            _signal_group(self.process, signal.SIGKILL)
-        kill_survivors(tree)
+        stop_process_group(self.process, grace=timeout)
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -227,6 +217,23 @@ def serve_foreground(
             kill_survivors(tree, grace=5.0)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def stop_process_group(process: subprocess.Popen, first: int = signal.SIGTERM, grace: float = 20.0) -> None:
+    """Stop a process started with `start_new_session=True` and everything it started: `first` to its
+    group (the graceful signal of that program), SIGKILL to the group after `grace` seconds, then SIGKILL
+    to whatever of its process tree is left (children in sessions of their own, as BentoML's workers)."""
+    tree = process_tree(process.pid)
+    if process.poll() is None:
+        _signal_group(process, first)
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            _signal_group(process, signal.SIGKILL)
+            process.wait(KILL_REAP_S)
+    if _group_alive(process):
+        _signal_group(process, signal.SIGKILL)
+    kill_survivors(tree)
 
 
 def process_tree(pid: int) -> list[psutil.Process]:

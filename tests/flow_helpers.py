@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +67,20 @@ def prefect_api():
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model_cache: Path) -> Settings:
     """Flows read settings from the environment (they are entry points): point it at tmp_path."""
-    monkeypatch.setenv("LORAFLEET_HOME", str(tmp_path / "home"))
+    yield from private_home(tmp_path, monkeypatch, model_cache)
+
+
+def private_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model_cache: Path, *, folder: str = "home",
+                 tracking_uri: str | None = None) -> Iterator[Settings]:
+    """The body of a home fixture: `LORAFLEET_HOME` = tmp_path/folder, the shared model cache, and MLflow at
+    `tracking_uri` (None: the home's own SQLite store); afterwards MLflow's globals are reset and nothing may
+    have fallen back to ./mlruns."""
+    monkeypatch.setenv("LORAFLEET_HOME", str(tmp_path / folder))
     monkeypatch.setenv("LORAFLEET_MODEL_CACHE", str(model_cache))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    if tracking_uri is None:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     monkeypatch.chdir(tmp_path)
     yield Settings.from_env()
@@ -102,25 +114,9 @@ def prefect_env(api_url: str, prefect_home: Path, **extra: str) -> dict[str, str
 
 def stop_process_group(process: Any, grace_s: float = 20) -> None:
     """SIGTERM the whole group (a server or worker starts children), then SIGKILL what is left."""
-    import os
-    import signal
-    import subprocess
+    from lorafleet.serving.launcher import stop_process_group as stop
 
-    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=wait)
-            # children may outlive the leader: one more signal to the group reaps them
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    stop(process, grace=grace_s)
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import pytest
 
+from lorafleet.serving.launcher import stop_process_group
+
 PG_USER = "postgres"  # the cluster's superuser, and the OS user it runs as when we are root
 MLFLOW_DATABASE = "mlflow"
 # Readiness waits, not timing checks: on a loaded 2-core machine the first MLflow start on an empty
@@ -70,29 +72,10 @@ def _tail(path: Path, lines: int = 40) -> str:
         return "(no log)"
 
 
-def _group_alive(pid: int) -> bool:
-    try:
-        os.killpg(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def stop_group(process: subprocess.Popen, first: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT_S) -> None:
-    """Signal a process group started with `start_new_session=True` and wait until all of it is gone;
-    SIGKILL whatever is left after `timeout` (children that outlive their leader included)."""
-    for sig in (first, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            break
-        deadline = time.monotonic() + timeout
-        while _group_alive(process.pid) and time.monotonic() < deadline:
-            process.poll()  # reap the leader, or its zombie keeps the group alive
-            time.sleep(0.1)
-        if not _group_alive(process.pid):
-            break
-    process.poll()
+    """Signal a process group started with `start_new_session=True` with `first` and wait until all of it
+    is gone; SIGKILL whatever is left after `timeout` (children that outlive their leader included)."""
+    stop_process_group(process, first, grace=timeout)
 
 
 @dataclass

@@ -20,6 +20,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorafleet.serving.launcher import stop_process_group
+
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "deploy" / "nginx" / "lorafleet.conf"
 NGINX_CANDIDATES = ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/bin/nginx")
@@ -143,18 +145,5 @@ def _accepts(port: int) -> bool:
 
 
 def _stop(process: subprocess.Popen) -> None:
-    """SIGQUIT (graceful), then SIGKILL to the group: the master started the worker in its own group."""
-    for sig, wait in ((signal.SIGQUIT, 10), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            process.wait(wait)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    try:
-        os.killpg(process.pid, signal.SIGKILL)  # a worker that outlived its master
-    except ProcessLookupError:
-        pass
+    """SIGQUIT (nginx's graceful stop), then SIGKILL to the group and to a worker that outlived its master."""
+    stop_process_group(process, signal.SIGQUIT, grace=10)

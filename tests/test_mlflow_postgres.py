@@ -27,7 +27,7 @@ from lorafleet.flows.cli import app
 from lorafleet.settings import Settings
 from lorafleet.tasks import registry, tracking
 
-from flow_helpers import copy_task_config, write_copy_task
+from flow_helpers import copy_task_config, private_home, write_copy_task
 from serving_helpers import make_adapter
 
 pytestmark = pytest.mark.usefixtures("prefect_api")  # flows run against one temporary Prefect API
@@ -58,15 +58,7 @@ def remote_env(home: Path, model_cache: Path, server, **extra: str) -> dict[str,
 def remote_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model_cache: Path,
                 mlflow_server) -> Settings:
     """This process as a trainer: a private home, MLFLOW_TRACKING_URI = the server."""
-    monkeypatch.setenv("LORAFLEET_HOME", str(tmp_path / "trainer"))
-    monkeypatch.setenv("LORAFLEET_MODEL_CACHE", str(model_cache))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
-    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
-    monkeypatch.chdir(tmp_path)
-    yield Settings.from_env()
-    mlflow.set_tracking_uri(None)
-    mlflow.set_registry_uri(None)
-    assert not (tmp_path / "mlruns").exists(), "MLflow fell back to ./mlruns"
+    yield from private_home(tmp_path, monkeypatch, model_cache, folder="trainer", tracking_uri=mlflow_server.url)
 
 
 def aliases(client: MlflowClient, name: str) -> dict[str, str]:

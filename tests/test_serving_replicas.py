@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -32,7 +31,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from lorafleet.serving.launcher import free_port, kill_survivors, process_tree
+from lorafleet.serving.launcher import free_port, stop_process_group
 from lorafleet.serving.settings import ServiceSettings
 from lorafleet.settings import Settings
 
@@ -68,18 +67,7 @@ class Replica:
 def _stop(process: subprocess.Popen) -> None:
     """`lorafleet serve` leads its own process group (the CLI, `bentoml serve`); BentoML's workers live in
     sessions of their own, so whatever of the process tree survives the group's signals is killed last."""
-    tree = process_tree(process.pid)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            process.wait(20)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    kill_survivors(tree, grace=5.0)
+    stop_process_group(process)
 
 
 @pytest.fixture(scope="module")
