@@ -23,8 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Self
 
-import psutil
-
+from lorafleet.processes import kill_survivors, process_tree, stop_process_group
 from lorafleet.settings import Settings
 
 # Named for the subprocess, never imported here (only `bentoml serve` loads the service module).
@@ -36,8 +35,6 @@ DEFAULT_HOST = "127.0.0.1"
 # How the service learns the address it listens on (a `ServiceSettings` field): it decides whether admin is
 # on without a key and which Host headers are answered (serving/api/auth.py). Set from `host`, never from `env`.
 BIND_HOST_ENV = "LORAFLEET_SERVE_BIND_HOST"
-# How long a SIGKILLed process may take to be reaped (the kernel frees its memory first).
-KILL_REAP_S = 30.0
 
 
 class ServerStartError(RuntimeError):
@@ -217,58 +214,3 @@ def serve_foreground(
             kill_survivors(tree, grace=5.0)
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def stop_process_group(process: subprocess.Popen, first: int = signal.SIGTERM, grace: float = 20.0) -> None:
-    """Stop a process started with `start_new_session=True` and everything it started: `first` to its
-    group (the graceful signal of that program), SIGKILL to the group after `grace` seconds, then SIGKILL
-    to whatever of its process tree is left (children in sessions of their own, as BentoML's workers)."""
-    tree = process_tree(process.pid)
-    if process.poll() is None:
-        _signal_group(process, first)
-        try:
-            process.wait(grace)
-        except subprocess.TimeoutExpired:
-            _signal_group(process, signal.SIGKILL)
-            process.wait(KILL_REAP_S)
-    if _group_alive(process):
-        _signal_group(process, signal.SIGKILL)
-    kill_survivors(tree)
-
-
-def process_tree(pid: int) -> list[psutil.Process]:
-    """`pid` and every descendant alive now (workers included, whatever their session)."""
-    try:
-        root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
-def kill_survivors(tree: list[psutil.Process], grace: float = 0.0) -> None:
-    """Give the processes of `tree` up to `grace` seconds to exit, then SIGKILL the rest and reap them.
-
-    psutil remembers each process's start time, so a pid reused by an unrelated process is never signalled."""
-    _, alive = psutil.wait_procs(tree, timeout=grace) if grace > 0 else ([], tree)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=KILL_REAP_S)
-
-
-def _signal_group(process: subprocess.Popen, sig: int) -> None:
-    """`start_new_session=True` made the server its own group leader: its pid is the group id."""
-    try:
-        os.killpg(process.pid, sig)
-    except ProcessLookupError:
-        pass  # already gone
-
-
-def _group_alive(process: subprocess.Popen) -> bool:
-    try:
-        os.killpg(process.pid, 0)
-    except ProcessLookupError:
-        return False
-    return True

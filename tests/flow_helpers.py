@@ -114,7 +114,7 @@ def prefect_env(api_url: str, prefect_home: Path, **extra: str) -> dict[str, str
 
 def stop_process_group(process: Any, grace_s: float = 20) -> None:
     """SIGTERM the whole group (a server or worker starts children), then SIGKILL what is left."""
-    from lorafleet.serving.launcher import stop_process_group as stop
+    from lorafleet.processes import stop_process_group as stop
 
     stop(process, grace=grace_s)
 

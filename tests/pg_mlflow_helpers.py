@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from lorafleet.serving.launcher import stop_process_group
+from lorafleet.processes import stop_process_group
 
 PG_USER = "postgres"  # the cluster's superuser, and the OS user it runs as when we are root
 MLFLOW_DATABASE = "mlflow"

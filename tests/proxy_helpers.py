@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorafleet.serving.launcher import stop_process_group
+from lorafleet.processes import stop_process_group
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "deploy" / "nginx" / "lorafleet.conf"

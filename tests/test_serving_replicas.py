@@ -31,7 +31,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from lorafleet.serving.launcher import free_port, stop_process_group
+from lorafleet.processes import stop_process_group
+from lorafleet.serving.launcher import free_port
 from lorafleet.serving.settings import ServiceSettings
 from lorafleet.settings import Settings
 
