@@ -57,15 +57,18 @@ def run_finetune(spec: FinetuneConfig, settings: Settings, slots: SlotSettings) 
     for a slot of the global concurrency limit, then trains on the device claimed in it.
     """
     logger = get_run_logger()
+    distributed = spec.training.distributed
+    processes = distributed.num_processes if distributed.enabled else 1
     with locks.finetune_lock(settings.home, spec.name), \
-            device_slots.device_slot(slots, spec.device, logger) as device:
+            device_slots.device_slot(slots, spec.device, logger, count=processes) as devices:
+        device = devices[0] if len(devices) == 1 else "cuda"
         if device != spec.device:
-            logger.info("%s: training on %s", spec.name, device)
+            logger.info("%s: training on %s", spec.name, ", ".join(devices))
             spec = spec.model_copy(update={"device": device})
-        return _run_locked(spec, settings)
+        return _run_locked(spec, settings, devices)
 
 
-def _run_locked(spec: FinetuneConfig, settings: Settings) -> dict[str, Any]:
+def _run_locked(spec: FinetuneConfig, settings: Settings, devices: tuple[str, ...] = ()) -> dict[str, Any]:
     logger = get_run_logger()
     prepared = steps.prepare_data(spec, settings)
     if not prepared.path.exists():  # the Prefect cache points at a folder someone deleted
@@ -74,7 +77,7 @@ def _run_locked(spec: FinetuneConfig, settings: Settings) -> dict[str, Any]:
     run_id = steps.start_tracking(spec, settings, prepared, key)
     client = tracking.mlflow_client(settings)
     try:
-        trained = steps.train(spec, prepared, settings, key, run_id)
+        trained = steps.train(spec, prepared, settings, key, run_id, devices)
         outcome = steps.evaluate(spec, prepared, trained, settings, run_id)
         version = steps.register(spec, prepared, trained, outcome, settings, run_id)
         gated = steps.gate(spec, prepared, version, outcome, settings, run_id)

@@ -7,8 +7,11 @@ Layout under a run's checkpoint folder:
 
 Each entry is written atomically, so the newest complete checkpoint is always loadable. Progress is
 counted globally (optimizer steps, batch index in the epoch's global order, samples seen), so a
-checkpoint written by N data-parallel ranks resumes on M; only rank 0 writes. Optimizer
-and RNG state are our own files (never an adapter) and are read with `weights_only=True`.
+checkpoint written by N data-parallel ranks resumes on M; only rank 0 writes. Tensors are always
+stored whole: with sharded parameters (FSDP, `sharding.py`) every rank calls the save functions,
+which gather the shards together, and loading slices each rank's shard back out, so the files are
+the same whatever the world size or strategy that wrote them. Optimizer and RNG state are our own
+files (never an adapter) and are read with `weights_only=True`.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .cache import atomic_directory, atomic_write_text
+from .sharding import full_tensor, is_sharded, like_parameter
 
 DONE_MARKER = "DONE"
 
@@ -57,7 +61,9 @@ class TrainerState:
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    """Every trainable tensor, whole and on the CPU (gathered from the shards when sharded)."""
+    return {name: full_tensor(p.detach()).cpu().contiguous()
+            for name, p in model.named_parameters() if p.requires_grad}
 
 
 def load_trainable_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
@@ -67,15 +73,40 @@ def load_trainable_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor
         raise ValueError(f"checkpoint lacks trainable parameters {missing[:3]}… (different model or config)")
     with torch.no_grad():
         for name, tensor in tensors.items():
-            params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+            params[name].copy_(like_parameter(params[name], tensor.to(params[name].dtype)))
+
+
+def optimizer_state(optimizer: Any) -> dict[str, Any]:
+    """`optimizer.state_dict()` with every per-parameter tensor whole (the layout one process writes)."""
+    saved = optimizer.state_dict()
+    state = {index: {key: full_tensor(value) if isinstance(value, torch.Tensor) else value
+                     for key, value in saved["state"][index].items()}
+             for index in sorted(saved["state"])}
+    return {**saved, "state": state}
+
+
+def load_optimizer_state(optimizer: Any, saved: dict[str, Any]) -> None:
+    """Load what `optimizer_state` wrote, slicing per-parameter tensors into this rank's shards."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, values in saved["state"].items():
+        param = params[index]
+        if is_sharded(param):
+            for key, value in values.items():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                    values[key] = like_parameter(param, value)
+    optimizer.load_state_dict(saved)
 
 
 def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any,
-                    state: TrainerState, *, keep: int) -> Path:
+                    state: TrainerState, *, keep: int, write: bool = True) -> Path:
+    """Write `step-N/` (only where `write`; with sharded parameters every rank must call this)."""
     target = Path(folder) / f"step-{state.step:08d}"
+    tensors, optimizer_tensors = trainable_state(model), optimizer_state(optimizer)
+    if not write:
+        return target
     with atomic_directory(target, overwrite=True) as staging:
-        save_file(trainable_state(model), str(staging / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        save_file(tensors, str(staging / "trainable.safetensors"))
+        torch.save(optimizer_tensors, staging / "optimizer.pt")
         torch.save(scheduler.state_dict(), staging / "scheduler.pt")
         torch.save({"torch": torch.get_rng_state()}, staging / "rng.pt")
         (staging / "state.json").write_text(state.to_json())
@@ -98,15 +129,19 @@ def restore_latest(folder: Path, model: torch.nn.Module, optimizer: Any, schedul
         return None
     latest = found[-1]
     load_trainable_state(model, load_file(str(latest / "trainable.safetensors")))
-    optimizer.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
+    load_optimizer_state(optimizer, torch.load(latest / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(latest / "scheduler.pt", weights_only=True))
     torch.set_rng_state(torch.load(latest / "rng.pt", weights_only=True)["torch"])
     return TrainerState.from_json((latest / "state.json").read_text())
 
 
-def save_best(folder: Path, model: torch.nn.Module, state: TrainerState) -> None:
+def save_best(folder: Path, model: torch.nn.Module, state: TrainerState, *, write: bool = True) -> None:
+    """Write `best/` (only where `write`; with sharded parameters every rank must call this)."""
+    tensors = trainable_state(model)
+    if not write:
+        return
     with atomic_directory(Path(folder) / "best", overwrite=True) as staging:
-        save_file(trainable_state(model), str(staging / "trainable.safetensors"))
+        save_file(tensors, str(staging / "trainable.safetensors"))
         (staging / "state.json").write_text(state.to_json())
 
 

@@ -9,7 +9,9 @@ Data-parallel training takes a `DistributedContext` (rank, world size, two colle
 launcher plumbing in `tasks/`: every rank walks the same global batch order, trains on its slice of
 each batch (`batching.shard`), and gradients are summed across ranks before the optimizer step, so N
 processes compute the updates one process would (up to fp32 summation order). Only rank 0 writes
-checkpoints and calls the callbacks.
+checkpoints and calls the callbacks. With `strategy: fsdp` the context also shards the model's decoder
+layers (`sharding.py`): FSDP then sums the gradients of the sharded parameters itself, and every rank
+runs the same number of forward passes, since each one all-gathers the layers together.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from tqdm.auto import tqdm
@@ -34,10 +36,14 @@ from .checkpoints import (
     restore_latest,
     save_best,
     save_checkpoint,
+    trainable_state,
 )
 from .loss import CompletionObjective, TurboObjective, summarize
+from .sharding import full_tensor, is_sharded
 from .training_settings import TrainingSettings
 from .turbo_settings import TurboSettings
+
+T = TypeVar("T")
 
 
 class TrainingCallback(Protocol):
@@ -58,8 +64,8 @@ def _sum_alone(values: dict[str, float]) -> dict[str, float]:
 class DistributedContext:
     """This process's place among data-parallel ranks and the collectives the loop needs.
 
-    The loop never imports `torch.distributed`: whoever launched the ranks (Accelerate, torchrun)
-    passes these functions in. The default is one process, for which every collective is a no-op.
+    The loop never opens a process group: whoever launched the ranks (Accelerate, torchrun) passes
+    these functions in. The default is one process, for which every collective is a no-op.
     """
 
     rank: int = 0
@@ -67,10 +73,27 @@ class DistributedContext:
     all_reduce_sum: Callable[[torch.Tensor], None] = field(default=_no_collective)  # in place, every rank
     sum_across_ranks: Callable[[dict[str, float]], dict[str, float]] = field(default=_sum_alone)
     barrier: Callable[[], None] = field(default=_no_collective)
+    # FSDP: shards the model's weights across the ranks, in place, before the optimizer is built
+    shard_model: Callable[[torch.nn.Module], Any] | None = None
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        return self.shard_model is not None
+
+    def local_part(self, rows: Sequence[T]) -> tuple[list[T], bool]:
+        """This rank's slice of a global batch, and whether it counts.
+
+        With sharded weights a rank must take part in every forward pass even when its slice is
+        empty (a last batch smaller than the world): it then runs the batch's first row, not counted.
+        """
+        part = shard(rows, self.rank, self.world_size)
+        if part or not self.sharded:
+            return part, True
+        return list(rows[:1]), False
 
 
 SINGLE_PROCESS = DistributedContext()
@@ -83,6 +106,8 @@ class TrainResult:
     precision: str
     resumed_from_step: int | None = None
     already_finished: bool = False
+    # the best trainable weights, whole, when the model's own are shards (FSDP): what to save
+    full_state: dict[str, torch.Tensor] | None = None
 
     @property
     def best_val_loss(self) -> float | None:
@@ -131,12 +156,16 @@ def validation_metrics(objective: Any, module: torch.nn.Module, rows: Sequence[d
     device = next(module.parameters()).device
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
     sums: dict[str, float] = {}
-    chunks = shard([order[i:i + batch_size] for i in range(0, len(order), batch_size)], dist.rank, dist.world_size)
-    for chunk in tqdm(chunks, desc="validation", leave=False, disable=not progress):
+    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    # each rank scores every world_size-th chunk; with sharded weights they all run as many passes
+    passes = math.ceil(len(chunks) / dist.world_size) if dist.sharded else 0
+    mine = [(chunk, True) for chunk in shard(chunks, dist.rank, dist.world_size)]
+    mine += [(chunks[0], False)] * (passes - len(mine))
+    for chunk, counted in tqdm(mine, desc="validation", leave=False, disable=not progress):
         batch = {k: v.to(device) for k, v in collate([rows[i] for i in chunk], pad_token_id).items()}
         with autocast(precision, device):
             out = objective(batch)
-        for key, value in out.sums.items():
+        for key, value in out.sums.items() if counted else ():
             sums[key] = sums.get(key, 0.0) + value
     module.train(was_training)
     return summarize(dist.sum_across_ranks(sums))
@@ -190,6 +219,8 @@ def train_adapter(
         return TrainResult(done, total_steps, precision, already_finished=True)
 
     torch.manual_seed(settings.seed)
+    if dist.shard_model is not None:
+        dist.shard_model(model)
     objective, trainable, groups = _training_setup(model, heads, turbo, settings, train_lm)
     optimizer = torch.optim.AdamW(groups, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     schedule = "constant_with_warmup" if settings.lr_schedule == "constant" else settings.lr_schedule
@@ -228,9 +259,9 @@ def train_adapter(
             if state.step % settings.eval_every == 0 or state.step == total_steps:
                 _validate(objective, trainable, val_subset, settings, state, checkpoint_dir, pad_token_id, precision,
                           callbacks, dist)
-            if state.step % settings.checkpoint_every == 0 and state.step < total_steps and dist.is_main:
+            if state.step % settings.checkpoint_every == 0 and state.step < total_steps:
                 save_checkpoint(checkpoint_dir, trainable, optimizer, scheduler, state,
-                                keep=settings.keep_checkpoints)
+                                keep=settings.keep_checkpoints, write=dist.is_main)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['train/loss']:.3f}",
                             val=f"{state.best_val_loss:.3f}" if state.best_val_loss is not None else "-")
@@ -240,10 +271,11 @@ def train_adapter(
     bar.close()
     dist.barrier()  # rank 0's last `best/` is on disk before anyone reads it
     restore_best(checkpoint_dir, trainable)
+    full_state = trainable_state(trainable) if dist.sharded else None  # gathered by every rank together
     if dist.is_main:
         mark_done(checkpoint_dir, state)
     dist.barrier()
-    return TrainResult(state, total_steps, precision, resumed_from_step=resumed_from)
+    return TrainResult(state, total_steps, precision, resumed_from_step=resumed_from, full_state=full_state)
 
 
 def _trainable_module(model: Any, heads: torch.nn.Module | None) -> torch.nn.Module:
@@ -271,27 +303,28 @@ def _optimizer_step(objective: Any, trainable: torch.nn.Module, micro_batches: l
     """One optimizer step over `grad_accum` global micro-batches, weighting each by its target tokens.
 
     Each rank backpropagates its slice weighted by the *global* target count, so the sum of the ranks'
-    gradients is the one-process gradient; summing them (`all_reduce_sum`) before clipping keeps the
-    clip norm and the optimizer step identical on every rank.
+    gradients is the one-process gradient; summing them (`all_reduce_sum`, or FSDP's reduce-scatter for
+    sharded parameters) before clipping keeps the clip norm and the optimizer step identical on every rank.
     """
     started = time.perf_counter()
     n_targets = sum(count_targets(rows) for rows in micro_batches)
     n_tokens = sum(len(row["input_ids"]) for rows in micro_batches for row in rows)
-    local = [part for rows in micro_batches if (part := shard(rows, dist.rank, dist.world_size))]
-    batches = [collate(rows, pad_token_id) for rows in local]
     sums: dict[str, float] = {}
-    for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
+    for rows, counted in map(dist.local_part, micro_batches):
+        if not rows:
+            continue
+        batch = {k: v.to(device) for k, v in collate(rows, pad_token_id).items()}
         with autocast(precision, device):
             out = objective(batch)
-        (out.loss * (out.n_targets / max(n_targets, 1))).backward()
-        for key, value in out.sums.items():
+        weight = out.n_targets / max(n_targets, 1) if counted else 0.0
+        (out.loss * weight).backward()
+        for key, value in out.sums.items() if counted else ():
             sums[key] = sums.get(key, 0.0) + value
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if dist.world_size > 1:
-        _sum_gradients(params, dist)
+        _sum_gradients([p for p in params if not is_sharded(p)], dist)
         sums = dist.sum_across_ranks(sums)
-    grad_norm = (torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+    grad_norm = (full_tensor(torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm))
                  if settings.max_grad_norm else torch.tensor(0.0))
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
@@ -336,8 +369,7 @@ def _validate(objective: Any, trainable: torch.nn.Module, rows: list[dict], sett
     if improved:
         state.best_val_loss, state.best_step = loss, state.step
         state.evals_without_improvement = 0
-        if dist.is_main:
-            save_best(checkpoint_dir, trainable, state)
+        save_best(checkpoint_dir, trainable, state, write=dist.is_main)
     else:
         state.evals_without_improvement += 1
         patience = settings.early_stopping_patience

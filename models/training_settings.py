@@ -9,13 +9,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Launcher = Literal["none", "accelerate", "torchrun"]
 # Methods whose FSDP setup PEFT documents (LoRA, and QLoRA with `bnb_4bit_quant_storage` = compute dtype);
-# Turbo heads are a second module outside the PEFT model, which FSDP's wrap policy knows nothing about.
+# Turbo heads are a second module outside the decoder layers that `models/sharding.py` shards.
 FSDP_METHODS = ("lora", "qlora")
 
 
 class DistributedSettings(BaseModel):
     """`training.distributed`: data-parallel training on `num_processes` processes, started by an existing
-    launcher (`accelerate launch` or `torchrun`); lorafleet only splits each batch and all-reduces gradients.
+    launcher (`accelerate launch` or `torchrun`); lorafleet only splits each batch and all-reduces gradients
+    (`ddp`), or hands the decoder layers to PyTorch's FSDP (`fsdp`: each rank keeps 1/N of their weights).
 
     `training.batch_size` stays the *global* batch: every optimizer step sees the same rows whatever the
     world size (each rank trains on a disjoint slice), so this section changes speed, not results, and a
@@ -28,16 +29,13 @@ class DistributedSettings(BaseModel):
     launcher: Launcher = Field("none", description="none = train in the flow's own process (the default)")
     num_processes: int = Field(1, ge=1, description="processes on this machine (one per GPU on CUDA)")
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto = nccl on CUDA, gloo on CPU")
-    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="fsdp: sharded weights, CUDA + lora/qlora only")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="fsdp: decoder layers sharded (FSDP2), lora/qlora only")
 
     @model_validator(mode="after")
     def _consistent(self) -> DistributedSettings:
         if self.launcher == "none" and (self.num_processes != 1 or self.strategy != "ddp"):
             raise ValueError("num_processes > 1 and strategy 'fsdp' need a launcher: set "
                              "training.distributed.launcher to 'accelerate' or 'torchrun'")
-        if self.strategy == "fsdp" and self.backend == "gloo":
-            raise ValueError("strategy 'fsdp' needs CUDA and its nccl backend, not gloo "
-                             "(training.distributed.backend)")
         return self
 
     @property
@@ -46,12 +44,9 @@ class DistributedSettings(BaseModel):
 
     def check_fits(self, *, method: str, device: str) -> None:
         """Raise ValueError naming the field when the strategy cannot run this method on this device."""
-        if self.strategy == "fsdp":
-            if method not in FSDP_METHODS:
-                raise ValueError(f"training.distributed.strategy 'fsdp' supports method {' or '.join(FSDP_METHODS)}"
-                                 f" (PEFT's documented FSDP setups), not {method!r}: use strategy 'ddp'")
-            if not device.startswith("cuda") and device != "auto":
-                raise ValueError(f"training.distributed.strategy 'fsdp' needs CUDA, but device is {device!r}")
+        if self.strategy == "fsdp" and method not in FSDP_METHODS:
+            raise ValueError(f"training.distributed.strategy 'fsdp' supports method {' or '.join(FSDP_METHODS)}"
+                             f" (PEFT's documented FSDP setups), not {method!r}: use strategy 'ddp'")
         if self.backend == "nccl" and not device.startswith("cuda") and device != "auto":
             raise ValueError(f"training.distributed.backend 'nccl' needs CUDA, but device is {device!r}")
 

@@ -11,6 +11,10 @@ N fine-tunes share M devices in two layers, because they answer two different qu
    drops the lock when its holder dies, however it dies, so nothing stale is left to clean up. The CPU is
    shared by time-slicing and never locked: with no GPU every job gets `cpu`.
 
+A job trained on N processes (`training.distributed.num_processes`) needs N devices: it holds N slots
+and claims N devices, all or none, and its launcher sees only those (`CUDA_VISIBLE_DEVICES`). On the
+shared CPU its ranks share the one device, so it holds one slot like any other job.
+
 The global limit needs a Prefect server (`PREFECT_API_URL`). On Prefect's ephemeral API (a laptop, no
 server) it is not used: there is only one machine, whose device locks already bound the jobs, and a
 temporary API server keeps slot leases in memory, so a holder killed together with it would leave its
@@ -104,18 +108,42 @@ def detect_devices() -> tuple[str, ...]:
 
 @contextlib.contextmanager
 def device_slot(slots: SlotSettings, requested: str = AUTO,
-                log: logging.Logger | logging.LoggerAdapter = _log) -> Iterator[str]:
-    """Hold one global slot, then claim a device of this machine; yields the device to train on.
+                log: logging.Logger | logging.LoggerAdapter = _log, *, count: int = 1) -> Iterator[tuple[str, ...]]:
+    """Hold global slots, then claim devices of this machine; yields the devices to train on.
 
-    `requested` is the config's `device`: `auto` takes the first free configured device, anything else is
-    claimed as named (waiting while another job on this machine holds it).
+    `requested` is the config's `device`: `auto` takes the first free configured device(s), anything else
+    is claimed as named (waiting while another job on this machine holds it). `count` > 1 (a run on that
+    many processes) claims that many exclusive devices and holds as many slots; on the shared CPU, one of
+    each (see the module docstring). Raises SlotSettingsError, before waiting, when the machine or the
+    limit could never give that many.
     """
-    with _global_slot(slots, log), claim_device(slots, requested, log) as device:
-        yield device
+    candidates = _candidates(slots, requested, count)
+    occupy = 1 if candidates == ("cpu",) else count
+    with _global_slot(slots, log, occupy=occupy), _claim(slots, candidates, count, log) as devices:
+        yield devices
+
+
+def _candidates(slots: SlotSettings, requested: str, count: int) -> tuple[str, ...]:
+    """The devices a claim may take: the configured ones for `auto`, else the one named; for several
+    processes, this machine's exclusive devices (or the CPU when it has none)."""
+    if count < 1:
+        raise SlotSettingsError(f"a job needs at least one device, not {count}")
+    if count == 1:
+        return slots.devices if requested == AUTO else (requested,)
+    pool = slots.devices if requested in (AUTO, "cuda") else (requested,)
+    exclusive = tuple(device for device in pool if device not in SHARED_DEVICES)
+    if not exclusive and any(device in SHARED_DEVICES for device in pool):
+        return ("cpu",)
+    if len(exclusive) < count:
+        raise SlotSettingsError(f"training.distributed.num_processes is {count}, but device {requested!r} gives "
+                                f"{len(exclusive)} exclusive device(s) of LORAFLEET_DEVICES="
+                                f"{','.join(slots.devices)}: one process per device")
+    return exclusive
 
 
 @contextlib.contextmanager
-def _global_slot(slots: SlotSettings, log: logging.Logger | logging.LoggerAdapter) -> Iterator[None]:
+def _global_slot(slots: SlotSettings, log: logging.Logger | logging.LoggerAdapter, *,
+                 occupy: int = 1) -> Iterator[None]:
     if slots.limit_name is None:
         yield
         return
@@ -129,10 +157,14 @@ def _global_slot(slots: SlotSettings, log: logging.Logger | logging.LoggerAdapte
         return
 
     size = ensure_limit(slots.limit_name, slots.default_limit, log)
-    log.info(f"waiting for a slot of concurrency limit {slots.limit_name!r} ({size} at once)")
+    if occupy > size:  # Prefect would wait for ever
+        raise SlotSettingsError(f"this job needs {occupy} slots of concurrency limit {slots.limit_name!r}, which "
+                                f"has {size}: `prefect gcl update {slots.limit_name} --limit {occupy}` or fewer "
+                                "training.distributed.num_processes")
+    log.info(f"waiting for {occupy} slot(s) of concurrency limit {slots.limit_name!r} ({size} at once)")
     # strict: a limit deleted between ensure_limit and here fails loudly instead of running unbounded.
-    with concurrency(slots.limit_name, occupy=1, strict=True):
-        log.info(f"holding a slot of concurrency limit {slots.limit_name!r}")
+    with concurrency(slots.limit_name, occupy=occupy, strict=True):
+        log.info(f"holding {occupy} slot(s) of concurrency limit {slots.limit_name!r}")
         yield
 
 
@@ -164,7 +196,50 @@ def ensure_limit(name: str, size: int, log: logging.Logger | logging.LoggerAdapt
 def claim_device(slots: SlotSettings, requested: str = AUTO,
                  log: logging.Logger | logging.LoggerAdapter = _log) -> Iterator[str]:
     """Claim a device of this machine for as long as the block runs (see the module docstring)."""
-    candidates = slots.devices if requested == AUTO else (requested,)
+    with _claim(slots, _candidates(slots, requested, 1), 1, log) as devices:
+        yield devices[0]
+
+
+@contextlib.contextmanager
+def _claim(slots: SlotSettings, candidates: tuple[str, ...], count: int,
+           log: logging.Logger | logging.LoggerAdapter) -> Iterator[tuple[str, ...]]:
+    if count > 1:
+        with _claim_several(slots, candidates, count, log) as devices:
+            yield devices
+        return
+    with _claim_one(slots, candidates, log) as device:
+        yield (device,)
+
+
+@contextlib.contextmanager
+def _claim_several(slots: SlotSettings, candidates: tuple[str, ...], count: int,
+                   log: logging.Logger | logging.LoggerAdapter) -> Iterator[tuple[str, ...]]:
+    """`count` free devices of `candidates`, all held together or none (the CPU: shared, held by nobody)."""
+    if candidates == ("cpu",):
+        yield candidates
+        return
+    waited = False
+    while True:
+        with contextlib.ExitStack() as stack:
+            held: list[str] = []
+            for device in candidates:
+                if len(held) == count:
+                    break
+                if stack.enter_context(_try_claim_any(slots.lock_dir, [device])) is not None:
+                    held.append(device)
+            if len(held) == count:
+                yield tuple(held)
+                return
+        # fewer than `count` free: every lock taken above is released before waiting (no hold-and-wait)
+        if not waited:
+            log.info(f"fewer than {count} of {', '.join(candidates)} on this machine are free; waiting")
+            waited = True
+        time.sleep(_POLL_S)
+
+
+@contextlib.contextmanager
+def _claim_one(slots: SlotSettings, candidates: tuple[str, ...],
+               log: logging.Logger | logging.LoggerAdapter) -> Iterator[str]:
     if any(device in SHARED_DEVICES for device in candidates):
         # A shared device is always free; prefer an exclusive one that is free right now.
         exclusive = [device for device in candidates if device not in SHARED_DEVICES]

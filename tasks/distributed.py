@@ -10,15 +10,13 @@ written, and rerunning the same config resumes from the last checkpoint, at any 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from lorafleet.config import FinetuneConfig
 from lorafleet.models.cache import atomic_write_text
 from lorafleet.models.checkpoints import list_checkpoints
 from lorafleet.models.training_settings import DistributedSettings
+from lorafleet.processes import stop_process_group
 from lorafleet.settings import Settings
 from lorafleet.tasks.data.prepare import PreparedData
 from lorafleet.tasks.train import TrainedAdapter, checkpoint_dir
@@ -42,31 +41,10 @@ LOG_FILE = "worker.log"
 OUTPUT_TAIL_LINES = 40  # worker output quoted in the error of a failed run
 STOP_GRACE_SECONDS = 30  # after SIGTERM to the launcher's process group, before SIGKILL
 
-# PEFT's documented FSDP + QLoRA settings (docs/source/accelerate/fsdp.md, fsdp_config_qlora.yaml), minus
-# CPU offload (off by default here: it trades GPU memory for much slower steps). The 4-bit weights are
-# stored in the compute dtype (`bnb_4bit_quant_storage`, see `quant_storage_for`) so FSDP can shard
-# them like any other float tensor; `fsdp_use_orig_params: false` as PEFT's QLoRA example sets it; the
-# state dict stays sharded while training and is gathered to a full one on rank 0 to save the adapter.
-FSDP_CONFIG: dict[str, Any] = {
-    "fsdp_version": 1,
-    "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-    "fsdp_backward_prefetch": "BACKWARD_PRE",
-    "fsdp_cpu_ram_efficient_loading": True,
-    "fsdp_forward_prefetch": False,
-    "fsdp_offload_params": False,
-    "fsdp_sharding_strategy": "FULL_SHARD",
-    "fsdp_state_dict_type": "SHARDED_STATE_DICT",
-    "fsdp_sync_module_states": True,
-    "fsdp_use_orig_params": False,
-}
 
 
 class DistributedTrainingError(RuntimeError):
     """The launcher or one of its ranks failed; the message says how and quotes the output's end."""
-
-
-class FSDPNotImplemented(ValueError):
-    """`strategy: fsdp` validates and writes its accelerate config, but cannot train yet (see the message)."""
 
 
 def run_dir(config: FinetuneConfig, key: str, settings: Settings) -> Path:
@@ -86,25 +64,21 @@ def check_runnable(config: FinetuneConfig) -> None:
 
     dist = config.training.distributed
     cuda = uses_cuda(config)
-    if not cuda and (dist.strategy == "fsdp" or dist.backend == "nccl"):
-        what = "strategy 'fsdp'" if dist.strategy == "fsdp" else "backend 'nccl'"
-        raise ValueError(f"training.distributed: {what} needs CUDA, and this machine has no CUDA device")
-    if dist.strategy == "fsdp":
-        raise FSDPNotImplemented(
-            "training.distributed.strategy 'fsdp': the launch config PEFT documents is generated "
-            "(`accelerate_config`), but the training loop has no FSDP path yet (it needs a full-forward "
-            "objective, FSDP gradient clipping and sharded checkpoints): use strategy 'ddp'")
+    if not cuda and dist.backend == "nccl":
+        raise ValueError("training.distributed: backend 'nccl' needs CUDA, and this machine has no CUDA device")
     if cuda and dist.num_processes > torch.cuda.device_count():
         raise ValueError(f"training.distributed.num_processes is {dist.num_processes} but this machine has "
                          f"{torch.cuda.device_count()} CUDA devices (one process per GPU)")
 
 
-def accelerate_config(dist: DistributedSettings, *, method: str) -> dict[str, Any]:
+def accelerate_config(dist: DistributedSettings) -> dict[str, Any]:
     """The accelerate config file `accelerate launch --config_file` gets for this run.
 
-    DDP uses Accelerate's torchrun-based multi-process launcher (`MULTI_GPU`); on a CPU-only machine
-    the ranks then ask for the gloo backend themselves (`distributed_worker`), which is how Accelerate
-    runs several CPU processes without MPI. Mixed precision stays 'no': the loop autocasts itself.
+    Both strategies use Accelerate's torchrun-based multi-process launcher (`MULTI_GPU`); on a CPU-only
+    machine the ranks then ask for the gloo backend themselves (`distributed_worker`), which is how
+    Accelerate runs several CPU processes without MPI. Accelerate's own `FSDP` type would only tell
+    `Accelerator.prepare` to shard the whole model, which the worker does not call: it shards the decoder
+    layers itself (`models/sharding.py`, why there). Mixed precision stays 'no': the loop autocasts itself.
     """
     config: dict[str, Any] = {
         "compute_environment": "LOCAL_MACHINE",
@@ -120,18 +94,14 @@ def accelerate_config(dist: DistributedSettings, *, method: str) -> dict[str, An
         "same_network": True,
         "use_cpu": False,
     }
-    if dist.strategy == "fsdp":
-        if method not in ("lora", "qlora"):
-            raise ValueError(f"training.distributed.strategy 'fsdp' does not support method {method!r}")
-        config["distributed_type"] = "FSDP"
-        config["fsdp_config"] = dict(FSDP_CONFIG)
     return config
 
 
 def quant_storage_for(config: FinetuneConfig) -> str | None:
-    """FSDP + QLoRA needs the 4-bit weights packed in the compute dtype (PEFT, bitsandbytes docs)."""
+    """FSDP + QLoRA needs the 4-bit weights packed in the compute dtype (PEFT, bitsandbytes docs):
+    FSDP shards float tensors only. That dtype is bf16 on CUDA and fp32 on CPU (`models/base.py`)."""
     if config.training.distributed.strategy == "fsdp" and config.method == "qlora":
-        return "bfloat16"
+        return "bfloat16" if uses_cuda(config) else "float32"
     return None
 
 
@@ -174,24 +144,41 @@ def write_launch_files(config: FinetuneConfig, prepared: PreparedData, settings:
     atomic_write_text(folder / SPEC_FILE, json.dumps(spec, indent=1))
     if config.training.distributed.launcher == "accelerate":
         atomic_write_text(folder / ACCELERATE_CONFIG_FILE,
-                          yaml.safe_dump(accelerate_config(config.training.distributed, method=config.method),
+                          yaml.safe_dump(accelerate_config(config.training.distributed),
                                          sort_keys=False))
     return folder
 
 
+def launch_environment(devices: tuple[str, ...], environ: Mapping[str, str]) -> dict[str, str]:
+    """The launcher's environment: with CUDA devices claimed for the ranks (`cuda:2`, `cuda:5`), only
+    those are visible, so rank k's `cuda:k` is the k-th claimed device."""
+    env = {**environ, "PYTHONUNBUFFERED": "1"}
+    indices = [device.split(":", 1)[1] for device in devices if device.startswith("cuda:")]
+    if indices:
+        visible = env.get("CUDA_VISIBLE_DEVICES")
+        if visible:  # already narrowed: cuda:N is the N-th of those
+            listed = [part.strip() for part in visible.split(",")]
+            indices = [listed[int(index)] for index in indices]
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(indices)
+    return env
+
+
 def train_in_processes(config: FinetuneConfig, prepared: PreparedData, settings: Settings, *, key: str,
-                       run_id: str | None, on_line: Callable[[str], None] = print) -> TrainedAdapter:
+                       run_id: str | None, on_line: Callable[[str], None] = print,
+                       devices: tuple[str, ...] = ()) -> TrainedAdapter:
     """Run the training stage on `training.distributed.num_processes` ranks and wait for it.
 
     Every line the launcher and its ranks print goes to `on_line` and to `worker.log` in the run folder.
+    `devices` are the CUDA devices claimed for the ranks (`tasks/device_slots.py`); none: all visible.
     """
     check_runnable(config)
     dist = config.training.distributed
     folder = write_launch_files(config, prepared, settings, key=key, run_id=run_id)
     command = launch_command(dist, folder, folder / SPEC_FILE, port=free_port())
-    on_line(f"launching {dist.num_processes} training processes: {' '.join(command)}")
+    env = launch_environment(devices, os.environ)
+    on_line(f"launching {dist.num_processes} training processes"
+            f"{' on ' + ', '.join(devices) if devices else ''}: {' '.join(command)}")
     tail: deque[str] = deque(maxlen=OUTPUT_TAIL_LINES)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(folder / LOG_FILE, "w", encoding="utf-8") as log_file:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                    errors="replace", env=env, start_new_session=True)
@@ -205,7 +192,7 @@ def train_in_processes(config: FinetuneConfig, prepared: PreparedData, settings:
                 on_line(line)
             code = process.wait()
         except BaseException:
-            stop_process_group(process)
+            stop_process_group(process, grace=STOP_GRACE_SECONDS)
             raise
         finally:
             for pid_file in folder.glob("rank-*.pid"):  # only a live run's ranks are named there
@@ -220,20 +207,6 @@ def train_in_processes(config: FinetuneConfig, prepared: PreparedData, settings:
             f"{'' if code != 0 else ' but wrote no result'}; no adapter was written; {resume}. "
             f"Full output: {folder / LOG_FILE}. Last lines:\n" + "\n".join(tail))
     return trained_from_json(result.read_text(encoding="utf-8"))
-
-
-def stop_process_group(process: subprocess.Popen) -> None:
-    """SIGTERM the launcher and its ranks (their own session), SIGKILL whatever is left after a grace."""
-    if process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=STOP_GRACE_SECONDS)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
 
 
 def trained_to_json(trained: TrainedAdapter) -> str:

@@ -5,13 +5,15 @@
 
 Accelerate (`PartialState`) reads the launcher's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...) and
 opens the process group: gloo on CPU, nccl on CUDA. This module turns it into the loop's
-`DistributedContext` and runs the ordinary training stage. Rank 0 alone logs each step to MLflow
+`DistributedContext` (with `strategy: fsdp`, one that shards the decoder layers: `models/sharding.py`)
+and runs the ordinary training stage. Rank 0 alone logs each step to MLflow
 (`RunLogger`, which skips steps a run already has, so a resumed run logs each step once), prints
 progress for the parent to forward, and writes the adapter and `result.json`.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -23,6 +25,7 @@ import torch
 
 from lorafleet.config import FinetuneConfig
 from lorafleet.models.cache import atomic_write_text
+from lorafleet.models.sharding import shard_decoder_layers
 from lorafleet.models.training import DistributedContext, TrainingCallback
 from lorafleet.settings import Settings
 from lorafleet.tasks.data.prepare import PreparedData
@@ -58,10 +61,14 @@ def open_process_group(config: FinetuneConfig) -> Any:
     return PartialState(cpu=not cuda, backend=backend)
 
 
-def context_of(state: Any) -> DistributedContext:
+def context_of(state: Any, config: FinetuneConfig) -> DistributedContext:
     """The loop's collectives on top of the process group Accelerate opened."""
     if state.num_processes == 1:
         return DistributedContext()
+    shard_model = None
+    if config.training.distributed.strategy == "fsdp":
+        shard_model = functools.partial(shard_decoder_layers, world_size=state.num_processes,
+                                        device_type="cuda" if uses_cuda(config) else "cpu")
 
     def all_reduce_sum(tensor: torch.Tensor) -> None:
         torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
@@ -77,7 +84,7 @@ def context_of(state: Any) -> DistributedContext:
 
     return DistributedContext(rank=state.process_index, world_size=state.num_processes,
                               all_reduce_sum=all_reduce_sum, sum_across_ranks=sum_across_ranks,
-                              barrier=torch.distributed.barrier)
+                              barrier=torch.distributed.barrier, shard_model=shard_model)
 
 
 def settings_from(raw: dict[str, str]) -> Settings:
@@ -92,7 +99,7 @@ def run(spec_path: Path) -> None:
     prepared = PreparedData.from_dir(Path(spec["prepared_dir"]))
     run_dir = Path(spec["run_dir"])
     state = open_process_group(config)
-    dist = context_of(state)
+    dist = context_of(state, config)
     logging.basicConfig(level=logging.INFO if dist.is_main else logging.WARNING,
                         format=f"[rank {dist.rank}] %(levelname)s %(name)s: %(message)s")
     atomic_write_text(run_dir / f"rank-{dist.rank}.pid", str(os.getpid()))

@@ -115,14 +115,15 @@ class _PrefectProgress:
 
 @task(name="train")
 def train(config: FinetuneConfig, prepared: PreparedData, settings: Settings, key: str,
-          run_id: str) -> TrainedAdapter:
+          run_id: str, devices: tuple[str, ...] = ()) -> TrainedAdapter:
     """Train in this process, or, with `training.distributed.launcher`, on N processes started by that
-    launcher (their rank 0 logs the steps to the run; this task logs the summary either way)."""
+    launcher (their rank 0 logs the steps to the run; this task logs the summary either way) on the
+    `devices` the flow claimed for them."""
     run = tracking.RunLogger(tracking.mlflow_client(settings), run_id)
     every = max(config.training.eval_every // 2, 1)
     if config.training.distributed.enabled:
         trained = distributed.train_in_processes(config, prepared, settings, key=key, run_id=run_id,
-                                                 on_line=get_run_logger().info)
+                                                 on_line=get_run_logger().info, devices=devices)
     else:
         trained = train_from_config(config, prepared, settings, key=key, callbacks=[run, _PrefectProgress(every)])
     if trained.already_finished:

@@ -161,7 +161,7 @@ def train_from_config(
     lora_model = model if (config.method != "turbo" or base_adapter) else None
     adapter_dir = settings.adapters_dir / config.name / key
     if dist.is_main:
-        adapter_dir = save_adapter(lora_model, adapter_dir, manifest, heads=heads)
+        adapter_dir = save_adapter(lora_model, adapter_dir, manifest, heads=heads, state_dict=result.full_state)
     return TrainedAdapter(
         adapter_dir=adapter_dir, steps=state.step, total_steps=result.total_steps,
         best_val_loss=state.best_val_loss, best_step=state.best_step, stopped_early=state.stopped_early,

@@ -238,6 +238,71 @@ def test_a_claim_waits_while_its_gpu_is_held(tmp_path, monkeypatch):
     assert events == ["first released", "second got cuda:0"]
 
 
+def test_a_run_on_several_processes_claims_that_many_gpus_together(tmp_path, monkeypatch):
+    monkeypatch.setattr(device_slots, "_POLL_S", 0.05)
+    slots = SlotSettings(limit_name=None, devices=("cuda:0", "cuda:1", "cuda:2"), lock_dir=tmp_path)
+    events: list[str] = []
+    claimed = threading.Event()
+
+    def second_pair() -> None:
+        with device_slots.device_slot(slots, count=2) as pair:
+            events.append(f"second pair got {','.join(pair)}")
+        claimed.set()
+
+    with device_slots.device_slot(slots, count=2) as pair:
+        assert pair == ("cuda:0", "cuda:1")
+        thread = threading.Thread(target=second_pair)
+        thread.start()
+        time.sleep(0.3)  # it finds one free device, not two: it must wait, holding nothing
+        with device_slots.claim_device(slots) as single:
+            assert single == "cuda:2"
+            events.append("single got cuda:2")
+        events.append("first pair released")
+    assert claimed.wait(30)
+    thread.join()
+    assert events == ["single got cuda:2", "first pair released", "second pair got cuda:0,cuda:1"]
+    cpu = SlotSettings(limit_name=None, devices=("cpu",), lock_dir=tmp_path)
+    with device_slots.device_slot(cpu, count=2) as shared:
+        assert shared == ("cpu",)  # CPU ranks share the one device
+    with pytest.raises(SlotSettingsError, match=r"num_processes is 4, but device 'auto' gives 3 exclusive"), \
+            device_slots.device_slot(slots, count=4):
+        pass
+
+
+def test_a_run_on_several_gpus_holds_one_slot_per_gpu(api, tmp_path):
+    import logging
+
+    from prefect import get_client
+
+    def active() -> int:
+        with get_client(sync_client=True) as client:
+            return client.read_global_concurrency_limit_by_name("pair-limit").active_slots
+
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name("pair-limit", 2)
+    log = logging.getLogger("test")
+    gpus = SlotSettings(limit_name="pair-limit", devices=("cuda:0", "cuda:1", "cuda:2"), lock_dir=tmp_path)
+    with device_slots.device_slot(gpus, log=log, count=2) as devices:
+        assert devices == ("cuda:0", "cuda:1") and active() == 2
+    cpu = SlotSettings(limit_name="pair-limit", devices=("cpu",), lock_dir=tmp_path)
+    with device_slots.device_slot(cpu, log=log, count=2) as devices:
+        assert devices == ("cpu",) and active() == 1
+    assert active() == 0
+    with pytest.raises(SlotSettingsError, match=r"needs 3 slots of concurrency limit 'pair-limit', which has 2"), \
+            device_slots.device_slot(gpus, log=log, count=3):
+        pass
+    assert active() == 0
+
+
+def test_the_ranks_see_only_the_devices_claimed_for_them():
+    from lorafleet.tasks.distributed import launch_environment
+
+    assert launch_environment(("cuda:2", "cuda:5"), {"PATH": "/bin"})["CUDA_VISIBLE_DEVICES"] == "2,5"
+    # an already narrowed machine: cuda:N is the N-th visible device
+    assert launch_environment(("cuda:0", "cuda:2"), {"CUDA_VISIBLE_DEVICES": "4,5,6"})["CUDA_VISIBLE_DEVICES"] == "4,6"
+    assert "CUDA_VISIBLE_DEVICES" not in launch_environment(("cpu",), {})
+
+
 def test_without_a_server_the_global_limit_is_left_alone(monkeypatch, tmp_path):
     """The ephemeral API keeps leases in memory: a killed holder would leak its slot for good."""
     import logging
@@ -251,8 +316,8 @@ def test_without_a_server_the_global_limit_is_left_alone(monkeypatch, tmp_path):
     slots = SlotSettings(limit_name="gpu", devices=("cuda:0",), lock_dir=tmp_path)
     with temporary_settings(restore_defaults={PREFECT_API_URL}):
         assert not PREFECT_API_URL.value()
-        with device_slots.device_slot(slots, log=logging.getLogger("test")) as device:
-            assert device == "cuda:0"
+        with device_slots.device_slot(slots, log=logging.getLogger("test")) as devices:
+            assert devices == ("cuda:0",)
 
 
 def test_a_missing_limit_is_created_for_this_machine_and_an_existing_one_is_kept(api):

@@ -174,6 +174,28 @@ def test_qlora_trains_on_a_4bit_base(model_cache, tmp_path):
     assert any("lora_B" in n for n in changed)
 
 
+def test_validation_passes_do_not_change_how_qlora_trains(model_cache, tmp_path):
+    """bitsandbytes repacks a 4-bit weight in place the first time it runs in eval mode on a CPU with
+    AVX512-BF16 (see `keep_4bit_layout`); training must follow the same path with or without validation.
+    (On a CPU without AVX512-BF16 there is nothing to repack and this passes on any code.)"""
+    from lorafleet.models.base import load_base_model
+
+    def train_losses(eval_every: int, folder: str) -> list[float]:
+        loaded = load_base_model("tiny-random-llama", model_cache, quantization="nf4")
+        torch.manual_seed(0)
+        model = apply_lora(loaded.model, LoraSettings(r=8, target_modules=ALL_LINEAR), quantized=True)
+        rows = make_rows(loaded.tokenizer, 32, seed=0)
+        settings = TrainingSettings(max_steps=6, batch_size=8, eval_every=eval_every, checkpoint_every=100,
+                                    learning_rate=1e-2, lr_schedule="constant", warmup_ratio=0.0)
+        result = train_adapter(model, rows, rows[:8], settings, checkpoint_dir=tmp_path / folder,
+                               pad_token_id=loaded.tokenizer.pad_token_id, progress=False)
+        layouts = {getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+                   for m in model.modules() if type(m).__name__ == "Linear4bit"}
+        assert layouts == {False}  # still the layout it was quantized in
+        return [loss for _, loss in result.state.train_history]
+
+    assert train_losses(eval_every=1, folder="validated") == train_losses(eval_every=6, folder="once")
+
 def test_shards_of_a_batch_are_disjoint_cover_it_and_balance_lengths():
     from lorafleet.models.batching import shard
 
