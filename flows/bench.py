@@ -30,6 +30,7 @@ from lorafleet.sections.data import DataSettings
 from lorafleet.settings import Settings
 from lorafleet.tasks.adapter_sources import resolve_model_reference
 from lorafleet.tasks.data.prepare import prepare_dataset
+from lorafleet.tasks.training_bench import TrainingBenchReport
 
 
 def speculative_bench(model: str, settings: Settings, *, data: str | None, n: int, max_new_tokens: int,
@@ -82,7 +83,8 @@ def print_speculative(report: SpeculativeReport, console: Console) -> None:
                   f"{report.head_params_fraction_of_medusa1:.1%} of Medusa-1 ({report.medusa1_equivalent_params:,})")
 
 
-def write_json(report: SpeculativeReport | EngineBenchReport | ServingBenchReport, path: Path) -> None:
+def write_json(report: SpeculativeReport | EngineBenchReport | ServingBenchReport | TrainingBenchReport,
+               path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report.to_dict(), indent=2))
 

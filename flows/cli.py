@@ -239,6 +239,29 @@ def bench_speculative(
     console.print(f"wrote {json_out}")
 
 
+@bench_app.command("training")
+def bench_training(
+    config: Annotated[Path, typer.Argument(help="finetune config YAML: its base model, data and training settings")],
+    json_out: Annotated[Path, typer.Option("--json", help="where to write the JSON report")] = Path("training.json"),
+    methods: Annotated[str, typer.Option(help="comma-separated methods, the first is the baseline")] = "lora,qlora",
+    steps: Annotated[int, typer.Option(min=1, help="optimizer steps per method")] = 20,
+) -> None:
+    """LoRA vs QLoRA (or other methods) on the same config: tokens/s, seconds per step and peak memory,
+    each method in a fresh process."""
+    from lorafleet.config import ConfigError, load_config
+    from lorafleet.flows.bench import write_json
+    from lorafleet.tasks.training_bench import TrainingBenchError, training_bench
+
+    try:
+        report = training_bench(load_config(config), _settings(), steps=steps,
+                                methods=[m.strip() for m in methods.split(",") if m.strip()], on_line=console.print)
+    except (ConfigError, ValueError, TrainingBenchError) as error:
+        _fail(str(error))
+    console.print_json(json.dumps(report.to_dict()["ratios"]))
+    write_json(report, json_out)
+    console.print(f"wrote {json_out}")
+
+
 @bench_app.command("engine")
 def bench_engine(
     json_out: Annotated[Path, typer.Option("--json", help="where to write the JSON report")] = Path("engine.json"),
