@@ -329,6 +329,45 @@ def test_killed_rank_fails_cleanly_and_resumes_on_one_process(tmp_path, model_ca
         assert float((tensor - reference[name]).norm() / reference[name].norm()) < 1e-3, name
 
 
+class StopAt:
+    """Interrupts a one-process run after step `step` (a checkpoint of step 5 exists by then)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_step(self, step: int, metrics: dict[str, float]) -> None:
+        if step == self.step:
+            raise KeyboardInterrupt("simulated kill")
+
+    def on_validation(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+
+@pytest.mark.timeout(1200)
+def test_a_one_process_checkpoint_resumes_on_two_fsdp_ranks(tmp_path, model_cache):
+    """The other direction: whole tensors written by one process are sliced into each rank's shards,
+    the optimizer state included, and the run goes on as if it had never stopped."""
+    data = write_copy_task(tmp_path / "copy.jsonl", n=200)
+    raw = two_process_config(data, steps=12)
+    raw["training"]["distributed"]["strategy"] = "fsdp"
+    two, one = parse_config(raw), parse_config(single_process(raw))
+    settings, alone = home_at(tmp_path / "home", model_cache), home_at(tmp_path / "alone", model_cache)
+    prepared = prepared_for(one, settings)
+    key = training_key(one, prepared, settings)
+    with pytest.raises(KeyboardInterrupt):
+        train_from_config(one, prepared, settings, key=key, progress=False, callbacks=[StopAt(7)])
+    assert [step_of(p) for p in list_checkpoints(checkpoint_dir(one, key, settings))] == [5]
+
+    resumed = distributed.train_in_processes(two, prepared, settings, key=key, run_id=None, on_line=lambda _: None)
+    uninterrupted = train_from_config(one, prepared_for(one, alone), alone, key=key, progress=False)
+    assert resumed.resumed_from_step == 5 and resumed.steps == 12
+    torch.testing.assert_close([loss for _, loss in resumed.train_history],
+                               [loss for _, loss in uninterrupted.train_history], rtol=1e-5, atol=0)
+    reference = adapter_weights(uninterrupted.adapter_dir)
+    for name, tensor in adapter_weights(resumed.adapter_dir).items():
+        assert float((tensor - reference[name]).norm() / reference[name].norm()) < 1e-4, name
+
+
 # ----- the finetune flow with `training.distributed` ------------------------------------------------
 
 
