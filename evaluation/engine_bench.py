@@ -63,6 +63,7 @@ class EngineBenchReport:
     rounds: int  # the single, mixed and PEFT mixed-batch figures are medians over this many interleaved rounds
     round_tokens_per_s: dict[str, list[float]]  # every round's rate of those figures, to show their spread
     device: str
+    dtype: str  # the model's weights, and so the LoRA slots and KV cache
 
     @property
     def ratios(self) -> dict[str, float]:
@@ -136,7 +137,7 @@ class _TokenClock(BaseStreamer):
 def hf_decode_ms_per_token(model: Any, prompt: list[int], max_new_tokens: int, *, pad_id: int) -> float:
     """`generate` at batch 1: the mean gap between its new tokens after the first (prefill excluded)."""
     clock = _TokenClock()
-    ids, mask = left_pad([prompt], pad_id, "cpu")  # (1, T): the same inputs as `hf_generate`'s
+    ids, mask = left_pad([prompt], pad_id, model.device)  # (1, T): the same inputs as `hf_generate`'s
     with torch.inference_mode():
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                        min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, streamer=clock)
@@ -149,7 +150,7 @@ def hf_decode_ms_per_token(model: Any, prompt: list[int], max_new_tokens: int, *
 def hf_generate(model: Any, prompts: Sequence[list[int]], max_new_tokens: int, *, pad_id: int,
                 adapter_names: list[str] | None = None) -> tuple[float, int]:
     """One static `generate` call over `prompts` (left-padded) → (seconds, generated tokens)."""
-    ids, mask = left_pad(prompts, pad_id, "cpu")  # (B, T), (B, T)
+    ids, mask = left_pad(prompts, pad_id, model.device)  # (B, T), (B, T)
     width = ids.shape[1]
     kwargs: dict[str, Any] = {"adapter_names": adapter_names} if adapter_names else {}
     start = time.perf_counter()
@@ -182,13 +183,15 @@ def measure_engine(hf_model: Any, make_peft: Callable[[], Any], adapter_dirs: di
     shape = compact.shape
     max_rank = max(read_peft_adapter(path, shape).rank for path in adapter_dirs.values())
     cold = []
-    probe = LoraSlots(shape, 1, max_rank)
+    # LoRA slots in the model's dtype and on its device, as the service builds them (engine_generator)
+    weight = compact.lm_head_weight
+    probe = LoraSlots(shape, 1, max_rank, dtype=weight.dtype, device=weight.device)
     for path in list(adapter_dirs.values()) * 2:
         start = time.perf_counter()
         probe.load(1, read_peft_adapter(path, shape))
         cold.append((time.perf_counter() - start) * 1000)
     # The benchmark measures decoding, not the cache: every adapter is made resident up front.
-    cache = AdapterCache(LoraSlots(shape, len(names), max_rank), shape,
+    cache = AdapterCache(LoraSlots(shape, len(names), max_rank, dtype=weight.dtype, device=weight.device), shape,
                          lambda name: ResolvedAdapter(name=name, identity="bench", path=adapter_dirs[name]))
     for name in names:
         cache.request(name)
@@ -271,4 +274,4 @@ def measure_engine(hf_model: Any, make_peft: Callable[[], Any], adapter_dirs: di
         mixed_warm_prefix_cache_hit_rate=statistics.median(hits["mixed_warm"]),
         serial_tokens_per_s=serial_tokens / serial_seconds, cold_load_p50_ms=statistics.median(cold),
         n_adapters=len(names), n_requests=n, max_new_tokens=max_new_tokens, rounds=rounds,
-        round_tokens_per_s=rates, device=str(compact.lm_head_weight.device))
+        round_tokens_per_s=rates, device=str(weight.device), dtype=str(weight.dtype).removeprefix("torch."))

@@ -163,7 +163,7 @@ def bench_preset(settings: Settings) -> str:
 
 
 def print_engine(report: EngineBenchReport, console: Console) -> None:
-    table = Table(title=f"engine: {report.n_requests} requests, {report.n_adapters} adapters, {report.device}")
+    table = Table(title=f"engine: {report.n_requests} requests, {report.n_adapters} adapters, {report.device} {report.dtype}")
     for column in ("decoder", "tokens/s"):
         table.add_column(column, justify="right" if column != "decoder" else "left")
     for label, rate in (("transformers generate, batch 1", report.hf_generate_tokens_per_s),

@@ -53,3 +53,20 @@ def test_measure_engine_reports_every_figure_on_the_tiny_model(tmp_path: Path, m
                                                "mixed_warm_prefix_vs_peft_mixed_batch",
                                                "batch1_decode_vs_hf_decode"}
     assert len(lines) >= 6
+
+
+def test_the_bench_builds_lora_slots_in_the_models_dtype(tmp_path: Path, model_cache: Path):
+    """A bf16 model (what a GPU serves, and a CPU with native bf16) gets bf16 LoRA slots and inputs on its
+    device: the bench used to build fp32 slots on the CPU, which a bf16 step cannot multiply with."""
+    from peft import PeftModel
+
+    loaded = load_base_model(BASE, model_cache, dtype="bfloat16")
+    dirs = {"a0": make_adapter(model_cache, tmp_path / "a0", name="a0", seed=0)}
+    prompts = [list(range(5, 20)), list(range(7, 25))]
+    report = measure_engine(loaded.model, lambda: PeftModel.from_pretrained(loaded.model, str(dirs["a0"]),
+                                                                            adapter_name="a0").eval(),
+                            dirs, prompts, warm_prompts=prompts, max_new_tokens=3, pad_id=0, rounds=1,
+                            config=EngineConfig(adapter_slots=1, max_lora_rank=8), progress=lambda _: None)
+    assert (report.dtype, report.device) == ("bfloat16", "cpu")
+    assert report.mixed_adapters_tokens_per_s > 0 and report.batch1_tokens_per_s > 0
+
