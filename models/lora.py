@@ -69,9 +69,10 @@ def keep_4bit_layout(model: Any) -> int:
     On a CPU with AVX512-BF16 (this machine's Zen 4), bitsandbytes 0.50 rewrites a `Linear4bit`'s
     weight and quant state in place into a bf16-kernel layout the first time the layer runs in eval
     mode without gradients, i.e. at the first validation pass. Training then carries on in another
-    numeric path (measured on the tiny model: the loss one step after a validation 4.25 instead of 4.03), and under FSDP
-    the repacked shard is dropped at the next reshard while the shared quant state still says
-    "packed", so every later step computes with garbage. A training run keeps the layout it loaded.
+    numeric path (measured on the tiny model: the loss one step after a validation 4.25 instead of
+    4.03), and under FSDP the repacked shard is dropped at the next reshard while the shared quant
+    state still says "packed", so every later step computes with garbage. A training run keeps the
+    layout it loaded.
     """
     layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
     for layer in layers:

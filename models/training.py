@@ -84,6 +84,12 @@ class DistributedContext:
     def sharded(self) -> bool:
         return self.shard_model is not None
 
+    @property
+    def saves(self) -> bool:
+        """Whether this rank takes part in saving: rank 0 writes, and sharded weights need every rank to
+        gather them; other data-parallel ranks skip the copies."""
+        return self.is_main or self.sharded
+
     def local_part(self, rows: Sequence[T]) -> tuple[list[T], bool]:
         """This rank's slice of a global batch, and whether it counts.
 
@@ -259,7 +265,7 @@ def train_adapter(
             if state.step % settings.eval_every == 0 or state.step == total_steps:
                 _validate(objective, trainable, val_subset, settings, state, checkpoint_dir, pad_token_id, precision,
                           callbacks, dist)
-            if state.step % settings.checkpoint_every == 0 and state.step < total_steps:
+            if state.step % settings.checkpoint_every == 0 and state.step < total_steps and dist.saves:
                 save_checkpoint(checkpoint_dir, trainable, optimizer, scheduler, state,
                                 keep=settings.keep_checkpoints, write=dist.is_main)
             bar.update(1)
@@ -369,7 +375,8 @@ def _validate(objective: Any, trainable: torch.nn.Module, rows: list[dict], sett
     if improved:
         state.best_val_loss, state.best_step = loss, state.step
         state.evals_without_improvement = 0
-        save_best(checkpoint_dir, trainable, state, write=dist.is_main)
+        if dist.saves:
+            save_best(checkpoint_dir, trainable, state, write=dist.is_main)
     else:
         state.evals_without_improvement += 1
         patience = settings.early_stopping_patience

@@ -203,20 +203,18 @@ def claim_device(slots: SlotSettings, requested: str = AUTO,
 @contextlib.contextmanager
 def _claim(slots: SlotSettings, candidates: tuple[str, ...], count: int,
            log: logging.Logger | logging.LoggerAdapter) -> Iterator[tuple[str, ...]]:
-    if count > 1:
-        with _claim_several(slots, candidates, count, log) as devices:
-            yield devices
-        return
-    with _claim_one(slots, candidates, log) as device:
-        yield (device,)
+    """`count` devices of `candidates`, held together until the block ends.
 
-
-@contextlib.contextmanager
-def _claim_several(slots: SlotSettings, candidates: tuple[str, ...], count: int,
-                   log: logging.Logger | logging.LoggerAdapter) -> Iterator[tuple[str, ...]]:
-    """`count` free devices of `candidates`, all held together or none (the CPU: shared, held by nobody)."""
-    if candidates == ("cpu",):
-        yield candidates
+    With a shared device among the candidates (one process, or the CPU for several) nothing waits: an
+    exclusive device that is free right now is preferred, else the shared one. Otherwise the claim
+    takes `count` free devices or none, releasing what it found before it waits (no hold-and-wait, so
+    two multi-device jobs never deadlock each other).
+    """
+    shared = [device for device in candidates if device in SHARED_DEVICES]
+    if shared:
+        exclusive = [device for device in candidates if device not in SHARED_DEVICES]
+        with _try_claim_any(slots.lock_dir, exclusive) as device:
+            yield (device or shared[0],)
         return
     waited = False
     while True:
@@ -230,31 +228,9 @@ def _claim_several(slots: SlotSettings, candidates: tuple[str, ...], count: int,
             if len(held) == count:
                 yield tuple(held)
                 return
-        # fewer than `count` free: every lock taken above is released before waiting (no hold-and-wait)
         if not waited:
-            log.info(f"fewer than {count} of {', '.join(candidates)} on this machine are free; waiting")
-            waited = True
-        time.sleep(_POLL_S)
-
-
-@contextlib.contextmanager
-def _claim_one(slots: SlotSettings, candidates: tuple[str, ...],
-               log: logging.Logger | logging.LoggerAdapter) -> Iterator[str]:
-    if any(device in SHARED_DEVICES for device in candidates):
-        # A shared device is always free; prefer an exclusive one that is free right now.
-        exclusive = [device for device in candidates if device not in SHARED_DEVICES]
-        with _try_claim_any(slots.lock_dir, exclusive) as device:
-            yield device or next(d for d in candidates if d in SHARED_DEVICES)
-        return
-    waited = False
-    while True:
-        with _try_claim_any(slots.lock_dir, list(candidates)) as device:
-            if device is not None:
-                yield device
-                return
-        if not waited:
-            log.info(f"every device of {', '.join(candidates)} on this machine is claimed by another job; "
-                     "waiting (the global limit allows more jobs than this machine has devices)")
+            log.info(f"fewer than {count} of {', '.join(candidates)} on this machine are free (claimed by other "
+                     "jobs); waiting (the global limit allows more jobs than this machine has devices)")
             waited = True
         time.sleep(_POLL_S)
 

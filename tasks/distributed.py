@@ -42,7 +42,6 @@ OUTPUT_TAIL_LINES = 40  # worker output quoted in the error of a failed run
 STOP_GRACE_SECONDS = 30  # after SIGTERM to the launcher's process group, before SIGKILL
 
 
-
 class DistributedTrainingError(RuntimeError):
     """The launcher or one of its ranks failed; the message says how and quotes the output's end."""
 

@@ -72,6 +72,20 @@ def adapter_weights(folder: Path, file: str = "adapter_model.safetensors") -> di
     return load_file(str(folder / file))
 
 
+def assert_same_history(got: list[tuple[int, float]], expected: list[tuple[int, float]], rtol: float) -> None:
+    """Per-step losses (train or validation) equal within `rtol` relative."""
+    torch.testing.assert_close([loss for _, loss in got], [loss for _, loss in expected], rtol=rtol, atol=0)
+
+
+def assert_same_weights(got: Path, expected: Path, rtol: float, file: str = "adapter_model.safetensors") -> None:
+    """Every tensor of two adapters within `rtol` relative, per tensor, not per element: Adam divides by
+    sqrt(v), so an element whose gradient is ~0 turns fp32 noise into a full-size step (1 element of 1536
+    differed by 1.7e-4 relative in a measured run)."""
+    reference = adapter_weights(expected, file)
+    for name, tensor in adapter_weights(got, file).items():
+        assert float((tensor - reference[name]).norm() / reference[name].norm()) < rtol, name
+
+
 # ----- config and launch files (no processes) ------------------------------------------------------
 
 
@@ -208,22 +222,16 @@ def test_two_processes_of_batch_4_match_one_process_of_batch_8(tmp_path, model_c
 
     assert [s for s, _ in got.train_history] == list(range(1, 13))
     rtol = LOSS_RTOL
-    torch.testing.assert_close([loss for _, loss in got.train_history],
-                               [loss for _, loss in expected.train_history], rtol=rtol, atol=0)
+    assert_same_history(got.train_history, expected.train_history, rtol)
     # Adam and clipping hide a gradient's scale from the loss (a gradient averaged over ranks instead of
     # summed trains alike): rank 0's logged grad norms pin the scale down. Each step is logged once.
     logged = sorted(client.get_metric_history(run_id, "train/grad_norm"), key=lambda m: m.step)
     assert [m.step for m in logged] == list(range(1, 13))
     torch.testing.assert_close([m.value for m in logged], recorder.grad_norms, rtol=10 * rtol, atol=0)
-    torch.testing.assert_close([loss for _, loss in got.val_history],
-                               [loss for _, loss in expected.val_history], rtol=rtol, atol=0)
+    assert_same_history(got.val_history, expected.val_history, rtol)
     assert got.tokens_seen == expected.tokens_seen and got.steps == 12
-    # per tensor, not per element: Adam divides by sqrt(v), so an element whose gradient is ~0 turns fp32
-    # noise into a full-size step (1 element of 1536 differed by 1.7e-4 relative in a measured run)
     weights_file = "turbo_heads.safetensors" if method == "turbo" else "adapter_model.safetensors"
-    reference = adapter_weights(expected.adapter_dir, weights_file)
-    for name, tensor in adapter_weights(got.adapter_dir, weights_file).items():
-        assert float((tensor - reference[name]).norm() / reference[name].norm()) < 10 * rtol, name
+    assert_same_weights(got.adapter_dir, expected.adapter_dir, 10 * rtol, weights_file)
     # rank 0 alone reported progress, from a process group of 2; the pid files went with the ranks
     assert sum(line.startswith("step 5: validation loss") for line in lines) == 1
     assert any(line.endswith("after 12 steps on 2 processes") for line in lines), lines[-5:]
@@ -253,10 +261,8 @@ def test_fsdp_ranks_without_rows_still_take_part_in_every_pass(tmp_path, model_c
 
     expected = train_from_config(one, prepared, alone, key=key, progress=False)
     got = distributed.train_in_processes(two, prepared, shared, key=key, run_id=None, on_line=lambda _: None)
-    torch.testing.assert_close([loss for _, loss in got.train_history],
-                               [loss for _, loss in expected.train_history], rtol=1e-5, atol=0)
-    torch.testing.assert_close([loss for _, loss in got.val_history],
-                               [loss for _, loss in expected.val_history], rtol=1e-5, atol=0)
+    assert_same_history(got.train_history, expected.train_history, 1e-5)
+    assert_same_history(got.val_history, expected.val_history, 1e-5)
 
 
 class RankKiller:
@@ -322,11 +328,8 @@ def test_killed_rank_fails_cleanly_and_resumes_on_one_process(tmp_path, model_ca
     # the checkpoint (whole tensors, optimizer state included) continues as if one process had run throughout
     alone = home_at(tmp_path / "alone", model_cache)
     uninterrupted = train_from_config(one, prepared_for(one, alone), alone, key=key, progress=False)
-    torch.testing.assert_close([loss for _, loss in resumed.train_history],
-                               [loss for _, loss in uninterrupted.train_history], rtol=1e-4, atol=0)
-    reference = adapter_weights(uninterrupted.adapter_dir)
-    for name, tensor in adapter_weights(resumed.adapter_dir).items():
-        assert float((tensor - reference[name]).norm() / reference[name].norm()) < 1e-3, name
+    assert_same_history(resumed.train_history, uninterrupted.train_history, 1e-4)
+    assert_same_weights(resumed.adapter_dir, uninterrupted.adapter_dir, 1e-3)
 
 
 class StopAt:
@@ -361,11 +364,8 @@ def test_a_one_process_checkpoint_resumes_on_two_fsdp_ranks(tmp_path, model_cach
     resumed = distributed.train_in_processes(two, prepared, settings, key=key, run_id=None, on_line=lambda _: None)
     uninterrupted = train_from_config(one, prepared_for(one, alone), alone, key=key, progress=False)
     assert resumed.resumed_from_step == 5 and resumed.steps == 12
-    torch.testing.assert_close([loss for _, loss in resumed.train_history],
-                               [loss for _, loss in uninterrupted.train_history], rtol=1e-5, atol=0)
-    reference = adapter_weights(uninterrupted.adapter_dir)
-    for name, tensor in adapter_weights(resumed.adapter_dir).items():
-        assert float((tensor - reference[name]).norm() / reference[name].norm()) < 1e-4, name
+    assert_same_history(resumed.train_history, uninterrupted.train_history, 1e-5)
+    assert_same_weights(resumed.adapter_dir, uninterrupted.adapter_dir, 1e-4)
 
 
 # ----- the finetune flow with `training.distributed` ------------------------------------------------
