@@ -13,11 +13,11 @@ examples look exactly like the question that follows.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lorafleet.evaluation.generation import generate_texts
+from lorafleet.evaluation.generation import GenerationResult, generate_texts
 from lorafleet.evaluation.metrics import compute_quality
 from lorafleet.evaluation.parsing import STRUCTURED_FORMATS, parse_fields
 from lorafleet.models.adapter_dir import TaskInfo
@@ -25,6 +25,9 @@ from lorafleet.models.prompting import encode_prompt
 from lorafleet.sections.evaluation import EvaluationSettings
 
 Message = dict[str, str]
+# (prompt token ids, progress label) -> greedy completions in input order: `generate_texts` on `model`
+# when none is given, or the engine (evaluation/engine_generation.py).
+Generate = Callable[[list[list[int]], str], list[GenerationResult]]
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ def evaluate_quality(
     few_shot: Sequence[tuple[str, str]] = (),
     label: str = "",
     progress: bool = True,
+    generate: Generate | None = None,
 ) -> QualityReport:
     """Greedy-generate an answer for the first `settings.max_examples` examples and score them.
 
@@ -63,9 +67,12 @@ def evaluate_quality(
     references = [_completion(example, index) for index, example in enumerate(chosen)]
     _check_references(references, chosen, task)
     prompts = build_prompts(tokenizer, chosen, few_shot)
-    results = generate_texts(model, tokenizer, prompts, max_new_tokens=settings.max_new_tokens,
-                             batch_size=settings.batch_size, progress=progress,
-                             desc=f"evaluate {label or task.name}")
+    desc = f"evaluate {label or task.name}"
+    if generate is not None:
+        results = generate(prompts, desc)
+    else:
+        results = generate_texts(model, tokenizer, prompts, max_new_tokens=settings.max_new_tokens,
+                                 batch_size=settings.batch_size, progress=progress, desc=desc)
     predictions = [result.text for result in results]
     metrics = compute_quality(predictions, references, task.output_format)
     metrics["truncation_rate"] = sum(not result.hit_eos for result in results) / len(results)

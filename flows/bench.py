@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from lorafleet.evaluation.engine_bench import EngineBenchReport, measure_engine
 from lorafleet.evaluation.serving_bench import ServingBenchReport
 from lorafleet.evaluation.speculative import SpeculativeReport, measure_speculative
+from lorafleet.evaluation.weight_bench import FORMATS, WeightBenchReport, measure_weight_formats
 from lorafleet.models.adapter_dir import has_lora, read_manifest
 from lorafleet.models.base import load_base_model
 from lorafleet.models.lora import load_adapter
@@ -83,7 +84,7 @@ def print_speculative(report: SpeculativeReport, console: Console) -> None:
                   f"{report.head_params_fraction_of_medusa1:.1%} of Medusa-1 ({report.medusa1_equivalent_params:,})")
 
 
-def write_json(report: SpeculativeReport | EngineBenchReport | ServingBenchReport | TrainingBenchReport,
+def write_json(report: SpeculativeReport | EngineBenchReport | ServingBenchReport | TrainingBenchReport | WeightBenchReport,
                path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report.to_dict(), indent=2))
@@ -144,6 +145,74 @@ def engine_bench(settings: Settings, *, n_adapters: int, n_requests: int, max_ne
     return measure_engine(loaded.model, make_peft, dirs, prompts, warm_prompts=warm_prompts,
                           max_new_tokens=max_new_tokens, pad_id=loaded.tokenizer.pad_token_id or 0,
                           rounds=rounds, progress=console.print)
+
+
+def weights_bench(settings: Settings, *, formats: Sequence[str], n_prompts: int, max_new_tokens: int, rounds: int,
+                  adapter: str | None, score_rows: int, console: Console) -> WeightBenchReport:
+    """Each weight format of the embedded base: batch-1 decode, greedy agreement with fp32, llama.cpp on
+    the GGUF beside them; with `adapter`, its task metrics on `score_rows` test rows under each format."""
+    from lorafleet.evaluation.engine_generation import EngineScorer
+    from lorafleet.evaluation.quality import evaluate_quality
+    from lorafleet.models.embedded import EMBEDDED_MODEL_ID, EmbeddedModelMissing, find_gguf
+    from lorafleet.models.sampling_rules import eos_token_ids
+    from lorafleet.sections.evaluation import EvaluationSettings
+
+    unknown = [name for name in formats if name not in FORMATS]
+    if unknown:
+        raise ValueError(f"--formats: unknown {unknown} (choose from {', '.join(FORMATS)})")
+    folder = None
+    if adapter is not None:
+        folder, adapter = resolve_model_reference(adapter, settings)
+        if not has_lora(folder):
+            raise ValueError(f"{adapter} has no LoRA weights to score")
+    loaded = load_base_model(EMBEDDED_MODEL_ID, settings.model_cache_dir)
+    prompts = bench_prompts(loaded.tokenizer, settings, n_prompts)
+    try:
+        gguf = find_gguf()
+    except EmbeddedModelMissing:
+        gguf = None
+    console.print(f"{len(prompts)} {bench_preset(settings)} prompts, {max_new_tokens} greedy tokens; formats "
+                  f"{', '.join(formats)}; {rounds} interleaved rounds")
+    report = measure_weight_formats(loaded.model, formats, decode_prompt=prompts[0], agreement_prompts=prompts,
+                                    max_new_tokens=max_new_tokens, rounds=rounds, gguf=gguf, progress=console.print)
+    if folder is None:
+        return report
+    manifest = read_manifest(folder)
+    data = DataSettings.model_validate(manifest.training_config.get("data") or {"preset": "extraction"})
+    prepared = prepare_dataset(data, loaded.tokenizer, name=f"bench-{manifest.name}",
+                               out_root=settings.prepared_data_dir, data_root=settings.data_root)
+    rows = prepared.records("test")[:score_rows]
+    opts = EvaluationSettings(max_examples=None, max_new_tokens=manifest.training_config.get("evaluation", {})
+                              .get("max_new_tokens", 128))
+    stops = eos_token_ids(loaded.model, loaded.tokenizer, required=True)
+    report.adapter = adapter
+    for name in formats:
+        dtype, weight_format = FORMATS[name]
+        with EngineScorer(loaded.model, loaded.tokenizer, folder, eos_token_ids=stops, weight_format=weight_format,
+                          dtype=dtype) as scorer:  # type: ignore[arg-type]
+            quality = evaluate_quality(None, loaded.tokenizer, rows, prepared.task, opts, label=f"{adapter} {name}",
+                                       generate=lambda batch, desc, s=scorer: s.generate(
+                                           batch, max_new_tokens=opts.max_new_tokens, adapter=True, desc=desc))
+        report.adapter_scores[name] = quality.metrics
+        console.print(f"{adapter} under {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in quality.metrics.items()))
+    return report
+
+
+def print_weights(report: WeightBenchReport, console: Console) -> None:
+    table = Table(title=f"batch-1 decode by weight format ({report.threads} threads, {report.decode_tokens} tokens)")
+    for column in ("decoder", "ms/token", "weights MB", "greedy agreement with fp32", "adapter F1"):
+        table.add_column(column, justify="left" if column == "decoder" else "right")
+    for fig in report.formats:
+        f1 = report.adapter_scores.get(fig.weights, {}).get("field_f1")
+        table.add_row(f"engine {fig.weights} ({fig.dtype})", f"{fig.decode_ms_per_token:.2f}",
+                      f"{fig.weight_bytes / 1e6:.0f}", f"{fig.greedy_agreement:.2%} of {fig.agreement_tokens}",
+                      "-" if f1 is None else f"{f1:.4f}")
+    llama = report.llama_cpp_decode_ms_per_token
+    table.add_row(f"llama.cpp ({report.llama_cpp_file or 'not run'})", "-" if llama is None else f"{llama:.2f}",
+                  "-", "-", "-")
+    console.print(table)
+    console.print(report.llama_cpp_note)
+    console.print("  ".join(f"{key} {value:.2f}x" for key, value in report.ratios.items()))
 
 
 def bench_prompts(tokenizer: Any, settings: Settings, n: int) -> list[list[int]]:

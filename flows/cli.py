@@ -281,6 +281,31 @@ def bench_engine(
     console.print(f"wrote {json_out}")
 
 
+@bench_app.command("weights")
+def bench_weights(
+    json_out: Annotated[Path, typer.Option("--json", help="where to write the JSON report")] = Path("weights.json"),
+    formats: Annotated[str, typer.Option(help="comma-separated: fp32, bf16, int8, int4")] = "fp32,bf16,int8,int4",
+    prompts: Annotated[int, typer.Option(min=1, help="test prompts for greedy agreement (the first is timed)")] = 32,
+    max_new_tokens: Annotated[int, typer.Option(min=2, help="greedy tokens per prompt")] = 64,
+    rounds: Annotated[int, typer.Option(min=1, help="interleaved timing rounds (medians reported)")] = 3,
+    adapter: Annotated[str | None, typer.Option(
+        help="also score this adapter (NAME, NAME@VERSION or a folder) under each format")] = None,
+    score_rows: Annotated[int, typer.Option(min=1, help="test rows scored for --adapter")] = 200,
+) -> None:
+    """Weight formats of the embedded base side by side: decode speed, agreement with fp32, llama.cpp."""
+    from lorafleet.flows.bench import print_weights, weights_bench, write_json
+
+    try:
+        report = weights_bench(_settings(), formats=[f.strip() for f in formats.split(",") if f.strip()],
+                               n_prompts=prompts, max_new_tokens=max_new_tokens, rounds=rounds, adapter=adapter,
+                               score_rows=score_rows, console=console)
+    except (ValueError, LookupError) as error:
+        _fail(str(error))
+    print_weights(report, console)
+    write_json(report, json_out)
+    console.print(f"wrote {json_out}")
+
+
 @bench_app.command("serving")
 def bench_serving(
     json_out: Annotated[Path, typer.Option("--json", help="where to write the JSON report")] = Path("serving.json"),

@@ -129,6 +129,8 @@ def _generator(settings: ServiceSettings, loaded: Any, eos: tuple[int, ...],
             return EngineGenerator(loaded.model, settings.engine, eos_token_ids=frozenset(eos),
                                    on_step=metrics.observe_engine if metrics is not None else None)
         except ValueError as error:  # e.g. an architecture the compact model does not implement
+            if settings.engine.weights != "dense":  # asked for explicitly: only the engine has int8/int4
+                raise ValueError(f"engine.weights={settings.engine.weights!r} needs the engine: {error}") from error
             log.warning("engine unavailable for %s (%s): serving with PEFT + generate", loaded.resolved.model_id,
                         error)
     release_thread_pool()  # the model was loaded on this thread; only the runner's thread computes now

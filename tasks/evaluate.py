@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from lorafleet.config import FinetuneConfig
-from lorafleet.evaluation.quality import QualityReport, evaluate_quality, few_shot_from_examples
+from lorafleet.evaluation.engine_generation import EngineScorer
+from lorafleet.evaluation.quality import Generate, QualityReport, evaluate_quality, few_shot_from_examples
 from lorafleet.evaluation.report import comparison_markdown
 from lorafleet.evaluation.speculative import SpeculativeReport, measure_speculative
 from lorafleet.evaluation.speed import SpeedReport, measure_speed
@@ -23,6 +24,7 @@ from lorafleet.models.adapter_dir import has_lora, read_manifest, write_manifest
 from lorafleet.models.base import load_base_model
 from lorafleet.models.lora import load_adapter
 from lorafleet.models.prompting import encode_prompt
+from lorafleet.models.sampling_rules import eos_token_ids
 from lorafleet.models.turbo_heads import has_heads, load_heads
 from lorafleet.sections.evaluation import EvaluationSettings
 from lorafleet.settings import Settings
@@ -73,25 +75,31 @@ def evaluate_adapter(config: FinetuneConfig, prepared: PreparedData, adapter_dir
                      settings: Settings, *, progress: bool = True) -> EvaluationOutcome:
     loaded = load_base_model(config.base_model, settings.model_cache_dir, device=config.device)
     tokenizer = loaded.tokenizer
-    # A `turbo` adapter on the bare base has no LoRA: its "adapter" outputs are the base model's.
-    model = load_adapter(loaded.model, adapter_dir) if has_lora(adapter_dir) else loaded.model
-    model.eval()
     opts = config.evaluation
+    lora = has_lora(adapter_dir)
+    scorer = _engine_scorer(loaded, adapter_dir if lora else None, opts)  # copies the base before PEFT wraps it
+    # A `turbo` adapter on the bare base has no LoRA: its "adapter" outputs are the base model's.
+    model = load_adapter(loaded.model, adapter_dir) if lora else loaded.model
+    model.eval()
     test = evaluated_rows(prepared, opts)
     task = prepared.task
 
-    quality: dict[str, QualityReport] = {}
-    labels = {ADAPTER: f"{config.name} ({config.method})", BASE: "base (zero-shot)"}
-    with _base_only(model):
-        quality[BASE] = evaluate_quality(model, tokenizer, test, task, opts, label=labels[BASE], progress=progress)
-        if opts.base_few_shot:
-            shots = few_shot_from_examples(prepared.records("train"), opts.base_few_shot)
-            key = f"{BASE}_{opts.base_few_shot}shot"
-            labels[key] = f"base ({opts.base_few_shot}-shot)"
-            quality[key] = evaluate_quality(model, tokenizer, test, task, opts, few_shot=shots, label=labels[key],
-                                            progress=progress)
-    quality[ADAPTER] = evaluate_quality(model, tokenizer, test, task, opts, label=labels[ADAPTER],
-                                        progress=progress)
+    with scorer or contextlib.nullcontext():
+        quality: dict[str, QualityReport] = {}
+        labels = {ADAPTER: f"{config.name} ({config.method})", BASE: "base (zero-shot)"}
+        base_generate = _engine_generate(scorer, opts, adapter=False, progress=progress)
+        with _base_only(model):
+            quality[BASE] = evaluate_quality(model, tokenizer, test, task, opts, label=labels[BASE], progress=progress,
+                                             generate=base_generate)
+            if opts.base_few_shot:
+                shots = few_shot_from_examples(prepared.records("train"), opts.base_few_shot)
+                key = f"{BASE}_{opts.base_few_shot}shot"
+                labels[key] = f"base ({opts.base_few_shot}-shot)"
+                quality[key] = evaluate_quality(model, tokenizer, test, task, opts, few_shot=shots, label=labels[key],
+                                                progress=progress, generate=base_generate)
+        quality[ADAPTER] = evaluate_quality(model, tokenizer, test, task, opts, label=labels[ADAPTER],
+                                            progress=progress, generate=_engine_generate(scorer, opts, adapter=lora,
+                                                                                         progress=progress))
 
     with _base_only(model):
         base_speed = _measure_speed(model, tokenizer, test, opts, label="base", progress=progress)
@@ -118,11 +126,16 @@ def evaluate_on_rows(config: FinetuneConfig, prepared: PreparedData, adapter_dir
     (from its manifest), as it is served; nothing is written into `adapter_dir`."""
     manifest = read_manifest(adapter_dir)
     loaded = load_base_model(manifest.base_model.id, settings.model_cache_dir, device=config.device)
-    model = load_adapter(loaded.model, adapter_dir) if has_lora(adapter_dir) else loaded.model
-    model.eval()
     opts, test = config.evaluation, evaluated_rows(prepared, config.evaluation)
+    lora = has_lora(adapter_dir)
+    scorer = _engine_scorer(loaded, adapter_dir if lora else None, opts)
+    model = load_adapter(loaded.model, adapter_dir) if lora else loaded.model
+    model.eval()
     label = f"{manifest.name} ({manifest.method})"
-    quality = evaluate_quality(model, loaded.tokenizer, test, prepared.task, opts, label=label, progress=progress)
+    with scorer or contextlib.nullcontext():
+        quality = evaluate_quality(model, loaded.tokenizer, test, prepared.task, opts, label=label,
+                                   progress=progress, generate=_engine_generate(scorer, opts, adapter=lora,
+                                                                                progress=progress))
     speed = _measure_speed(model, loaded.tokenizer, test, opts, label=label, progress=progress)
     metrics = {**quality.metrics, **_speed_metrics(speed)}
     if has_heads(adapter_dir):
@@ -135,6 +148,32 @@ def evaluated_rows(prepared: PreparedData, opts: EvaluationSettings) -> list[dic
     """The test rows every variant is scored on: the first `max_examples` of the prepared test split."""
     test = prepared.records("test")
     return test if opts.max_examples is None else test[: opts.max_examples]
+
+
+def _engine_scorer(loaded: Any, adapter_dir: Path | None, opts: EvaluationSettings) -> EngineScorer | None:
+    """The engine for scoring (`evaluation.generator: engine`), or None: HF `generate` then scores. A base
+    model the engine does not implement falls back to `generate`, logged, since scores stay comparable."""
+    if opts.generator != "engine":
+        return None
+    try:
+        return EngineScorer(loaded.model, loaded.tokenizer, adapter_dir,
+                            eos_token_ids=sorted(eos_token_ids(loaded.model, loaded.tokenizer, required=True)))
+    except ValueError as error:
+        log.warning("scoring with transformers generate: the engine cannot take %s (%s)",
+                    loaded.resolved.model_id, error)
+        return None
+
+
+def _engine_generate(scorer: EngineScorer | None, opts: EvaluationSettings, *, adapter: bool,
+                     progress: bool) -> Generate | None:
+    if scorer is None:
+        return None
+
+    def generate(prompts: list[list[int]], desc: str) -> list[Any]:
+        return scorer.generate(prompts, max_new_tokens=opts.max_new_tokens, adapter=adapter, progress=progress,
+                               desc=f"{desc} (engine)")
+
+    return generate
 
 
 def _measure_speed(model: Any, tokenizer: Any, test: list[dict[str, Any]], opts: EvaluationSettings, *,

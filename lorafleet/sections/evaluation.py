@@ -4,6 +4,8 @@ Owned by `lorafleet/` so that `lorafleet/config.py` imports nothing from evaluat
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -12,7 +14,11 @@ class EvaluationSettings(BaseModel):
 
     max_examples: int | None = Field(200, ge=1, description="test rows scored; null = the whole split")
     max_new_tokens: int = Field(128, ge=1)
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, description="prompts per `generate` call (generator: hf)")
+    generator: Literal["engine", "hf"] = Field(
+        "engine", description="how quality is scored: 'engine' = the serving engine's continuous batching (the "
+        "decoder the service runs; same greedy outputs, several times faster), 'hf' = transformers "
+        "`generate` in static batches (the baseline; also used where the engine cannot take the base model)")
     base_few_shot: int = Field(0, ge=0, description="also score the base model with k training examples as "
                                                     "prior chat turns (0 = zero-shot only)")
     speed_prompts: int = Field(8, ge=1, description="prompts timed one at a time (batch 1) for tokens/s")

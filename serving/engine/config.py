@@ -9,7 +9,14 @@ CLI and the launcher can import it without loading the engine.
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 from pydantic import BaseModel, ConfigDict, Field
+
+# How the base model's projection weights are held (serving/engine/quantized.py): 'dense' in the model's
+# dtype, or weight-only int8 / int4 computing in bf16 (CPU only).
+WeightFormat = Literal["dense", "int8", "int4"]
+WEIGHT_FORMATS: tuple[str, ...] = get_args(WeightFormat)
 
 # The queue bound of every generator (the PEFT runner takes it too): beyond it, HTTP 429.
 DEFAULT_MAX_WAITING = 256
@@ -33,5 +40,8 @@ class EngineConfig(BaseModel):
     adapter_slots: int = Field(16, ge=1, description="adapters resident at once (LRU beyond)")
     max_lora_rank: int = Field(16, ge=1, description="largest LoRA rank an adapter may have (vLLM's default "
                                "too); every slot is sized for it, so memory and LoRA work grow with it")
+    weights: WeightFormat = Field("dense", description="base weights: 'dense' (the model's dtype), or "
+                                  "weight-only 'int8' / 'int4' (groups of 32) computing in bf16, CPU only: fewer "
+                                  "bytes per decoded token, measured quality in docs/performance.md")
     prefix_caching: bool = Field(True, description="reuse the K/V of prompt prefixes already computed with "
                                  "the same adapter")

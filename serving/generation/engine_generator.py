@@ -89,7 +89,7 @@ class EngineGenerator:
 
     def __init__(self, hf_model: Any, config: EngineConfig, *, eos_token_ids: frozenset[int],
                  on_step: Callable[[StepReport], None] | None = None) -> None:
-        self.model = CompactLlama.from_hf(hf_model)
+        self.model = CompactLlama.from_hf(hf_model, weight_format=config.weights)
         self.eos_token_ids = frozenset(eos_token_ids)
         self._paths: dict[str, Path] = {}
         slots = LoraSlots(self.model.shape, config.adapter_slots, config.max_lora_rank,
