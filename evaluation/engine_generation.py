@@ -20,6 +20,7 @@ from typing import Any, Self
 from tqdm.auto import tqdm
 
 from lorafleet.evaluation.generation import GenerationResult
+from lorafleet.models.adapter_dir import has_lora
 from lorafleet.serving.engine.adapter_cache import AdapterCache, AdapterNotFound, ResolvedAdapter
 from lorafleet.serving.engine.adapter_weights import read_peft_adapter
 from lorafleet.serving.engine.config import EngineConfig, WeightFormat
@@ -48,7 +49,8 @@ class EngineScorer:
         cache = None
         if self.adapter_dir is not None:
             shape = self.model.shape
-            rank = read_peft_adapter(self.adapter_dir, shape).rank  # a bad adapter fails here, before decoding
+            # a bad adapter fails here, before decoding; a heads-only (Turbo) adapter needs one rank-1 slot
+            rank = read_peft_adapter(self.adapter_dir, shape).rank if has_lora(self.adapter_dir) else 1
             weight = self.model.lm_head_weight
             slots = LoraSlots(shape, 1, rank, dtype=weight.dtype, device=weight.device)
             cache = AdapterCache(slots, shape, self._resolve)
@@ -86,6 +88,30 @@ class EngineScorer:
                         reasons[index] = out.finish_reason
                         bar.update(1)
         return [self._result(tokens[i], reasons.get(i)) for i in range(len(prompts))]
+
+    def decode_one(self, prompt: Sequence[int], *, max_new_tokens: int, speculative: bool
+                   ) -> tuple[list[int], int, int]:
+        """One request alone on the adapter, greedy, with its Turbo heads drafting or not: (tokens
+        before the stop token, verification steps that carried drafts, draft tokens accepted). Each call
+        starts from an empty prefix cache, so a timed call never reuses the K/V of an earlier one."""
+        if self.adapter_dir is None:
+            raise ValueError("this EngineScorer was built without an adapter")
+        engine = self.engine
+        engine.allocator.forget_cached()
+        engine.config = self.config.model_copy(update={"speculative_max_batch": 1 if speculative else 0})
+        drafts, accepted = engine.stats.spec_drafts, engine.stats.spec_accepted_tokens
+        tokens: list[int] = []
+        try:
+            engine.add_request("decode-one", [int(t) for t in prompt],
+                               SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=self.stops), "adapter")
+            while engine.has_unfinished():
+                for out in engine.step():
+                    if out.error is not None:
+                        raise RuntimeError(f"the engine failed the request: {out.error}")
+                    tokens.extend(out.new_token_ids)
+        finally:
+            engine.config = self.config
+        return tokens, engine.stats.spec_drafts - drafts, engine.stats.spec_accepted_tokens - accepted
 
     def _result(self, kept: list[int], reason: str | None) -> GenerationResult:
         """The engine never emits the stop token (it counts against the budget, as in `generate`)."""

@@ -13,21 +13,24 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from lorafleet import __version__
 from lorafleet.config import FinetuneConfig
+from lorafleet.evaluation.engine_generation import EngineScorer
 from lorafleet.models.adapter_dir import PEFT_WEIGHTS_FILE, AdapterManifest, BaseModelRef
 from lorafleet.models.base import load_base_model, resolve_base_model, tokenizer_fingerprint
 from lorafleet.models.cache import atomic_write_text, sha256_file, sha256_text
 from lorafleet.models.lora import apply_lora, count_trainable, load_adapter, save_adapter
+from lorafleet.models.sampling_rules import eos_token_ids
 from lorafleet.models.training import SINGLE_PROCESS, DistributedContext, TrainingCallback, train_adapter
 from lorafleet.models.turbo_heads import new_heads
 from lorafleet.settings import Settings
 from lorafleet.tasks.adapter_sources import resolve_adapter_source
 from lorafleet.tasks.data.prepare import PreparedData
-from lorafleet.tasks.distill import distilled_rows
+from lorafleet.tasks.distill import Continue, distilled_rows, hf_continue
 
 log = logging.getLogger(__name__)
 RUN_FILE = "mlflow_run.json"
@@ -121,14 +124,21 @@ def train_from_config(
     torch.manual_seed(config.training.seed)  # LoRA A matrices and heads are initialised from the global RNG
     base_adapter = None
     if config.method == "turbo":
-        model, base_adapter = _frozen_model(loaded.model, config, settings)
+        adapter_folder, base_adapter = _base_adapter(config, settings)
+        continuer = _DistillContinuer(loaded, adapter_folder)  # built on first use, before PEFT wraps the base
         if not dist.is_main:
             dist.barrier()  # rank 0 generates the distilled rows once; the others read its cache
-        train_rows, val_rows = (distilled_rows(model, loaded.tokenizer, prepared, split, folder, config.turbo, limit)
-                                for split, limit in (("train", config.turbo.distill_examples),
-                                                     ("validation", config.training.eval_examples)))
+        try:
+            cached = {split: distilled_rows(continuer.get, loaded.tokenizer, prepared, split, folder, config.turbo,
+                                            limit)
+                      for split, limit in (("train", config.turbo.distill_examples),
+                                           ("validation", config.training.eval_examples))}
+        finally:
+            continuer.close()
+        train_rows, val_rows = cached["train"], cached["validation"]
         if dist.is_main:
             dist.barrier()
+        model = continuer.frozen_model()
     else:
         model = apply_lora(loaded.model, config.lora, quantized=quantized)
         columns = ["input_ids", "labels"]
@@ -172,12 +182,58 @@ def train_from_config(
     )
 
 
-def _frozen_model(base: object, config: FinetuneConfig, settings: Settings) -> tuple[object, str | None]:
+def _base_adapter(config: FinetuneConfig, settings: Settings) -> tuple[Path | None, str | None]:
+    """The existing LoRA a `turbo` adapter's heads serve on (folder, pinned reference), or none."""
+    if not config.turbo.base_adapter:
+        return None, None
+    return resolve_adapter_source(config.turbo.base_adapter, settings)
+
+
+def _frozen_model(base: object, adapter_folder: Path | None) -> object:
     """The model a `turbo` adapter's heads serve: the bare base, or base + an existing LoRA, frozen."""
-    model, pinned = base, None
-    if config.turbo.base_adapter:
-        folder, pinned = resolve_adapter_source(config.turbo.base_adapter, settings)
-        model = load_adapter(base, folder)
+    model = load_adapter(base, adapter_folder) if adapter_folder is not None else base
     model.requires_grad_(False)
-    return model, pinned
+    return model
+
+
+class _DistillContinuer:
+    """Greedy continuations for self-distillation: the engine over the base (and the existing LoRA)
+    when it takes the model, else transformers `generate` over the same frozen model."""
+
+    def __init__(self, loaded: Any, adapter_folder: Path | None) -> None:
+        self.loaded, self.adapter_folder = loaded, adapter_folder
+        self.scorer: EngineScorer | None = None
+        self.made: Continue | None = None
+        self._frozen: object | None = None
+
+    def frozen_model(self) -> object:
+        """The frozen base (+ LoRA) the heads train on; wrapped once, after the engine copied the base."""
+        if self._frozen is None:
+            self._frozen = _frozen_model(self.loaded.model, self.adapter_folder)
+        return self._frozen
+
+    def get(self) -> Continue:
+        if self.made is not None:
+            return self.made
+        loaded = self.loaded
+        try:
+            self.scorer = EngineScorer(loaded.model, loaded.tokenizer, self.adapter_folder,
+                                       eos_token_ids=sorted(eos_token_ids(loaded.model, loaded.tokenizer,
+                                                                          required=True)))
+        except ValueError as error:
+            log.warning("self-distillation with transformers generate: the engine cannot take %s (%s)",
+                        loaded.resolved.model_id, error)
+            self.made = hf_continue(self.frozen_model(), loaded.tokenizer)
+            return self.made
+        scorer, adapter = self.scorer, self.adapter_folder is not None
+
+        def run(prompts: list[list[int]], max_new_tokens: int, desc: str) -> list[Any]:
+            return scorer.generate(prompts, max_new_tokens=max_new_tokens, adapter=adapter, desc=f"{desc} (engine)")
+
+        self.made = run
+        return run
+
+    def close(self) -> None:
+        if self.scorer is not None:
+            self.scorer.close()
 

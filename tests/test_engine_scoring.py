@@ -76,3 +76,34 @@ def test_scoring_defaults_to_the_engine_and_refuses_adapter_rows_without_an_adap
         scorer.generate([[1, 2]], max_new_tokens=2, adapter=True, progress=False)
     with pytest.raises(ValueError, match="end-of-sequence"):
         EngineScorer(model, tokenizer, None, eos_token_ids=[])
+
+
+class _Split:
+    """The one method `distilled_rows` reads from prepared data."""
+
+    def __init__(self, rows: list[dict]) -> None:
+        self.rows = rows
+
+    def records(self, split: str) -> list[dict]:
+        return self.rows
+
+
+def test_self_distillation_on_the_engine_writes_the_rows_generate_writes(tiny_model, tmp_path):
+    from lorafleet.models.turbo_settings import TurboSettings
+    from lorafleet.tasks.distill import distilled_rows, hf_continue
+    from lorafleet.tasks.train import _DistillContinuer
+
+    model, tokenizer = tiny_model.model, tiny_model.tokenizer
+    prepared, turbo = _Split(_examples(7)), TurboSettings(distill_max_new_tokens=12)
+    continuer = _DistillContinuer(tiny_model, None)
+    engine_rows = distilled_rows(continuer.get, tokenizer, prepared, "train", tmp_path / "engine", turbo, None)
+    assert continuer.scorer is not None  # the engine generated them
+    continuer.close()
+    hf_rows = distilled_rows(lambda: hf_continue(model, tokenizer), tokenizer, prepared, "train", tmp_path / "hf",
+                             turbo, None)
+    assert engine_rows == hf_rows and len(engine_rows) == 7
+
+    def refuse():
+        raise AssertionError("cached rows must not be generated again")
+
+    assert distilled_rows(refuse, tokenizer, prepared, "train", tmp_path / "engine", turbo, None) == engine_rows
