@@ -98,7 +98,7 @@ class EngineScorer:
             raise ValueError("this EngineScorer was built without an adapter")
         engine = self.engine
         engine.allocator.forget_cached()
-        engine.config = self.config.model_copy(update={"speculative_max_batch": 1 if speculative else 0})
+        engine.policy.mode = "on" if speculative else "off"
         drafts, accepted = engine.stats.spec_drafts, engine.stats.spec_accepted_tokens
         tokens: list[int] = []
         try:
@@ -110,7 +110,7 @@ class EngineScorer:
                         raise RuntimeError(f"the engine failed the request: {out.error}")
                     tokens.extend(out.new_token_ids)
         finally:
-            engine.config = self.config
+            engine.policy.mode = self.config.speculation
         return tokens, engine.stats.spec_drafts - drafts, engine.stats.spec_accepted_tokens - accepted
 
     def _result(self, kept: list[int], reason: str | None) -> GenerationResult:

@@ -41,6 +41,7 @@ def speculative_bench(model: str, settings: Settings, *, data: str | None, n: in
         raise ValueError(f"{model} ({pinned}) has no Turbo heads: train it with method turbo_lora or turbo")
     manifest = read_manifest(folder)
     loaded = load_base_model(manifest.base_model.id, settings.model_cache_dir)
+    engine = _engine_for(loaded, folder, console)  # copies the base before PEFT wraps it
     network = load_adapter(loaded.model, folder) if has_lora(folder) else loaded.model
     network.eval()
     heads = load_heads(folder, device=loaded.device)
@@ -50,8 +51,25 @@ def speculative_bench(model: str, settings: Settings, *, data: str | None, n: in
     prompts = split_prompts(loaded.tokenizer, settings, data_settings, name=f"bench-{manifest.name}", n=n)
     console.print(f"benchmarking {pinned} ({manifest.method}, {heads.num_heads} heads) on {len(prompts)} "
                   f"{data_settings.preset or 'test'} prompts, batch 1, greedy, max {max_new_tokens} new tokens")
-    return measure_speculative(network, heads, loaded.tokenizer, prompts,
-                               max_new_tokens=max_new_tokens, prompt_lookup_num_tokens=prompt_lookup_num_tokens)
+    try:
+        return measure_speculative(network, heads, loaded.tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                   prompt_lookup_num_tokens=prompt_lookup_num_tokens, engine=engine)
+    finally:
+        if engine is not None:
+            engine.close()
+
+
+def _engine_for(loaded: Any, folder: Path, console: Console) -> Any:
+    """The serving engine over the base and this adapter, or None (named) when it cannot take the model."""
+    from lorafleet.evaluation.engine_generation import EngineScorer
+    from lorafleet.models.sampling_rules import eos_token_ids
+
+    try:
+        return EngineScorer(loaded.model, loaded.tokenizer, folder,
+                            eos_token_ids=sorted(eos_token_ids(loaded.model, loaded.tokenizer, required=True)))
+    except ValueError as error:
+        console.print(f"the engine cannot take {loaded.resolved.model_id} ({error}): HF loop figures only")
+        return None
 
 
 def split_prompts(tokenizer: Any, settings: Settings, data: DataSettings, *, name: str, n: int) -> list[list[int]]:
@@ -72,14 +90,20 @@ def print_speculative(report: SpeculativeReport, console: Console) -> None:
     table = Table(title=f"speculative decoding: {report.n_prompts} prompts, {report.device}")
     for column in ("decoder", "tokens/s", "vs plain"):
         table.add_column(column, justify="right" if column != "decoder" else "left")
-    for label, rate in (("ours, plain", report.tokens_per_s_plain),
-                        ("ours, speculative", report.tokens_per_s_speculative),
+    plain = report.tokens_per_s_engine_plain or report.tokens_per_s_plain  # the served decoder's, when measured
+    engine_rows = [] if report.tokens_per_s_engine_plain is None else [
+        ("engine, plain", report.tokens_per_s_engine_plain),
+        ("engine, speculative", report.tokens_per_s_engine_speculative)]
+    for label, rate in (*engine_rows, ("HF-model loop, plain", report.tokens_per_s_plain),
+                        ("HF-model loop, speculative", report.tokens_per_s_speculative),
                         ("HF generate", report.tokens_per_s_hf_generate),
                         (f"HF prompt lookup ({report.prompt_lookup_num_tokens})", report.tokens_per_s_hf_prompt_lookup)):
-        table.add_row(label, f"{rate:.1f}", f"{rate / report.tokens_per_s_plain:.2f}x")
+        table.add_row(label, f"{rate:.1f}", f"{rate / plain:.2f}x")
     console.print(table)
     heads = ", ".join(f"{rate:.2f}" for rate in report.per_head_acceptance)
-    console.print(f"τ = {report.tau:.2f}  per-head acceptance [{heads}]  greedy identical "
+    console.print(f"τ = {report.tau:.2f} and speed-up {report.speedup:.2f}x on the {report.decoder} (HF loop: τ "
+                  f"{report.tau_hf_loop:.2f}, {report.speedup_hf_loop:.2f}x)")
+    console.print(f"per-head acceptance [{heads}]  greedy identical "
                   f"{report.greedy_identical_fraction:.0%}  heads {report.head_params:,} parameters = "
                   f"{report.head_params_fraction_of_medusa1:.1%} of Medusa-1 ({report.medusa1_equivalent_params:,})")
 

@@ -41,6 +41,8 @@ SPEC_DRAFTS = "lorafleet_spec_decode_num_drafts"
 SPEC_DRAFT_TOKENS = "lorafleet_spec_decode_num_draft_tokens"
 SPEC_ACCEPTED_TOKENS = "lorafleet_spec_decode_num_accepted_tokens"
 SPEC_MEAN_ACCEPTANCE = "lorafleet_spec_decode_mean_acceptance_length"
+SPEC_DECISIONS = "lorafleet_spec_decode_decisions"  # counter: steps with heads that drafted (on) or not (off)
+SPEC_TAU = "lorafleet_spec_decode_tau"  # gauge per adapter: the speculation policy's running tau
 # The engine (vLLM's names).
 RUNNING = "lorafleet_num_requests_running"
 WAITING = "lorafleet_num_requests_waiting"
@@ -95,8 +97,8 @@ class ServingMetrics:
         def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Any:
             return Counter(name, doc, list(labels), registry=registry)
 
-        def gauge(name: str, doc: str) -> Any:
-            return Gauge(name, doc, registry=registry, multiprocess_mode=_GAUGE_MODE)
+        def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Any:
+            return Gauge(name, doc, list(labels), registry=registry, multiprocess_mode=_GAUGE_MODE)
 
         def histogram(name: str, doc: str, buckets: tuple[float, ...], labels: tuple[str, ...] = ()) -> Any:
             return Histogram(name, doc, list(labels), buckets=buckets, registry=registry)
@@ -116,6 +118,10 @@ class ServingMetrics:
         # The engine.
         self.spec_mean_acceptance = gauge(SPEC_MEAN_ACCEPTANCE, "tokens per drafting row-step since start: "
                                           "1 + accepted / drafts (0 before any draft)")
+        self.spec_decisions = counter(SPEC_DECISIONS, "engine steps with Turbo heads live, by the speculation "
+                                      "policy's decision (on: they drafted)", ("decision",))
+        self.spec_tau = gauge(SPEC_TAU, "the speculation policy's running tau (1 + accepted drafts per "
+                              "verification, moving average) by engine adapter", ("adapter",))
         self.running = gauge(RUNNING, "requests in the engine's running batch")
         self.waiting = gauge(WAITING, "requests queued in the engine (incl. those waiting for their adapter)")
         self.kv_usage = gauge(KV_USAGE, "fraction of KV-cache blocks in use (0-1)")
@@ -154,6 +160,7 @@ class ServingMetrics:
         self._served_names: Callable[[Collection[str]], dict[str, str]] | None = None
         # Counters at the previous engine pass: the engine and the cache keep totals, metrics take deltas.
         self._engine_last: tuple[int, ...] | None = None  # steps, drafts, draft tokens, accepted, preemptions
+        self._decisions_last = (0, 0)  # speculation policy decisions (on, off) already counted
         self._cache_last = dict.fromkeys(_CACHE_COUNTERS, 0)
         self._slots = -1
 
@@ -229,6 +236,18 @@ class ServingMetrics:
         if current[4] != last[4]:
             self.preemptions.inc(current[4] - last[4])
         self._engine_last = current
+        self._observe_spec_policy(stats)
+
+    def _observe_spec_policy(self, stats: Any) -> None:
+        decisions = (stats.spec_decisions_on, stats.spec_decisions_off)
+        last = self._decisions_last
+        if decisions[0] != last[0]:
+            self.spec_decisions.labels(decision="on").inc(decisions[0] - last[0])
+        if decisions[1] != last[1]:
+            self.spec_decisions.labels(decision="off").inc(decisions[1] - last[1])
+        self._decisions_last = decisions
+        for adapter, tau in dict(stats.spec_tau_by_adapter).items():
+            self.spec_tau.labels(adapter=adapter or BASE_LABEL).set(tau)
 
     def _observe_requests(self, report: Any) -> None:
         for seconds in report.ttft_s:

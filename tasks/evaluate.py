@@ -74,32 +74,37 @@ class EvaluationOutcome:
 def evaluate_adapter(config: FinetuneConfig, prepared: PreparedData, adapter_dir: Path,
                      settings: Settings, *, progress: bool = True) -> EvaluationOutcome:
     loaded = load_base_model(config.base_model, settings.model_cache_dir, device=config.device)
-    tokenizer = loaded.tokenizer
     opts = config.evaluation
+    scorer = _engine_scorer(loaded, adapter_dir, opts)  # copies the base before PEFT wraps it
+    with scorer or contextlib.nullcontext():
+        outcome = _evaluate(config, prepared, adapter_dir, loaded, scorer, progress=progress)
+    _record_in_manifest(adapter_dir, outcome)
+    return outcome
+
+
+def _evaluate(config: FinetuneConfig, prepared: PreparedData, adapter_dir: Path, loaded: Any,
+              scorer: EngineScorer | None, *, progress: bool) -> EvaluationOutcome:
+    tokenizer, opts, task = loaded.tokenizer, config.evaluation, prepared.task
     lora = has_lora(adapter_dir)
-    scorer = _engine_scorer(loaded, adapter_dir if lora else None, opts)  # copies the base before PEFT wraps it
     # A `turbo` adapter on the bare base has no LoRA: its "adapter" outputs are the base model's.
     model = load_adapter(loaded.model, adapter_dir) if lora else loaded.model
     model.eval()
     test = evaluated_rows(prepared, opts)
-    task = prepared.task
 
-    with scorer or contextlib.nullcontext():
-        quality: dict[str, QualityReport] = {}
-        labels = {ADAPTER: f"{config.name} ({config.method})", BASE: "base (zero-shot)"}
-        base_generate = _engine_generate(scorer, opts, adapter=False, progress=progress)
-        with _base_only(model):
-            quality[BASE] = evaluate_quality(model, tokenizer, test, task, opts, label=labels[BASE], progress=progress,
-                                             generate=base_generate)
-            if opts.base_few_shot:
-                shots = few_shot_from_examples(prepared.records("train"), opts.base_few_shot)
-                key = f"{BASE}_{opts.base_few_shot}shot"
-                labels[key] = f"base ({opts.base_few_shot}-shot)"
-                quality[key] = evaluate_quality(model, tokenizer, test, task, opts, few_shot=shots, label=labels[key],
-                                                progress=progress, generate=base_generate)
-        quality[ADAPTER] = evaluate_quality(model, tokenizer, test, task, opts, label=labels[ADAPTER],
-                                            progress=progress, generate=_engine_generate(scorer, opts, adapter=lora,
-                                                                                         progress=progress))
+    quality: dict[str, QualityReport] = {}
+    labels = {ADAPTER: f"{config.name} ({config.method})", BASE: "base (zero-shot)"}
+    base_generate = _engine_generate(scorer, opts, adapter=False, progress=progress)
+    with _base_only(model):
+        quality[BASE] = evaluate_quality(model, tokenizer, test, task, opts, label=labels[BASE], progress=progress,
+                                         generate=base_generate)
+        if opts.base_few_shot:
+            shots = few_shot_from_examples(prepared.records("train"), opts.base_few_shot)
+            key = f"{BASE}_{opts.base_few_shot}shot"
+            labels[key] = f"base ({opts.base_few_shot}-shot)"
+            quality[key] = evaluate_quality(model, tokenizer, test, task, opts, few_shot=shots, label=labels[key],
+                                            progress=progress, generate=base_generate)
+    quality[ADAPTER] = evaluate_quality(model, tokenizer, test, task, opts, label=labels[ADAPTER], progress=progress,
+                                        generate=_engine_generate(scorer, opts, adapter=True, progress=progress))
 
     with _base_only(model):
         base_speed = _measure_speed(model, tokenizer, test, opts, label="base", progress=progress)
@@ -109,14 +114,12 @@ def evaluate_adapter(config: FinetuneConfig, prepared: PreparedData, adapter_dir
                 for key, report in quality.items()}
     speculative = None
     if has_heads(adapter_dir):
-        report = _measure_speculative(model, tokenizer, loaded.device, adapter_dir, test, opts, progress)
+        report = _measure_speculative(model, tokenizer, loaded.device, adapter_dir, test, opts, progress, scorer)
         variants[ADAPTER].update(report.as_metrics())
         speculative = report.to_dict()
     samples = _samples(test, quality, n=5)
-    outcome = EvaluationOutcome(variants=variants, labels=labels, n_examples=len(test), samples=samples,
-                                speculative=speculative)
-    _record_in_manifest(adapter_dir, outcome)
-    return outcome
+    return EvaluationOutcome(variants=variants, labels=labels, n_examples=len(test), samples=samples,
+                             speculative=speculative)
 
 
 def evaluate_on_rows(config: FinetuneConfig, prepared: PreparedData, adapter_dir: Path, settings: Settings,
@@ -127,20 +130,24 @@ def evaluate_on_rows(config: FinetuneConfig, prepared: PreparedData, adapter_dir
     manifest = read_manifest(adapter_dir)
     loaded = load_base_model(manifest.base_model.id, settings.model_cache_dir, device=config.device)
     opts, test = config.evaluation, evaluated_rows(prepared, config.evaluation)
-    lora = has_lora(adapter_dir)
-    scorer = _engine_scorer(loaded, adapter_dir if lora else None, opts)
-    model = load_adapter(loaded.model, adapter_dir) if lora else loaded.model
+    scorer = _engine_scorer(loaded, adapter_dir, opts)
+    with scorer or contextlib.nullcontext():
+        return _metrics_on_rows(manifest, adapter_dir, loaded, scorer, prepared, opts, test, progress)
+
+
+def _metrics_on_rows(manifest: Any, adapter_dir: Path, loaded: Any, scorer: EngineScorer | None,
+                     prepared: PreparedData, opts: EvaluationSettings, test: list[dict[str, Any]],
+                     progress: bool) -> dict[str, float]:
+    model = load_adapter(loaded.model, adapter_dir) if has_lora(adapter_dir) else loaded.model
     model.eval()
     label = f"{manifest.name} ({manifest.method})"
-    with scorer or contextlib.nullcontext():
-        quality = evaluate_quality(model, loaded.tokenizer, test, prepared.task, opts, label=label,
-                                   progress=progress, generate=_engine_generate(scorer, opts, adapter=lora,
-                                                                                progress=progress))
+    quality = evaluate_quality(model, loaded.tokenizer, test, prepared.task, opts, label=label, progress=progress,
+                               generate=_engine_generate(scorer, opts, adapter=True, progress=progress))
     speed = _measure_speed(model, loaded.tokenizer, test, opts, label=label, progress=progress)
     metrics = {**quality.metrics, **_speed_metrics(speed)}
     if has_heads(adapter_dir):
         metrics.update(_measure_speculative(model, loaded.tokenizer, loaded.device, adapter_dir, test, opts,
-                                            progress).as_metrics())
+                                            progress, scorer).as_metrics())
     return metrics
 
 
@@ -150,9 +157,10 @@ def evaluated_rows(prepared: PreparedData, opts: EvaluationSettings) -> list[dic
     return test if opts.max_examples is None else test[: opts.max_examples]
 
 
-def _engine_scorer(loaded: Any, adapter_dir: Path | None, opts: EvaluationSettings) -> EngineScorer | None:
-    """The engine for scoring (`evaluation.generator: engine`), or None: HF `generate` then scores. A base
-    model the engine does not implement falls back to `generate`, logged, since scores stay comparable."""
+def _engine_scorer(loaded: Any, adapter_dir: Path, opts: EvaluationSettings) -> EngineScorer | None:
+    """The engine for scoring (`evaluation.generator: engine`) and speculative timing, holding the adapter
+    (LoRA and/or heads), or None: HF `generate` then scores. A base model the engine does not implement
+    falls back to `generate`, logged, since scores stay comparable."""
     if opts.generator != "engine":
         return None
     try:
@@ -184,12 +192,13 @@ def _measure_speed(model: Any, tokenizer: Any, test: list[dict[str, Any]], opts:
 
 
 def _measure_speculative(model: Any, tokenizer: Any, device: Any, adapter_dir: Path, test: list[dict[str, Any]],
-                         opts: EvaluationSettings, progress: bool) -> SpeculativeReport:
+                         opts: EvaluationSettings, progress: bool, scorer: EngineScorer | None) -> SpeculativeReport:
+    """tau and speed-up on the engine (what serves) when it takes the model, the HF loop beside it."""
     return measure_speculative(
         model, load_heads(adapter_dir, device=device), tokenizer,
         [encode_prompt(tokenizer, row["messages"]) for row in test[: opts.speculative_prompts]],
         max_new_tokens=opts.speculative_max_new_tokens, prompt_lookup_num_tokens=opts.prompt_lookup_num_tokens,
-        warmup=opts.speed_warmup, progress=progress)
+        warmup=opts.speed_warmup, progress=progress, engine=scorer)
 
 
 def _base_only(model: Any):

@@ -142,17 +142,17 @@ def test_eight_adapters_and_base_in_one_batch_equal_each_request_alone(compact, 
 
 def test_speculative_greedy_equals_plain_inside_mixed_batches(compact, adapters, oracle):
     requests = [("turbo", i) for i in range(len(PROMPTS))] + [("a1", 0), (None, 2)]
-    engine = make_engine(compact, adapters, speculative_max_batch=16)
+    engine = make_engine(compact, adapters, speculation="on")
     out = run(engine, requests)
     for i, key in enumerate(requests):
         assert out[f"r{i}"] == oracle[key], key
     assert engine.stats.spec_draft_tokens > 0  # the turbo rows really drafted
-    plain = make_engine(compact, adapters, speculative_max_batch=0)
+    plain = make_engine(compact, adapters, speculation="off")
     assert run(plain, requests) == out and plain.stats.spec_draft_tokens == 0
 
 
 def test_heads_only_adapter_decodes_the_base_model_speculatively(compact, adapters, oracle):
-    engine = make_engine(compact, adapters, speculative_max_batch=8)
+    engine = make_engine(compact, adapters, speculation="on")
     out = run(engine, [("heads_only", i) for i in range(3)])
     for i in range(3):
         assert out[f"r{i}"] == oracle[(None, i)]
@@ -195,7 +195,7 @@ def test_abort_frees_blocks_and_the_rest_continue(compact, adapters, oracle):
 
 def test_seeded_sampling_is_reproducible_and_differs_across_seeds(compact, adapters):
     def sample(seed: int) -> list[int]:
-        engine = make_engine(compact, adapters, speculative_max_batch=8)
+        engine = make_engine(compact, adapters, speculation="on")
         params = SamplingParams(max_new_tokens=MAX_NEW, temperature=1.5, seed=seed)
         return run(engine, [("turbo", 0)], params)["r0"]
 

@@ -374,7 +374,7 @@ def bad_heads_reader(path: Path, shape) -> LoadedAdapter:
 
 
 def test_a_drafting_failure_of_one_adapters_heads_fails_only_its_requests(compact, adapters):
-    engine = make_engine(compact, adapters, reader=bad_heads_reader, speculative_max_batch=8)
+    engine = make_engine(compact, adapters, reader=bad_heads_reader, speculation="on")
     warm(engine, "turbo", "turbo_bad", "a0")
     bystanders = {"turbo": ("turbo", PROMPTS[0], GREEDY), "a0": ("a0", PROMPTS[1], GREEDY),
                   "base": (None, PROMPTS[2], GREEDY)}

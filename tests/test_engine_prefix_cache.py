@@ -202,11 +202,11 @@ def test_engine_outputs_with_prefix_caching_equal_without(compact, adapters):
             outputs.update({f"{round_}-{k}": v for k, v in out.items()})
         return outputs
 
-    plain = serve(make_engine(compact, adapters, prefix_caching=False, speculative_max_batch=16))
-    cached_engine = make_engine(compact, adapters, speculative_max_batch=16)
+    plain = serve(make_engine(compact, adapters, prefix_caching=False, speculation="on"))
+    cached_engine = make_engine(compact, adapters, speculation="on")
     assert serve(cached_engine) == plain
     assert cached_engine.scheduler.prefix_hit_tokens >= 12 * 32  # round two: 2 blocks of 16 per request
-    small = make_engine(compact, adapters, kv_cache_mb=0.05, speculative_max_batch=16)  # evicts as it goes
+    small = make_engine(compact, adapters, kv_cache_mb=0.05, speculation="on")  # evicts as it goes
     assert serve(small) == plain
 
 

@@ -302,10 +302,10 @@ def test_engine_settings_are_nested_not_redeclared_and_keep_their_variables(tmp_
     service = ServiceSettings.from_env(settings, {
         "LORAFLEET_SERVE_KV_CACHE_MB": "300", "LORAFLEET_SERVE_MAX_QUEUE": "9", "LORAFLEET_SERVE_ADAPTER_SLOTS": "3",
         "LORAFLEET_SERVE_MAX_LORA_RANK": "8", "LORAFLEET_SERVE_MAX_NUM_SEQS": "64",
-        "LORAFLEET_SERVE_SPECULATIVE_MAX_BATCH": "0", "LORAFLEET_SERVE_PREFIX_CACHING": "false",
+        "LORAFLEET_SERVE_SPECULATION": "off", "LORAFLEET_SERVE_PREFIX_CACHING": "false",
         "LORAFLEET_SERVE_WEIGHTS": "int4"})
     assert service.engine == EngineConfig(kv_cache_mb=300, max_waiting=9, adapter_slots=3, max_lora_rank=8,
-                                          max_num_seqs=64, speculative_max_batch=0, prefix_caching=False,
+                                          max_num_seqs=64, speculation="off", prefix_caching=False,
                                           weights="int4")
     for variable, value in (("LORAFLEET_SERVE_KV_CACHE_MB", "0"), ("LORAFLEET_SERVE_MAX_QUEUE", "many"),
                             ("LORAFLEET_SERVE_WEIGHTS", "int3"),

@@ -221,10 +221,15 @@ def test_speculative_metrics_with_a_turbo_adapter(serve):
     def record(report: StepReport, metrics: ServingMetrics) -> None:
         deliveries.extend(len(output.new_token_ids) for output in report.outputs if output.new_token_ids)
 
-    served = serve(["turbo"], record=record)
+    served = serve(["turbo"], record=record, speculation="on")  # "adaptive" would stop for random heads
     tokens = asyncio.run(served.generate("turbo", PROMPTS[0], 40))
     stats = served.generator.engine.stats
     assert stats.spec_drafts > 0 and stats.spec_accepted_tokens > 0, "the random heads accept some drafts here"
+    # every step with the heads live was a decision, published by decision; tau by engine adapter
+    assert stats.spec_decisions_on > 0 and stats.spec_decisions_off == 0
+    assert served.value("lorafleet_spec_decode_decisions_total", decision="on") == stats.spec_decisions_on
+    assert served.value("lorafleet_spec_decode_tau", adapter="turbo") == pytest.approx(
+        stats.spec_tau_by_adapter["turbo"]) and stats.spec_tau_by_adapter["turbo"] >= 1.0
     assert served.value("lorafleet_spec_decode_num_drafts_total") == stats.spec_drafts
     assert served.value("lorafleet_spec_decode_num_draft_tokens_total") == stats.spec_draft_tokens
     assert served.value("lorafleet_spec_decode_num_accepted_tokens_total") == stats.spec_accepted_tokens

@@ -18,6 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field
 WeightFormat = Literal["dense", "int8", "int4"]
 WEIGHT_FORMATS: tuple[str, ...] = get_args(WeightFormat)
 
+# Whether Turbo heads draft (serving/engine/speculation_policy.py): 'adaptive' decides per step by measured
+# gain, 'on' always drafts, 'off' never does.
+SpeculationMode = Literal["adaptive", "on", "off"]
+
 # The queue bound of every generator (the PEFT runner takes it too): beyond it, HTTP 429.
 DEFAULT_MAX_WAITING = 256
 
@@ -36,7 +40,10 @@ class EngineConfig(BaseModel):
                                      "running sequence needs a token per step")
     max_waiting: int = Field(DEFAULT_MAX_WAITING, ge=1, description="waiting requests beyond this are refused "
                              "(QueueFull, HTTP 429)")
-    speculative_max_batch: int = Field(4, ge=0, description="live requests above which no row drafts")
+    speculation: SpeculationMode = Field("adaptive", description="Turbo heads: 'adaptive' drafts in a step only "
+                                         "while the measured tokens per second of drafting steps (tau per "
+                                         "adapter over the step's cost at this batch size) beat plain steps; "
+                                         "'on' always drafts, 'off' never")
     adapter_slots: int = Field(16, ge=1, description="adapters resident at once (LRU beyond)")
     max_lora_rank: int = Field(16, ge=1, description="largest LoRA rank an adapter may have (vLLM's default "
                                "too); every slot is sized for it, so memory and LoRA work grow with it")

@@ -6,9 +6,10 @@ scheduler (policy) what to run, packs every scheduled sequence's tokens into one
 own adapter slot), runs one forward and one LM-head call, then verifies drafts, samples, appends,
 rolls the KV cache back past rejected drafts and reports new tokens.
 
-Speculation uses each sequence's own adapter heads (rows without heads decode one token); it is
-switched off when more than `speculative_max_batch` sequences are live, where the batch is already
-compute-bound and verifying extra tokens stops paying. Greedy stays token-for-token identical to plain
+Speculation uses each sequence's own adapter heads (rows without heads decode one token); whether a
+step drafts is decided by measured gain (`speculation_policy.py`: each adapter's acceptance against the
+cost of a drafting step vs a plain one at this batch size), since once the batch is compute-bound
+verifying extra tokens stops paying, at a batch size that depends on the machine. Greedy stays token-for-token identical to plain
 decoding because verification keeps only tokens the target itself picks (`models.speculative`).
 
 The engine is single-threaded on purpose: the async front (`serving/generation/engine_generator.py`) owns
@@ -48,6 +49,7 @@ from lorafleet.serving.engine.lora_slots import LoraSlots
 from lorafleet.serving.engine.model import CompactLlama, ForwardBatch
 from lorafleet.serving.engine.scheduler import QueueFull, ScheduledSeq, Scheduler
 from lorafleet.serving.engine.sequence import SamplingParams, SeqStatus, Sequence, check_prompt
+from lorafleet.serving.engine.speculation_policy import SpeculationPolicy
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,9 @@ class EngineStats:
     spec_draft_tokens: int = 0
     spec_accepted_tokens: int = 0
     preemptions: int = 0
+    spec_decisions_on: int = 0  # steps whose rows with heads drafted (speculation policy)
+    spec_decisions_off: int = 0  # steps whose rows with heads did not
+    spec_tau_by_adapter: dict[str, float] = field(default_factory=dict)  # the policy's running tau ("" = base)
     last_batch_size: int = 0
     tokens_by_adapter: dict[str, int] = field(default_factory=dict)
     requests_by_adapter: dict[str, int] = field(default_factory=dict)
@@ -104,7 +109,9 @@ class Engine:
 
     def __init__(self, model: CompactLlama, config: EngineConfig | None = None, *,
                  adapters: Any | None = None, lora: LoraSlots | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 timer: Callable[[], float] = time.perf_counter) -> None:
+        """`clock` seeds unseeded sampling; `timer` measures step costs for the speculation policy."""
         self.model, self.config = model, config or EngineConfig()
         shape = model.shape
         weight = model.lm_head_weight
@@ -126,7 +133,10 @@ class Engine:
         self.adapters = adapters  # an AdapterCache, or None: base model only
         self.lora = lora if lora is not None else getattr(adapters, "slots", None)
         self.stats = EngineStats()
-        self.clock = clock
+        self.clock, self.timer = clock, timer
+        self.policy = SpeculationPolicy(self.config.speculation)
+        self._draft_next = False  # the policy's decision for the next step's rows with heads
+        self._draft_seconds = 0.0  # time the heads took this step (a drafting step's extra cost)
         self._live: dict[str, _Live] = {}
         self._seeds = itertools.count(1)
         self._unresolvable: dict[str, str] = {}  # request id -> why its adapter name no longer resolves
@@ -197,6 +207,7 @@ class Engine:
 
         A failure caused by one request or adapter fails that request only (see the module docstring)."""
         outputs = self._install_adapters()
+        self._draft_seconds = 0.0
         self._plan_speculation()
         plan = self.scheduler.schedule(self._adapter_ready)
         outputs.extend(self._fail_unresolvable())
@@ -220,6 +231,11 @@ class Engine:
                 outputs.append(self._fail(item.seq.request_id, failure))
         if not scheduled:
             return outputs
+        # A pure decode step (every row feeds its next token, maybe with drafts) is a sample of the
+        # step cost the speculation policy weighs; prefill chunks would blur it.
+        decode_only = all(item.samples and item.num_tokens == 1 for item in scheduled)
+        verifying = any(item.seq.lookahead > 0 for item in scheduled)
+        started = self.timer()
         scheduled, rows, hidden, failed = self._forward(scheduled)
         outputs.extend(failed)
         if not scheduled:
@@ -227,6 +243,8 @@ class Engine:
         self.stats.steps += 1
         self.stats.last_batch_size = len(scheduled)
         outputs.extend(self._advance(scheduled, rows, hidden))
+        if decode_only and not failed:
+            self.policy.observe_step(len(scheduled), verifying, self.timer() - started - self._draft_seconds)
         return outputs
 
     def _forward(self, scheduled: list[ScheduledSeq]
@@ -311,16 +329,12 @@ class Engine:
             return None
         return self.adapters.heads(live.seq.adapter)
 
-    def _speculating(self) -> bool:
-        """Whether rows with heads draft at the current number of live sequences."""
-        return len(self._live) <= self.config.speculative_max_batch
-
     def _plan_speculation(self) -> None:
-        """Decide per sequence whether it drafts this step (the scheduler reserves blocks for it)."""
-        speculate = self._speculating()
+        """Per sequence, whether it verifies drafts this step (the scheduler reserves blocks for them):
+        those drafted last step, when the policy decided so then."""
         for live in self._live.values():
             decoding = live.seq.status == SeqStatus.RUNNING and live.seq.num_computed == live.seq.num_tokens - 1
-            live.seq.lookahead = len(live.drafts) if speculate and decoding and live.drafts else 0
+            live.seq.lookahead = len(live.drafts) if self._draft_next and decoding and live.drafts else 0
 
     # ----- one forward --------------------------------------------------------------------------
     def _pack(self, scheduled: list[ScheduledSeq]) -> tuple[ForwardBatch, list[tuple[int, int]]]:
@@ -388,8 +402,19 @@ class Engine:
                 draft_owners.append((live, heads))
             else:
                 live.drafts = []
-        if self._speculating():
+        batch = min(len(self._live), self.config.max_num_seqs)  # rows of the next step, about
+        self._draft_next = self.policy.decide(batch, [live.seq.adapter for live, _ in draft_owners])
+        if draft_owners:
+            if self._draft_next:
+                self.stats.spec_decisions_on += 1
+            else:
+                self.stats.spec_decisions_off += 1
+        if self._draft_next:
+            started = self.timer()
             failures = self._draft(draft_states, draft_owners)
+            self._draft_seconds = self.timer() - started
+            if draft_states:
+                self.policy.observe_drafting(batch, self._draft_seconds)
             for i, output in enumerate(outputs):
                 if output.request_id in failures and output.request_id in self._live:
                     failed = self._fail(output.request_id, failures[output.request_id])
@@ -420,6 +445,8 @@ class Engine:
             self.stats.spec_drafts += 1
             self.stats.spec_draft_tokens += k
             self.stats.spec_accepted_tokens += accepted
+            self.policy.observe_acceptance(seq.adapter, accepted)
+            self.stats.spec_tau_by_adapter[seq.adapter or ""] = self.policy.tau(seq.adapter)
         seq.num_computed += item.num_tokens + accepted  # x and the accepted drafts are in the cache
         output = self._emit(live, emitted)
         if not output.finished:

@@ -1,0 +1,123 @@
+"""Whether Turbo heads draft this step: decided by measured gain, not by a fixed batch-size threshold.
+
+Drafting pays when the tokens a verification step emits per second beat a plain step's. Both sides
+are measured while serving, per batch-size bucket (1, 2, 3-4, 5-8, ...):
+  * plain:    B tokens per step, at `cost(bucket, plain)` seconds per step;
+  * drafting: sum over rows of tau (1 + the adapter's running mean of accepted drafts; 1 for rows
+              without heads) per step, at `cost(bucket, drafting)` seconds per step (the wider forward,
+              the verification and the heads that draft the next step).
+The engine drafts iff the drafting rate is higher. Costs and acceptance are exponential moving averages,
+so the rule follows the machine's load and each adapter's data. A bucket with no measured cost for one
+side tries that side first, and every `explore_every` decisions in a bucket the other side runs once,
+so an estimate taken in a slow spell cannot lock the engine into a choice forever.
+
+On a small CPU a 1+4-token verification costs ~1.1x a plain step at batch 1 (drafting wins for any
+useful tau) and approaches (1+4)x once the batch is compute-bound (drafting loses): the old rule, "off
+above 4 live requests", was a fixed guess at where that crossover lies; on a GPU it lies elsewhere.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+
+from lorafleet.serving.engine.config import SpeculationMode
+
+_PRIOR_ACCEPTED = 1.0  # drafts accepted per verification before an adapter has any: tries it
+
+
+@dataclass
+class MovingAverage:
+    """An exponential moving average that starts at its first sample."""
+
+    weight: float
+    value: float | None = None
+    samples: int = 0
+
+    def add(self, sample: float) -> None:
+        self.value = sample if self.value is None else self.value + self.weight * (sample - self.value)
+        self.samples += 1
+
+
+def bucket(batch_size: int) -> int:
+    """The power of two at or above `batch_size`: steps of similar width share a cost estimate."""
+    return 1 << max(batch_size - 1, 0).bit_length()
+
+
+class SpeculationPolicy:
+    """Per-step draft/no-draft decisions and the measurements behind them (one per engine)."""
+
+    def __init__(self, mode: SpeculationMode = "adaptive", *, smoothing: float = 0.2,
+                 explore_every: int = 16) -> None:
+        if not 0 < smoothing <= 1:
+            raise ValueError(f"smoothing must be in (0, 1], got {smoothing}")
+        if explore_every < 2:
+            raise ValueError(f"explore_every must be >= 2, got {explore_every}")
+        self.mode, self.smoothing, self.explore_every = mode, smoothing, explore_every
+        self._cost: dict[tuple[int, bool], MovingAverage] = {}  # forward + verification/sampling
+        self._heads: dict[int, MovingAverage] = {}  # the heads drafting the next step
+        self._accepted: dict[str | None, MovingAverage] = {}
+        self._since_explore: collections.Counter[int] = collections.Counter()
+        self.decisions: collections.Counter[str] = collections.Counter()  # "on" / "off", steps with heads
+
+    # ----- measurements -------------------------------------------------------------------------
+    def observe_step(self, batch_size: int, drafting: bool, seconds: float) -> None:
+        """A decode step of `batch_size` rows (verifying drafts or not) took `seconds`."""
+        if batch_size < 1 or seconds <= 0:
+            return
+        key = (bucket(batch_size), drafting)
+        self._cost.setdefault(key, MovingAverage(self.smoothing)).add(seconds)
+
+    def observe_drafting(self, batch_size: int, seconds: float) -> None:
+        """The heads took `seconds` to draft for a step of `batch_size` rows."""
+        if batch_size >= 1 and seconds > 0:
+            self._heads.setdefault(bucket(batch_size), MovingAverage(self.smoothing)).add(seconds)
+
+    def observe_acceptance(self, adapter: str | None, accepted: int) -> None:
+        """One verification of `adapter`'s drafts accepted `accepted` of them."""
+        self._accepted.setdefault(adapter, MovingAverage(self.smoothing)).add(float(accepted))
+
+    def tau(self, adapter: str | None) -> float:
+        """Expected tokens per verification step of a row of `adapter` (1 + accepted drafts)."""
+        average = self._accepted.get(adapter)
+        return 1.0 + (average.value if average is not None and average.value is not None else _PRIOR_ACCEPTED)
+
+    def step_cost(self, batch_size: int, drafting: bool) -> float | None:
+        """Seconds per step at this size; a drafting step includes its heads. None: not measured yet."""
+        size = bucket(batch_size)
+        average = self._cost.get((size, drafting))
+        if average is None or average.value is None:
+            return None
+        if not drafting:
+            return average.value
+        heads = self._heads.get(size)
+        return None if heads is None or heads.value is None else average.value + heads.value
+
+    def taus(self) -> dict[str | None, float]:
+        return {adapter: self.tau(adapter) for adapter in self._accepted}
+
+    # ----- the decision -------------------------------------------------------------------------
+    def decide(self, batch_size: int, drafting_adapters: list[str | None]) -> bool:
+        """Whether the rows whose adapters are `drafting_adapters` (those with heads) draft, in a step
+        of `batch_size` rows in all."""
+        if self.mode == "off" or not drafting_adapters or batch_size < 1:
+            return False
+        if self.mode == "on":
+            return self._count(True)
+        size = bucket(batch_size)
+        plain, drafting = self.step_cost(batch_size, False), self.step_cost(batch_size, True)
+        if drafting is None:
+            return self._count(True)  # never measured here: try it
+        if plain is None:
+            return self._count(False)
+        expected = sum(self.tau(adapter) for adapter in drafting_adapters) + batch_size - len(drafting_adapters)
+        choice = expected / drafting > batch_size / plain
+        self._since_explore[size] += 1
+        if self._since_explore[size] >= self.explore_every:  # refresh the estimate of the side not taken
+            self._since_explore[size] = 0
+            choice = not choice
+        return self._count(choice)
+
+    def _count(self, choice: bool) -> bool:
+        self.decisions["on" if choice else "off"] += 1
+        return choice
