@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
 
 from lorafleet.evaluation.engine_bench import EngineBenchReport, measure_engine
-from lorafleet.evaluation.serving_bench import ServingBenchReport
 from lorafleet.evaluation.speculative import SpeculativeReport, measure_speculative
 from lorafleet.evaluation.weight_bench import FORMATS, WeightBenchReport, measure_weight_formats
 from lorafleet.models.adapter_dir import has_lora, read_manifest
@@ -31,7 +30,6 @@ from lorafleet.sections.data import DataSettings
 from lorafleet.settings import Settings
 from lorafleet.tasks.adapter_sources import resolve_model_reference
 from lorafleet.tasks.data.prepare import prepare_dataset
-from lorafleet.tasks.training_bench import TrainingBenchReport
 
 
 def speculative_bench(model: str, settings: Settings, *, data: str | None, n: int, max_new_tokens: int,
@@ -108,7 +106,11 @@ def print_speculative(report: SpeculativeReport, console: Console) -> None:
                   f"{report.head_params_fraction_of_medusa1:.1%} of Medusa-1 ({report.medusa1_equivalent_params:,})")
 
 
-def write_json(report: SpeculativeReport | EngineBenchReport | ServingBenchReport | TrainingBenchReport | WeightBenchReport,
+class JsonReport(Protocol):
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+def write_json(report: JsonReport,
                path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report.to_dict(), indent=2))
@@ -220,6 +222,28 @@ def weights_bench(settings: Settings, *, formats: Sequence[str], n_prompts: int,
         report.adapter_scores[name] = quality.metrics
         console.print(f"{adapter} under {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in quality.metrics.items()))
     return report
+
+
+def scoring_bench(settings: Settings, adapter: str, *, rows: int | None, console: Console) -> Any:
+    """Score `adapter` on its own test split with the engine and with `generate` (evaluation/scoring_bench.py),
+    at its own evaluation settings (max_new_tokens, batch size)."""
+    from lorafleet.config import FinetuneConfig
+    from lorafleet.evaluation.scoring_bench import measure_scoring
+
+    folder, pinned = resolve_model_reference(adapter, settings)
+    if not has_lora(folder):
+        raise ValueError(f"{adapter} has no LoRA weights: scoring it is scoring the base model")
+    manifest = read_manifest(folder)
+    config = FinetuneConfig.model_validate(manifest.training_config)
+    loaded = load_base_model(manifest.base_model.id, settings.model_cache_dir)
+    prepared = prepare_dataset(config.data, loaded.tokenizer, name=f"bench-{manifest.name}",
+                               out_root=settings.prepared_data_dir, data_root=settings.data_root)
+    test = prepared.records("test")
+    test = test[:rows] if rows else test
+    console.print(f"scoring {pinned} on {len(test)} test rows: engine, then transformers generate "
+                  f"(batch {config.evaluation.batch_size}), max {config.evaluation.max_new_tokens} new tokens")
+    return measure_scoring(loaded, folder, pinned, test, prepared.task,
+                           max_new_tokens=config.evaluation.max_new_tokens, hf_batch_size=config.evaluation.batch_size)
 
 
 def print_weights(report: WeightBenchReport, console: Console) -> None:

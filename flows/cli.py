@@ -306,6 +306,27 @@ def bench_weights(
     console.print(f"wrote {json_out}")
 
 
+@bench_app.command("scoring")
+def bench_scoring(
+    adapter: Annotated[str, typer.Argument(help="NAME, NAME@VERSION, models:/ URI or an adapter folder")],
+    json_out: Annotated[Path, typer.Option("--json", help="where to write the JSON report")] = Path("scoring.json"),
+    rows: Annotated[int | None, typer.Option(min=1, help="test rows (default: the whole test split)")] = None,
+) -> None:
+    """Score an adapter on its test split with the engine and with transformers generate: time, identity."""
+    from lorafleet.flows.bench import scoring_bench, write_json
+
+    try:
+        report = scoring_bench(_settings(), adapter, rows=rows, console=console)
+    except (ValueError, LookupError) as error:
+        _fail(str(error))
+    console.print(f"engine {report.engine_seconds:.1f} s, generate {report.hf_seconds:.1f} s: {report.speedup:.2f}x; "
+                  f"identical predictions {report.identical_predictions}/{report.rows}")
+    for name in sorted(set(report.engine_metrics) & {"field_f1", "exact_match", "parse_rate"}):
+        console.print(f"  {name}: engine {report.engine_metrics[name]:.4f}, generate {report.hf_metrics[name]:.4f}")
+    write_json(report, json_out)
+    console.print(f"wrote {json_out}")
+
+
 @bench_app.command("serving")
 def bench_serving(
     json_out: Annotated[Path, typer.Option("--json", help="where to write the JSON report")] = Path("serving.json"),

@@ -107,3 +107,15 @@ def test_self_distillation_on_the_engine_writes_the_rows_generate_writes(tiny_mo
         raise AssertionError("cached rows must not be generated again")
 
     assert distilled_rows(refuse, tokenizer, prepared, "train", tmp_path / "engine", turbo, None) == engine_rows
+
+
+def test_scoring_bench_scores_both_paths_identically(tiny_model, tmp_path):
+    from lorafleet.evaluation.scoring_bench import measure_scoring
+    from lorafleet.flows.bench import write_random_adapters
+
+    folder = write_random_adapters(copy.deepcopy(tiny_model), tmp_path, ["rand-001"], rank=4)["rand-001"]
+    report = measure_scoring(tiny_model, folder, "tiny", _examples(6), TASK, max_new_tokens=10, hf_batch_size=4,
+                             progress=False)
+    assert report.rows == 6 and report.identical_predictions == 6 and report.differing_rows == []
+    assert report.engine_metrics == report.hf_metrics
+    assert report.to_dict()["speedup"] == report.hf_seconds / report.engine_seconds
