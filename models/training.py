@@ -40,6 +40,7 @@ from .checkpoints import (
 )
 from .loss import CompletionObjective, TurboObjective, summarize
 from .sharding import full_tensor, is_sharded
+from .thread_tuning import ThreadTuner
 from .training_settings import TrainingSettings
 from .turbo_settings import TurboSettings
 
@@ -243,6 +244,10 @@ def train_adapter(
     batches_per_epoch = math.ceil(len(train_rows) / settings.batch_size)
 
     trainable.train()
+    # Ranks of a multi-process run wait for each other at every collective: their thread counts are the
+    # launcher's to set (one tuner per rank would measure the others' trials).
+    tuner = ThreadTuner(explore_every=16) if settings.thread_tuning and dist.world_size == 1 and device.type == "cpu" \
+        else None  # steps of seconds: a trial every 16 adapts within a minute or two
     bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step",
                disable=not (progress and dist.is_main))
     while state.step < total_steps and not state.stopped_early:
@@ -250,8 +255,12 @@ def train_adapter(
         while state.batch_in_epoch < len(order) and state.step < total_steps and not state.stopped_early:
             group = order[state.batch_in_epoch: state.batch_in_epoch + settings.grad_accum]
             micro_batches = [[train_rows[i] for i in b] for b in group]
+            if tuner is not None:
+                tuner.threads("train")
             metrics = _optimizer_step(objective, trainable, micro_batches, optimizer, scheduler, settings,
                                       pad_token_id, precision, device, dist)
+            if tuner is not None:  # per token: length-grouped batches differ in size
+                tuner.observe("train", metrics["train/step_seconds"] / max(metrics["_tokens"], 1))
             state.step += 1
             state.batch_in_epoch += len(group)
             state.samples_seen += sum(len(b) for b in group)

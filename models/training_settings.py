@@ -73,5 +73,8 @@ class TrainingSettings(BaseModel):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto = bf16 autocast (CPU with AVX512-BF16/AMX, or CUDA), else fp32")
     seed: int = 0
+    thread_tuning: bool = Field(True, description="one process on CPU: choose torch's thread count by measured "
+                                "step time, so a CPU-bound neighbour costs its share of the cores and no more "
+                                "(models/thread_tuning.py)")
     log_every: int = Field(1, ge=1)
     distributed: DistributedSettings = DistributedSettings()

@@ -50,5 +50,8 @@ class EngineConfig(BaseModel):
     weights: WeightFormat = Field("dense", description="base weights: 'dense' (the model's dtype), or "
                                   "weight-only 'int8' / 'int4' (groups of 32) computing in bf16, CPU only: fewer "
                                   "bytes per decoded token, measured quality in docs/performance.md")
+    thread_tuning: bool = Field(True, description="CPU: choose torch's thread count per kind of step by "
+                                "measured step time (fewer threads win while another process takes a core; "
+                                "models/thread_tuning.py)")
     prefix_caching: bool = Field(True, description="reuse the K/V of prompt prefixes already computed with "
                                  "the same adapter")

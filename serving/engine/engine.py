@@ -35,6 +35,7 @@ import torch
 
 from lorafleet.models.sampling_rules import TOKEN_ID_MAX, InvalidRequest, cut_at_stop
 from lorafleet.models.speculative import verify
+from lorafleet.models.thread_tuning import ThreadTuner
 from lorafleet.serving.engine.config import EngineConfig
 from lorafleet.serving.engine.isolation import (
     NonFiniteValues,
@@ -49,7 +50,7 @@ from lorafleet.serving.engine.lora_slots import LoraSlots
 from lorafleet.serving.engine.model import CompactLlama, ForwardBatch
 from lorafleet.serving.engine.scheduler import QueueFull, ScheduledSeq, Scheduler
 from lorafleet.serving.engine.sequence import SamplingParams, SeqStatus, Sequence, check_prompt
-from lorafleet.serving.engine.speculation_policy import SpeculationPolicy
+from lorafleet.serving.engine.speculation_policy import SpeculationPolicy, bucket
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,8 @@ class Engine:
         self.stats = EngineStats()
         self.clock, self.timer = clock, timer
         self.policy = SpeculationPolicy(self.config.speculation)
+        # CPU threads follow the measured step time (contention); None on CUDA or when turned off.
+        self.threads = ThreadTuner() if self.config.thread_tuning and self.device.type == "cpu" else None
         self._draft_next = False  # the policy's decision for the next step's rows with heads
         self._draft_seconds = 0.0  # time the heads took this step (a drafting step's extra cost)
         self._live: dict[str, _Live] = {}
@@ -235,6 +238,10 @@ class Engine:
         # step cost the speculation policy weighs; prefill chunks would blur it.
         decode_only = all(item.samples and item.num_tokens == 1 for item in scheduled)
         verifying = any(item.seq.lookahead > 0 for item in scheduled)
+        kind = ("decode", bucket(len(scheduled)), verifying) if decode_only else \
+            ("mixed", bucket(sum(item.num_tokens for item in scheduled)))
+        if self.threads is not None:
+            self.threads.threads(kind)
         started = self.timer()
         scheduled, rows, hidden, failed = self._forward(scheduled)
         outputs.extend(failed)
@@ -243,8 +250,12 @@ class Engine:
         self.stats.steps += 1
         self.stats.last_batch_size = len(scheduled)
         outputs.extend(self._advance(scheduled, rows, hidden))
-        if decode_only and not failed:
-            self.policy.observe_step(len(scheduled), verifying, self.timer() - started - self._draft_seconds)
+        if not failed:
+            elapsed = self.timer() - started
+            if decode_only:
+                self.policy.observe_step(len(scheduled), verifying, elapsed - self._draft_seconds)
+            if self.threads is not None:
+                self.threads.observe(kind, elapsed)
         return outputs
 
     def _forward(self, scheduled: list[ScheduledSeq]
