@@ -233,3 +233,16 @@ def test_source_key_follows_bytes_and_settings_not_location(tmp_path):
 def test_generated_preset_rejects_evaluation_files_without_a_train_file(tmp_path):
     with pytest.raises(ValueError, match="needs a train_file"):
         resolve_data(DataSettings(preset="extraction", test_file=str(tmp_path / "t.csv")), tmp_path)
+
+
+def test_a_config_saved_whole_resolves_its_preset_files_like_the_config_it_came_from(data_root):
+    """An adapter's manifest stores every DataSettings field, files included as null: reading it back
+    must not count those nulls as 'the user chose files' and drop the preset's (bench scoring read
+    the ViGGO preset back as 'no training data')."""
+    from lorafleet.tasks.data.presets import resolve_data
+
+    written = DataSettings(preset="viggo")
+    saved = DataSettings.model_validate(written.model_dump())  # every field set, train_file: None
+    assert "train_file" in saved.model_fields_set
+    assert resolve_data(saved, data_root).settings.train_file == resolve_data(written, data_root).settings.train_file
+    assert resolve_data(saved, data_root).settings.train_file is not None
