@@ -244,5 +244,6 @@ def test_a_config_saved_whole_resolves_its_preset_files_like_the_config_it_came_
     written = DataSettings(preset="viggo")
     saved = DataSettings.model_validate(written.model_dump())  # every field set, train_file: None
     assert "train_file" in saved.model_fields_set
-    assert resolve_data(saved, data_root).settings.train_file == resolve_data(written, data_root).settings.train_file
+    assert resolve_data(saved, data_root).settings.model_dump() == resolve_data(written, data_root).settings.model_dump()
     assert resolve_data(saved, data_root).settings.train_file is not None
+    assert resolve_data(saved, data_root).settings.columns is not None  # the preset's ref/mr mapping
