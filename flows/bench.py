@@ -151,12 +151,16 @@ def write_random_adapters(base: Any, folder: Path, names: Sequence[str], *, rank
 
 
 def engine_bench(settings: Settings, *, n_adapters: int, n_requests: int, max_new_tokens: int, rounds: int,
-                 console: Console) -> EngineBenchReport:
+                 console: Console, base: str = "smollm2-135m-instruct", device: str = "auto",
+                 dtype: str = "auto") -> EngineBenchReport:
+    """`base` may be a random model of a real shape (`random:llama-1b`): speed is a matter of shapes."""
     from peft import PeftModel
 
-    loaded = load_base_model("smollm2-135m-instruct", settings.model_cache_dir)
-    console.print(f"preparing {n_adapters} random r=16 adapters of {loaded.resolved.model_id}")
-    dirs = random_adapters(loaded, settings.home / "bench" / "adapters", n_adapters)
+    loaded = load_base_model(base, settings.model_cache_dir, device=device, dtype=dtype)  # type: ignore[arg-type]
+    console.print(f"preparing {n_adapters} random r=16 adapters of {loaded.resolved.model_id} "
+                  f"({loaded.model.dtype} on {loaded.device})")
+    folder = settings.home / "bench" / "adapters" / loaded.resolved.revision  # one set per base model
+    dirs = random_adapters(loaded, folder, n_adapters)
     prompts = bench_prompts(loaded.tokenizer, settings, 2 * n_requests)
     prompts, warm_prompts = prompts[:n_requests], prompts[n_requests:]
     names = list(dirs)

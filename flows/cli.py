@@ -270,12 +270,20 @@ def bench_engine(
     max_new_tokens: Annotated[int, typer.Option(min=2, help="new tokens per request (decode is timed after the first)")]
     = 32,
     rounds: Annotated[int, typer.Option(min=1, help="interleaved rounds of the batched runs (medians reported)")] = 3,
+    base: Annotated[str, typer.Option(help="base model: the embedded SmolLM2, a folder, or a random model of a "
+                                           "real shape (random:llama-1b, random:llama-3b, random:smollm2-135m)")]
+    = "smollm2-135m-instruct",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16")] = "auto",
 ) -> None:
     """The engine vs transformers generate, PEFT mixed batches and serial PEFT, on the same requests."""
     from lorafleet.flows.bench import engine_bench, print_engine, write_json
 
-    report = engine_bench(_settings(), n_adapters=adapters, n_requests=requests, max_new_tokens=max_new_tokens,
-                          rounds=rounds, console=console)
+    try:
+        report = engine_bench(_settings(), n_adapters=adapters, n_requests=requests, max_new_tokens=max_new_tokens,
+                              rounds=rounds, console=console, base=base, device=device, dtype=dtype)
+    except ValueError as error:
+        _fail(str(error))
     print_engine(report, console)
     write_json(report, json_out)
     console.print(f"wrote {json_out}")

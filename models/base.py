@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from .cache import sha256_text
 from .embedded import EMBEDDED_MODEL_ID, embedded_model_dir, embedded_revision
+from .random_shapes import is_random_name, random_model_dir, random_revision
 from .tiny import TINY_MODEL_ID, tiny_model_dir, tiny_revision
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -53,6 +54,9 @@ def resolve_base_model(name: str, cache_dir: Path) -> ResolvedModel:
     if name == EMBEDDED_MODEL_ID:
         path = embedded_model_dir(cache_dir)
         return ResolvedModel(name, path, embedded_revision(path))
+    if is_random_name(name):
+        path = random_model_dir(name, cache_dir)
+        return ResolvedModel(name, path, random_revision(path))
     tiny = _TINY_PATTERN.match(name)
     if tiny:
         path = tiny_model_dir(cache_dir, seed=int(tiny.group(1) or 0))
