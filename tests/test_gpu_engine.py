@@ -56,7 +56,7 @@ def greedy(engine: Engine, requests: list[tuple[str | None, list[int]]], new: in
 def test_cuda_logits_equal_transformers():
     hf = tiny_hf(seed=0).to(DEVICE)
     model = CompactLlama.from_hf(hf)
-    assert not model.prepacked and model.lm_head_weight.device.type == "cuda"
+    assert model.lm_head_weight.device.type == DEVICE.type and not model.prepacked  # CUDA: dense weights
     tokens = [5, 9, 14, 2, 77, 31, 8]
     ours = Driver(model).step([("a", tokens, 0, 0)])[0]
     torch.testing.assert_close(ours, hf_logits(hf, tokens), atol=1e-4, rtol=0)
