@@ -21,21 +21,18 @@ RANDOM_PREFIX = "random:"
 _REVISION_FILE = "lorafleet_revision.json"
 _NAME = re.compile(r"^random:([a-z0-9.\-]+)$")
 
+_LLAMA32_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 8192}
+_LLAMA32 = {"vocab_size": 128256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+            "rope_scaling": _LLAMA32_ROPE, "tie_word_embeddings": True}
+
 # Shapes as their published config.json files give them (Llama 3.2 1B and 3B, SmolLM2 135M), plus a
 # tiny one that builds in a second, for tests of this module.
 SHAPES: dict[str, dict[str, Any]] = {
     "llama-1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
-                 "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256,
-                 "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-                 "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-                 "tie_word_embeddings": True},
+                 "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, **_LLAMA32},
     "llama-3b": {"hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28,
-                 "num_attention_heads": 24, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256,
-                 "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-                 "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-                 "tie_word_embeddings": True},
+                 "num_attention_heads": 24, "num_key_value_heads": 8, "head_dim": 128, **_LLAMA32},
     "smollm2-135m": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
                      "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152,
                      "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
