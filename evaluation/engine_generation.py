@@ -77,7 +77,10 @@ class EngineScorer:
             while pending or self.engine.has_unfinished():
                 while pending and self.engine.num_waiting() < queue_room:
                     index, prompt = pending.pop()
-                    self.engine.add_request(str(index), [int(t) for t in prompt], params, name)
+                    try:
+                        self.engine.add_request(str(index), [int(t) for t in prompt], params, name)
+                    except (ValueError, TypeError) as error:  # e.g. longer than the model's context
+                        raise ValueError(f"prompt {index}: the engine refused it: {error}") from error
                     tokens[index] = []
                 for out in self.engine.step():
                     index = int(out.request_id)

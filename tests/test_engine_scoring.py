@@ -119,3 +119,11 @@ def test_scoring_bench_scores_both_paths_identically(tiny_model, tmp_path):
     assert report.rows == 6 and report.identical_predictions == 6 and report.differing_rows == []
     assert report.engine_metrics == report.hf_metrics
     assert report.to_dict()["speedup"] == report.hf_seconds / report.engine_seconds
+
+
+def test_a_prompt_the_engine_refuses_is_named_by_its_index(tiny_model):
+    model, tokenizer = tiny_model.model, tiny_model.tokenizer
+    with EngineScorer(model, tokenizer, None, eos_token_ids=[0]) as scorer:
+        too_long = [5] * (model.config.max_position_embeddings + 1)
+        with pytest.raises(ValueError, match="prompt 1: the engine refused it"):
+            scorer.generate([[1, 2], too_long], max_new_tokens=2, adapter=False, progress=False)
