@@ -110,10 +110,11 @@ class JsonReport(Protocol):
     def to_dict(self) -> dict[str, Any]: ...
 
 
-def write_json(report: JsonReport,
-               path: Path) -> None:
+def write_json(report: JsonReport, path: Path, console: Console) -> None:
+    """Every bench command's last step: the report as JSON at `path`, and where it went."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report.to_dict(), indent=2))
+    console.print(f"wrote {path}")
 
 
 def random_adapters(base: Any, folder: Path, count: int, *, rank: int = 16) -> dict[str, Path]:
@@ -212,8 +213,8 @@ def weights_bench(settings: Settings, *, formats: Sequence[str], n_prompts: int,
     prepared = prepare_dataset(data, loaded.tokenizer, name=f"bench-{manifest.name}",
                                out_root=settings.prepared_data_dir, data_root=settings.data_root)
     rows = prepared.records("test")[:score_rows]
-    opts = EvaluationSettings(max_examples=None, max_new_tokens=manifest.training_config.get("evaluation", {})
-                              .get("max_new_tokens", 128))
+    trained = EvaluationSettings.model_validate(manifest.training_config.get("evaluation") or {})
+    opts = EvaluationSettings(max_examples=None, max_new_tokens=trained.max_new_tokens)  # as its evaluation did
     stops = eos_token_ids(loaded.model, loaded.tokenizer, required=True)
     report.adapter = adapter
     for name in formats:
@@ -248,6 +249,13 @@ def scoring_bench(settings: Settings, adapter: str, *, rows: int | None, console
                   f"(batch {config.evaluation.batch_size}), max {config.evaluation.max_new_tokens} new tokens")
     return measure_scoring(loaded, folder, pinned, test, prepared.task,
                            max_new_tokens=config.evaluation.max_new_tokens, hf_batch_size=config.evaluation.batch_size)
+
+
+def print_scoring(report: Any, console: Console) -> None:
+    console.print(f"engine {report.engine_seconds:.1f} s, generate {report.hf_seconds:.1f} s: {report.speedup:.2f}x; "
+                  f"identical predictions {report.identical_predictions}/{report.rows}")
+    for name in sorted(set(report.engine_metrics) & {"field_f1", "exact_match", "parse_rate"}):
+        console.print(f"  {name}: engine {report.engine_metrics[name]:.4f}, generate {report.hf_metrics[name]:.4f}")
 
 
 def print_weights(report: WeightBenchReport, console: Console) -> None:

@@ -235,8 +235,7 @@ def bench_speculative(
     except (ValueError, LookupError, FileNotFoundError) as error:
         _fail(str(error))
     print_speculative(report, console)
-    write_json(report, json_out)
-    console.print(f"wrote {json_out}")
+    write_json(report, json_out, console)
 
 
 @bench_app.command("training")
@@ -258,8 +257,7 @@ def bench_training(
     except (ConfigError, ValueError, TrainingBenchError) as error:
         _fail(str(error))
     console.print_json(json.dumps(report.to_dict()["ratios"]))
-    write_json(report, json_out)
-    console.print(f"wrote {json_out}")
+    write_json(report, json_out, console)
 
 
 @bench_app.command("engine")
@@ -285,8 +283,7 @@ def bench_engine(
     except ValueError as error:
         _fail(str(error))
     print_engine(report, console)
-    write_json(report, json_out)
-    console.print(f"wrote {json_out}")
+    write_json(report, json_out, console)
 
 
 @bench_app.command("weights")
@@ -310,8 +307,7 @@ def bench_weights(
     except (ValueError, LookupError) as error:
         _fail(str(error))
     print_weights(report, console)
-    write_json(report, json_out)
-    console.print(f"wrote {json_out}")
+    write_json(report, json_out, console)
 
 
 @bench_app.command("scoring")
@@ -321,18 +317,14 @@ def bench_scoring(
     rows: Annotated[int | None, typer.Option(min=1, help="test rows (default: the whole test split)")] = None,
 ) -> None:
     """Score an adapter on its test split with the engine and with transformers generate: time, identity."""
-    from lorafleet.flows.bench import scoring_bench, write_json
+    from lorafleet.flows.bench import print_scoring, scoring_bench, write_json
 
     try:
         report = scoring_bench(_settings(), adapter, rows=rows, console=console)
     except (ValueError, LookupError) as error:
         _fail(str(error))
-    console.print(f"engine {report.engine_seconds:.1f} s, generate {report.hf_seconds:.1f} s: {report.speedup:.2f}x; "
-                  f"identical predictions {report.identical_predictions}/{report.rows}")
-    for name in sorted(set(report.engine_metrics) & {"field_f1", "exact_match", "parse_rate"}):
-        console.print(f"  {name}: engine {report.engine_metrics[name]:.4f}, generate {report.hf_metrics[name]:.4f}")
-    write_json(report, json_out)
-    console.print(f"wrote {json_out}")
+    print_scoring(report, console)
+    write_json(report, json_out, console)
 
 
 @bench_app.command("serving")
@@ -385,8 +377,7 @@ def bench_serving(
     except httpx.HTTPError as error:
         _fail(f"{url}: {error}")
     print_serving(report, console)
-    write_json(report, json_out)
-    console.print(f"wrote {json_out}")
+    write_json(report, json_out, console)
 
 
 def _fmt(value: float | None) -> str:

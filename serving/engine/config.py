@@ -14,7 +14,7 @@ from typing import Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field
 
 # How the base model's projection weights are held (serving/engine/quantized.py): 'dense' in the model's
-# dtype, or weight-only int8 / int4 computing in bf16 (CPU only).
+# dtype, or weight-only int8 / int4 (CPU only; bf16 inside their matmuls, the model's dtype around them).
 WeightFormat = Literal["dense", "int8", "int4"]
 WEIGHT_FORMATS: tuple[str, ...] = get_args(WeightFormat)
 
@@ -48,8 +48,8 @@ class EngineConfig(BaseModel):
     max_lora_rank: int = Field(16, ge=1, description="largest LoRA rank an adapter may have (vLLM's default "
                                "too); every slot is sized for it, so memory and LoRA work grow with it")
     weights: WeightFormat = Field("dense", description="base weights: 'dense' (the model's dtype), or "
-                                  "weight-only 'int8' / 'int4' (groups of 32) computing in bf16, CPU only: fewer "
-                                  "bytes per decoded token, measured quality in docs/performance.md")
+                                  "weight-only 'int8' / 'int4' (groups of 32; bf16 inside their matmuls), CPU "
+                                  "only: fewer bytes per decoded token, measured quality in docs/performance.md")
     thread_tuning: bool = Field(True, description="CPU: choose torch's thread count per kind of step by "
                                 "measured step time (fewer threads win while another process takes a core; "
                                 "models/thread_tuning.py)")

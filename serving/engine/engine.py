@@ -9,8 +9,9 @@ rolls the KV cache back past rejected drafts and reports new tokens.
 Speculation uses each sequence's own adapter heads (rows without heads decode one token); whether a
 step drafts is decided by measured gain (`speculation_policy.py`: each adapter's acceptance against the
 cost of a drafting step vs a plain one at this batch size), since once the batch is compute-bound
-verifying extra tokens stops paying, at a batch size that depends on the machine. Greedy stays token-for-token identical to plain
-decoding because verification keeps only tokens the target itself picks (`models.speculative`).
+verifying extra tokens stops paying, at a batch size that depends on the machine. Greedy stays
+token-for-token identical to plain decoding because verification keeps only tokens the target itself
+picks (`models.speculative`).
 
 The engine is single-threaded on purpose: the async front (`serving/generation/engine_generator.py`) owns
 the thread that calls `step`, and adapter loading happens elsewhere but is installed here, between forwards.
@@ -81,7 +82,7 @@ class EngineStats:
     spec_draft_tokens: int = 0
     spec_accepted_tokens: int = 0
     preemptions: int = 0
-    spec_decisions_on: int = 0  # steps whose rows with heads drafted (speculation policy)
+    spec_decisions_on: int = 0  # steps whose rows with heads drafted (the policy's count, copied per step)
     spec_decisions_off: int = 0  # steps whose rows with heads did not
     spec_tau_by_adapter: dict[str, float] = field(default_factory=dict)  # the policy's running tau ("" = base)
     last_batch_size: int = 0
@@ -415,11 +416,8 @@ class Engine:
                 live.drafts = []
         batch = min(len(self._live), self.config.max_num_seqs)  # rows of the next step, about
         self._draft_next = self.policy.decide(batch, [live.seq.adapter for live, _ in draft_owners])
-        if draft_owners:
-            if self._draft_next:
-                self.stats.spec_decisions_on += 1
-            else:
-                self.stats.spec_decisions_off += 1
+        self.stats.spec_decisions_on, self.stats.spec_decisions_off = (self.policy.decisions["on"],
+                                                                       self.policy.decisions["off"])
         if self._draft_next:
             started = self.timer()
             failures = self._draft(draft_states, draft_owners)

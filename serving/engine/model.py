@@ -221,12 +221,10 @@ class LMHead(nn.Module):
     so on CPU a prepacked (or quantized) copy costs one extra V x d weight in memory for a 1.4-3.5x
     faster head."""
 
-    def __init__(self, weight: nn.Parameter, *, prepack: bool, weights: WeightFormat = "dense",
-                 source: torch.Tensor | None = None) -> None:
+    def __init__(self, weight: nn.Parameter, *, prepack: bool, weights: WeightFormat = "dense") -> None:
         super().__init__()
         self.weight = weight
-        source = weight.detach() if source is None else source  # quantize from full precision when given
-        self.projection = make_projection(source, prepack=prepack, weights=weights, head=True)
+        self.projection = make_projection(weight.detach(), prepack=prepack, weights=weights, head=True)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         flat = hidden.reshape(-1, hidden.shape[-1])  # (M, d)
@@ -241,12 +239,10 @@ class DecoderLayer(nn.Module):
     """One pre-norm block with fused q|k|v and gate|up weights (names: see `CompactLlama._fuse`)."""
 
     def __init__(self, shape: LlamaShape, weights: dict[str, torch.Tensor], *, prepack: bool,
-                 dtype: torch.dtype, weight_format: WeightFormat = "dense") -> None:
+                 weight_format: WeightFormat = "dense") -> None:
         super().__init__()
-        vector = {name: _frozen(weights[name].to(dtype)) for name in ("input_norm", "post_norm", "qkv_bias")
-                  if name in weights}
-        self.input_norm, self.post_norm = vector["input_norm"], vector["post_norm"]
-        self.qkv_bias = vector.get("qkv_bias")
+        self.input_norm, self.post_norm = _frozen(weights["input_norm"]), _frozen(weights["post_norm"])
+        self.qkv_bias = _frozen(weights["qkv_bias"]) if "qkv_bias" in weights else None
 
         def project(name: str) -> AnyProjection:
             return make_projection(weights[name], prepack=prepack, weights=weight_format)
@@ -281,32 +277,29 @@ class CompactLlama(nn.Module):
 
     def __init__(self, shape: LlamaShape, weights: dict[str, torch.Tensor], *, prepack: bool | None = None,
                  weight_format: WeightFormat = "dense") -> None:
-        """`weights` in the fused naming (see `_fuse`). weight_format 'int8'/'int4' quantizes the
-        projections from these tensors (give them in full precision) and computes in bf16 (module
-        `quantized`); 'dense' computes in the tensors' own dtype."""
+        """`weights` in the fused naming (see `_fuse`); the model computes in their dtype. weight_format
+        'int8'/'int4' quantizes the projections from these tensors, which then multiply in bf16 inside
+        the kernels only (module `quantized`)."""
         super().__init__()
         self.shape, self.weight_format = shape, weight_format
         embed = weights["embed_tokens"]
         device = embed.device
         check_quantizable(weight_format, device)
-        dtype = embed.dtype
-        usable = weight_format == "dense" and onednn_available(device, dtype)
+        usable = weight_format == "dense" and onednn_available(device, embed.dtype)
         prepack = usable if prepack is None else prepack
         if prepack and not usable:
-            raise ValueError(f"prepack=True needs dense fp32/bf16 weights on a CPU with oneDNN, got {dtype} "
+            raise ValueError(f"prepack=True needs dense fp32/bf16 weights on a CPU with oneDNN, got {embed.dtype} "
                              f"{weight_format} on {device}")
         self.prepacked = prepack
-        self.embed_tokens = nn.Embedding.from_pretrained(embed.to(dtype), freeze=True)
+        self.embed_tokens = nn.Embedding.from_pretrained(embed, freeze=True)
         self.layers = nn.ModuleList(
             DecoderLayer(shape, {name.split(".", 1)[1]: tensor for name, tensor in weights.items()
-                                 if name.startswith(f"{i}.")}, prepack=prepack, dtype=dtype,
-                         weight_format=weight_format)
+                                 if name.startswith(f"{i}.")}, prepack=prepack, weight_format=weight_format)
             for i in range(shape.num_layers))
-        self.norm = _frozen(weights["norm"].to(dtype))
-        head_source = embed if shape.tie_word_embeddings else weights["lm_head"]
-        head = self.embed_tokens.weight if shape.tie_word_embeddings else _frozen(head_source.to(dtype))
-        self.lm_head = LMHead(head, prepack=prepack, weights=weight_format, source=head_source)
-        self.rope = RotaryTable(shape, dtype, device)
+        self.norm = _frozen(weights["norm"])
+        head = self.embed_tokens.weight if shape.tie_word_embeddings else _frozen(weights["lm_head"])
+        self.lm_head = LMHead(head, prepack=prepack, weights=weight_format)
+        self.rope = RotaryTable(shape, embed.dtype, device)
 
     @property
     def lm_head_weight(self) -> torch.Tensor:

@@ -98,7 +98,8 @@ def resolve_data(data: DataSettings, data_root: Path) -> ResolvedData:
     # adapter's manifest keeps every field) must resolve to the preset's files, columns and format as the
     # config it came from did.
     defaults = type(data).model_fields
-    explicit = {name for name in data.model_fields_set if getattr(data, name) != defaults[name].get_default(call_default_factory=True)}
+    explicit = {name for name in data.model_fields_set
+                if getattr(data, name) != defaults[name].get_default(call_default_factory=True)}
     if preset.generated and data.train_file is None and (data.validation_file or data.test_file):
         raise ValueError(f"data: preset {preset.name!r} generates its examples; a validation_file or "
                          f"test_file needs a train_file too")
