@@ -20,6 +20,7 @@ from lorafleet.models.adapter_dir import TaskInfo
 from lorafleet.models.lora import load_adapter
 from lorafleet.models.sampling_rules import eos_token_ids
 from lorafleet.sections.evaluation import EvaluationSettings
+from lorafleet.serving.engine.config import EngineConfig
 
 
 @dataclass
@@ -34,23 +35,33 @@ class ScoringBenchReport:
     engine_metrics: dict[str, float]
     hf_metrics: dict[str, float]
     differing_rows: list[int]  # the first rows whose predictions differ, to inspect
+    compile_decode: bool = False  # the engine ran its decode steps compiled
+    engine_setup_seconds: float = 0.0  # building the engine (copying weights; compiling, when asked), in engine_seconds
 
     @property
     def speedup(self) -> float:
+        """The whole engine run (setup included) against `generate`."""
         return self.hf_seconds / self.engine_seconds
 
+    @property
+    def speedup_after_setup(self) -> float:
+        """Generation alone: what a long-running process (a server, a flow worker) pays per scoring run."""
+        return self.hf_seconds / (self.engine_seconds - self.engine_setup_seconds)
+
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "speedup": self.speedup}
+        return {**asdict(self), "speedup": self.speedup, "speedup_after_setup": self.speedup_after_setup}
 
 
 def measure_scoring(loaded: Any, adapter_dir: Path, label: str, rows: Sequence[Mapping[str, Any]],
-                    task: TaskInfo, *, max_new_tokens: int, hf_batch_size: int,
+                    task: TaskInfo, *, max_new_tokens: int, hf_batch_size: int, compile_decode: bool = False,
                     progress: bool = True) -> ScoringBenchReport:
     """Engine first (it copies the base before PEFT wraps it for the `generate` path), then `generate`."""
     settings = EvaluationSettings(max_examples=None, max_new_tokens=max_new_tokens, batch_size=hf_batch_size)
     stops = sorted(eos_token_ids(loaded.model, loaded.tokenizer, required=True))
     started = time.perf_counter()
-    with EngineScorer(loaded.model, loaded.tokenizer, adapter_dir, eos_token_ids=stops) as scorer:
+    with EngineScorer(loaded.model, loaded.tokenizer, adapter_dir, eos_token_ids=stops,
+                      config=EngineConfig(compile_decode=compile_decode)) as scorer:
+        setup_seconds = time.perf_counter() - started
         engine = evaluate_quality(None, loaded.tokenizer, rows, task, settings, label=f"{label} (engine)",
                                   progress=progress, generate=lambda prompts, desc: scorer.generate(
                                       prompts, max_new_tokens=max_new_tokens, adapter=True, progress=progress,
@@ -65,4 +76,5 @@ def measure_scoring(loaded: Any, adapter_dir: Path, label: str, rows: Sequence[M
     return ScoringBenchReport(
         adapter=label, rows=len(rows), max_new_tokens=max_new_tokens, hf_batch_size=hf_batch_size,
         engine_seconds=engine_seconds, hf_seconds=hf_seconds, identical_predictions=len(rows) - len(differing),
-        engine_metrics=engine.metrics, hf_metrics=hf.metrics, differing_rows=differing[:20])
+        engine_metrics=engine.metrics, hf_metrics=hf.metrics, differing_rows=differing[:20],
+        compile_decode=compile_decode, engine_setup_seconds=setup_seconds)

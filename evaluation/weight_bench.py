@@ -13,6 +13,7 @@ llama.cpp on the same GGUF as the peer a laptop user would pick.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import statistics
 import time
@@ -53,6 +54,14 @@ class FormatFigures:
     agreement_tokens: int  # positions compared
     weight_bytes: int  # bytes of the base weights as this format holds them (what a decode step reads)
     rounds_ms: list[float] = field(default_factory=list)
+    compiled: bool = False  # decode steps through `compiled_decode`
+    # the same agreement fed token by token through one-token forwards (what serving runs; for a compiled
+    # variant the compiled step, so this is its agreement figure); None when not measured
+    decode_agreement: float | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.weights}+compiled" if self.compiled else self.weights
 
 
 @dataclass
@@ -73,16 +82,19 @@ class WeightBenchReport:
         """llama.cpp's ms/token over each format's (above 1: the engine is faster), and each format's
         speed-up over the fp32 engine."""
         ratios = {}
-        fp32 = next((fig for fig in self.formats if fig.weights == "fp32"), None)
+        fp32 = next((fig for fig in self.formats if fig.weights == "fp32" and not fig.compiled), None)
         for fig in self.formats:
             if self.llama_cpp_decode_ms_per_token is not None:
-                ratios[f"{fig.weights}_vs_llama_cpp"] = self.llama_cpp_decode_ms_per_token / fig.decode_ms_per_token
+                ratios[f"{fig.label}_vs_llama_cpp"] = self.llama_cpp_decode_ms_per_token / fig.decode_ms_per_token
             if fp32 is not None and fig is not fp32:
-                ratios[f"{fig.weights}_vs_fp32"] = fp32.decode_ms_per_token / fig.decode_ms_per_token
+                ratios[f"{fig.label}_vs_fp32"] = fp32.decode_ms_per_token / fig.decode_ms_per_token
         return ratios
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "ratios": self.ratios}
+        out = asdict(self)
+        for fig, data in zip(self.formats, out["formats"]):
+            data["label"] = fig.label
+        return {**out, "ratios": self.ratios}
 
 
 def greedy_continuations(model: CompactLlama, prompts: Sequence[list[int]], max_new_tokens: int) -> list[list[int]]:
@@ -101,17 +113,29 @@ def greedy_continuations(model: CompactLlama, prompts: Sequence[list[int]], max_
 
 @torch.inference_mode()
 def teacher_forced_agreement(model: CompactLlama, prompts: Sequence[list[int]],
-                             continuations: Sequence[list[int]], *, block_size: int = 16) -> tuple[int, int]:
+                             continuations: Sequence[list[int]], *, block_size: int = 16,
+                             decode_steps: bool = False) -> tuple[int, int]:
     """(positions whose argmax equals the continuation's token, positions compared): one forward per
-    sequence over prompt + continuation, read at the positions that predict each continuation token."""
+    sequence over prompt + continuation, read at the positions that predict each continuation token.
+    With `decode_steps`, the prompt is one forward and each continuation token then its own one-token
+    forward, as serving decodes (the path `compile_decode` replaces)."""
     matches = total = 0
+    device = model.lm_head_weight.device
     for prompt, continuation in zip(prompts, continuations):
         tokens = list(prompt) + list(continuation)
         blocks = -(-len(tokens) // block_size)
         kv = model.new_kv_pool(blocks, block_size)
-        batch = ForwardBatch.build([tokens], [0], [list(range(blocks))], block_size, [0],
-                                   device=model.lm_head_weight.device)
-        hidden = model(batch, kv)[len(prompt) - 1: len(tokens) - 1]  # the positions predicting the continuation
+        table = list(range(blocks))
+        if decode_steps:
+            hidden = model(ForwardBatch.build([list(prompt)], [0], [table], block_size, [0], device=device), kv)[-1:]
+            states = [hidden]
+            for position in range(len(prompt), len(tokens) - 1):
+                batch = ForwardBatch.build([[tokens[position]]], [position], [table], block_size, [0], device=device)
+                states.append(model(batch, kv))
+            hidden = torch.cat(states)
+        else:
+            batch = ForwardBatch.build([tokens], [0], [table], block_size, [0], device=device)
+            hidden = model(batch, kv)[len(prompt) - 1: len(tokens) - 1]  # the positions predicting the continuation
         predicted = model.logits(hidden).argmax(-1).tolist()
         matches += sum(p == t for p, t in zip(predicted, continuation))
         total += len(continuation)
@@ -173,8 +197,10 @@ def load_llama_cpp(gguf: Path | None, threads: int) -> tuple[LlamaCppDecoder | N
 
 def measure_weight_formats(hf_model: Any, formats: Sequence[str], *, decode_prompt: list[int],
                            agreement_prompts: Sequence[list[int]], max_new_tokens: int, rounds: int = 3,
-                           gguf: Path | None = None, progress: Callable[[str], None] = print) -> WeightBenchReport:
-    """Every figure in one process; the fp32 engine of `hf_model` is the reference."""
+                           gguf: Path | None = None, compile_decode: bool = False,
+                           progress: Callable[[str], None] = print) -> WeightBenchReport:
+    """Every figure in one process; the fp32 engine of `hf_model` is the reference. With `compile_decode`
+    each format is also timed with its decode steps compiled (a second model of the same weights)."""
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {rounds}")
     if not formats:
@@ -185,8 +211,14 @@ def measure_weight_formats(hf_model: Any, formats: Sequence[str], *, decode_prom
     progress(f"reference: fp32 engine's greedy continuations of {len(agreement_prompts)} prompts")
     continuations = greedy_continuations(reference, agreement_prompts, max_new_tokens)
     engines = {name: Engine(model, EngineConfig()) for name, model in models.items()}
+    compiled: dict[str, CompactLlama] = {}
+    if compile_decode:
+        for name in formats:
+            progress(f"compiling {name}'s decode step")
+            compiled[name] = build_format(hf_model, name)
+            engines[f"{name}+compiled"] = Engine(compiled[name], EngineConfig(compile_decode=True))
     llama, note = load_llama_cpp(gguf, threads)
-    timings: dict[str, list[float]] = {name: [] for name in formats}
+    timings: dict[str, list[float]] = {name: [] for name in engines}
     llama_ms: list[float] = []
     for name, engine in engines.items():  # warm-up: allocator, kernels' first-call costs
         engine_decode_ms_per_token(engine, decode_prompt, 4)
@@ -208,6 +240,19 @@ def measure_weight_formats(hf_model: Any, formats: Sequence[str], *, decode_prom
             decode_ms_per_token=statistics.median(timings[name]), greedy_agreement=matches / total if total else 0.0,
             agreement_tokens=total, weight_bytes=weight_bytes(model), rounds_ms=timings[name]))
         progress(f"{name}: greedy agreement with fp32 {figures[-1].greedy_agreement:.4f} over {total} tokens")
+        if name in compiled:
+            eager = figures[-1]
+            for fig, variant in ((eager, model), (None, compiled[name])):
+                matches, total = teacher_forced_agreement(variant, agreement_prompts, continuations, decode_steps=True)
+                if fig is None:
+                    label = f"{name}+compiled"
+                    figures.append(dataclasses.replace(
+                        eager, decode_ms_per_token=statistics.median(timings[label]), rounds_ms=timings[label],
+                        compiled=True, greedy_agreement=matches / total, decode_agreement=matches / total))
+                else:
+                    fig.decode_agreement = matches / total
+            progress(f"{name}, one-token forwards: eager {eager.decode_agreement:.4f}, compiled "
+                     f"{figures[-1].decode_agreement:.4f} agreement with fp32")
     return WeightBenchReport(
         formats=figures, llama_cpp_decode_ms_per_token=statistics.median(llama_ms) if llama_ms else None,
         llama_cpp_rounds_ms=llama_ms, llama_cpp_file=gguf.name if llama is not None and gguf else None,

@@ -19,6 +19,7 @@ from rich.table import Table
 from tqdm.auto import tqdm
 
 from lorafleet.evaluation.engine_bench import EngineBenchReport, measure_engine
+from lorafleet.evaluation.speculation_bench import MODES, SpeculationModesReport, measure_speculation_modes
 from lorafleet.evaluation.speculative import SpeculativeReport, measure_speculative
 from lorafleet.evaluation.weight_bench import FORMATS, WeightBenchReport, measure_weight_formats
 from lorafleet.models.adapter_dir import has_lora, read_manifest
@@ -55,6 +56,44 @@ def speculative_bench(model: str, settings: Settings, *, data: str | None, n: in
     finally:
         if engine is not None:
             engine.close()
+
+
+def speculation_modes_bench(model: str, settings: Settings, *, concurrency: Sequence[int], max_new_tokens: int,
+                            rounds: int, compile_decode: bool, console: Console) -> SpeculationModesReport:
+    """An adapter with Turbo heads on the engine, N requests at once for each N, speculation off /
+    adaptive / on in interleaved rounds (evaluation/speculation_bench.py)."""
+    from lorafleet.evaluation.engine_generation import EngineScorer
+    from lorafleet.models.sampling_rules import eos_token_ids
+    from lorafleet.serving.engine.config import EngineConfig
+
+    folder, pinned = resolve_model_reference(model, settings)
+    if not has_heads(folder):
+        raise ValueError(f"{model} ({pinned}) has no Turbo heads: train it with method turbo_lora or turbo")
+    manifest = read_manifest(folder)
+    loaded = load_base_model(manifest.base_model.id, settings.model_cache_dir)
+    data = DataSettings.model_validate(manifest.training_config.get("data") or {"preset": "extraction"})
+    prompts = split_prompts(loaded.tokenizer, settings, data, name=f"bench-{manifest.name}", n=max(concurrency))
+    console.print(f"{pinned}: {len(prompts)} {data.preset or 'test'} prompts, N = {list(concurrency)} at once, "
+                  f"greedy, {max_new_tokens} new tokens, speculation off / adaptive / on, {rounds} rounds")
+    stops = sorted(eos_token_ids(loaded.model, loaded.tokenizer, required=True))
+    config = EngineConfig(max_num_seqs=max(32, max(concurrency)), compile_decode=compile_decode)
+    with EngineScorer(loaded.model, loaded.tokenizer, folder, eos_token_ids=stops, config=config) as scorer:
+        return measure_speculation_modes(scorer, prompts, adapter=pinned, concurrency=concurrency,
+                                         max_new_tokens=max_new_tokens, rounds=rounds, progress=console.print)
+
+
+def print_speculation_modes(report: SpeculationModesReport, console: Console) -> None:
+    table = Table(title=f"{report.adapter}: tokens/s by speculation mode and concurrency")
+    for column in ("N", *(f"{mode} tok/s" for mode in MODES), "adaptive / off", "on / off", "adaptive drafted"):
+        table.add_column(column, justify="right")
+    for n in report.concurrency:
+        adaptive = report.figure("adaptive", n)
+        steps = adaptive.drafting_steps + adaptive.plain_steps
+        table.add_row(str(n), *(f"{report.figure(mode, n).tokens_per_s:.1f}" for mode in MODES),
+                      f"{report.ratios[f'adaptive_vs_off_at_{n}']:.2f}x", f"{report.ratios[f'on_vs_off_at_{n}']:.2f}x",
+                      f"{adaptive.drafting_steps}/{steps} steps" if steps else "-")
+    console.print(table)
+    console.print("greedy outputs identical across modes: " + ("yes" if report.identical_outputs else "NO"))
 
 
 def _engine_for(loaded: Any, folder: Path, console: Console) -> Any:
@@ -179,7 +218,8 @@ def engine_bench(settings: Settings, *, n_adapters: int, n_requests: int, max_ne
 
 
 def weights_bench(settings: Settings, *, formats: Sequence[str], n_prompts: int, max_new_tokens: int, rounds: int,
-                  adapter: str | None, score_rows: int, console: Console) -> WeightBenchReport:
+                  adapter: str | None, score_rows: int, console: Console,
+                  compile_decode: bool = False) -> WeightBenchReport:
     """Each weight format of the embedded base: batch-1 decode, greedy agreement with fp32, llama.cpp on
     the GGUF beside them; with `adapter`, its task metrics on `score_rows` test rows under each format."""
     from lorafleet.evaluation.engine_generation import EngineScorer
@@ -205,7 +245,8 @@ def weights_bench(settings: Settings, *, formats: Sequence[str], n_prompts: int,
     console.print(f"{len(prompts)} {bench_preset(settings)} prompts, {max_new_tokens} greedy tokens; formats "
                   f"{', '.join(formats)}; {rounds} interleaved rounds")
     report = measure_weight_formats(loaded.model, formats, decode_prompt=prompts[0], agreement_prompts=prompts,
-                                    max_new_tokens=max_new_tokens, rounds=rounds, gguf=gguf, progress=console.print)
+                                    max_new_tokens=max_new_tokens, rounds=rounds, gguf=gguf,
+                                    compile_decode=compile_decode, progress=console.print)
     if folder is None:
         return report
     manifest = read_manifest(folder)
@@ -229,7 +270,8 @@ def weights_bench(settings: Settings, *, formats: Sequence[str], n_prompts: int,
     return report
 
 
-def scoring_bench(settings: Settings, adapter: str, *, rows: int | None, console: Console) -> Any:
+def scoring_bench(settings: Settings, adapter: str, *, rows: int | None, console: Console,
+                  compile_decode: bool = False) -> Any:
     """Score `adapter` on its own test split with the engine and with `generate` (evaluation/scoring_bench.py),
     at its own evaluation settings (max_new_tokens, batch size)."""
     from lorafleet.config import FinetuneConfig
@@ -248,11 +290,14 @@ def scoring_bench(settings: Settings, adapter: str, *, rows: int | None, console
     console.print(f"scoring {pinned} on {len(test)} test rows: engine, then transformers generate "
                   f"(batch {config.evaluation.batch_size}), max {config.evaluation.max_new_tokens} new tokens")
     return measure_scoring(loaded, folder, pinned, test, prepared.task,
-                           max_new_tokens=config.evaluation.max_new_tokens, hf_batch_size=config.evaluation.batch_size)
+                           max_new_tokens=config.evaluation.max_new_tokens, hf_batch_size=config.evaluation.batch_size,
+                           compile_decode=compile_decode)
 
 
 def print_scoring(report: Any, console: Console) -> None:
-    console.print(f"engine {report.engine_seconds:.1f} s, generate {report.hf_seconds:.1f} s: {report.speedup:.2f}x; "
+    console.print(f"engine {report.engine_seconds:.1f} s (setup {report.engine_setup_seconds:.1f} s"
+                  f"{', decode compiled' if report.compile_decode else ''}), generate {report.hf_seconds:.1f} s: "
+                  f"{report.speedup:.2f}x ({report.speedup_after_setup:.2f}x after setup); "
                   f"identical predictions {report.identical_predictions}/{report.rows}")
     for name in sorted(set(report.engine_metrics) & {"field_f1", "exact_match", "parse_rate"}):
         console.print(f"  {name}: engine {report.engine_metrics[name]:.4f}, generate {report.hf_metrics[name]:.4f}")
@@ -264,8 +309,11 @@ def print_weights(report: WeightBenchReport, console: Console) -> None:
         table.add_column(column, justify="left" if column == "decoder" else "right")
     for fig in report.formats:
         f1 = report.adapter_scores.get(fig.weights, {}).get("field_f1")
-        table.add_row(f"engine {fig.weights} ({fig.dtype})", f"{fig.decode_ms_per_token:.2f}",
-                      f"{fig.weight_bytes / 1e6:.0f}", f"{fig.greedy_agreement:.2%} of {fig.agreement_tokens}",
+        agreement = f"{fig.greedy_agreement:.2%} of {fig.agreement_tokens}"
+        if fig.decode_agreement is not None:
+            agreement += f" ({fig.decode_agreement:.2%} token by token)"
+        table.add_row(f"engine {fig.label} ({fig.dtype})", f"{fig.decode_ms_per_token:.2f}",
+                      f"{fig.weight_bytes / 1e6:.0f}", agreement,
                       "-" if f1 is None else f"{f1:.4f}")
     llama = report.llama_cpp_decode_ms_per_token
     table.add_row(f"llama.cpp ({report.llama_cpp_file or 'not run'})", "-" if llama is None else f"{llama:.2f}",

@@ -286,6 +286,32 @@ def bench_engine(
     write_json(report, json_out, console)
 
 
+@bench_app.command("speculation")
+def bench_speculation(
+    model: Annotated[str, typer.Argument(help="adapter with Turbo heads: a folder, NAME, NAME@ALIAS, NAME@VERSION")],
+    json_out: Annotated[Path, typer.Option("--json", help="where to write the JSON report")] = Path(
+        "speculation.json"),
+    concurrency: Annotated[str, typer.Option(help="comma-separated request counts run at once")] = "1,4,16,64",
+    max_new_tokens: Annotated[int, typer.Option(min=2, help="greedy tokens per request")] = 64,
+    rounds: Annotated[int, typer.Option(min=1, help="interleaved rounds (medians reported)")] = 3,
+    compile_decode: Annotated[bool, typer.Option("--compile-decode", help="compiled decode steps (needs g++)")] = False,
+) -> None:
+    """Speculation off / adaptive / on on the engine at several concurrencies: is adaptive ever slower?"""
+    from lorafleet.flows.bench import print_speculation_modes, speculation_modes_bench, write_json
+
+    try:
+        levels = [int(level) for level in concurrency.split(",") if level.strip()]
+    except ValueError:
+        _fail(f"--concurrency: expected comma-separated integers, got {concurrency!r}")
+    try:
+        report = speculation_modes_bench(model, _settings(), concurrency=levels, max_new_tokens=max_new_tokens,
+                                         rounds=rounds, compile_decode=compile_decode, console=console)
+    except (ValueError, LookupError, FileNotFoundError) as error:
+        _fail(str(error))
+    print_speculation_modes(report, console)
+    write_json(report, json_out, console)
+
+
 @bench_app.command("weights")
 def bench_weights(
     json_out: Annotated[Path, typer.Option("--json", help="where to write the JSON report")] = Path("weights.json"),
@@ -296,6 +322,9 @@ def bench_weights(
     adapter: Annotated[str | None, typer.Option(
         help="also score this adapter (NAME, NAME@VERSION or a folder) under each format")] = None,
     score_rows: Annotated[int, typer.Option(min=1, help="test rows scored for --adapter")] = 200,
+    compile_decode: Annotated[bool, typer.Option(
+        "--compile-decode", help="also time each format with its decode steps compiled (needs g++; "
+        "about a minute of compiling per format on 2 cores)")] = False,
 ) -> None:
     """Weight formats of the embedded base side by side: decode speed, agreement with fp32, llama.cpp."""
     from lorafleet.flows.bench import print_weights, weights_bench, write_json
@@ -303,7 +332,7 @@ def bench_weights(
     try:
         report = weights_bench(_settings(), formats=[f.strip() for f in formats.split(",") if f.strip()],
                                n_prompts=prompts, max_new_tokens=max_new_tokens, rounds=rounds, adapter=adapter,
-                               score_rows=score_rows, console=console)
+                               score_rows=score_rows, compile_decode=compile_decode, console=console)
     except (ValueError, LookupError) as error:
         _fail(str(error))
     print_weights(report, console)
@@ -315,12 +344,13 @@ def bench_scoring(
     adapter: Annotated[str, typer.Argument(help="NAME, NAME@VERSION, models:/ URI or an adapter folder")],
     json_out: Annotated[Path, typer.Option("--json", help="where to write the JSON report")] = Path("scoring.json"),
     rows: Annotated[int | None, typer.Option(min=1, help="test rows (default: the whole test split)")] = None,
+    compile_decode: Annotated[bool, typer.Option("--compile-decode", help="compiled decode steps (needs g++)")] = False,
 ) -> None:
     """Score an adapter on its test split with the engine and with transformers generate: time, identity."""
     from lorafleet.flows.bench import print_scoring, scoring_bench, write_json
 
     try:
-        report = scoring_bench(_settings(), adapter, rows=rows, console=console)
+        report = scoring_bench(_settings(), adapter, rows=rows, console=console, compile_decode=compile_decode)
     except (ValueError, LookupError) as error:
         _fail(str(error))
     print_scoring(report, console)

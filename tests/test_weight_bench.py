@@ -51,3 +51,28 @@ def test_report_without_llama_cpp_says_why_and_keeps_engine_ratios():
     assert report.llama_cpp_decode_ms_per_token is None and "no GGUF" in report.llama_cpp_note
     assert set(report.ratios) == {"int4_vs_fp32"} and report.formats[1].decode_ms_per_token > 0
     assert load_llama_cpp(None, 2)[0] is None
+
+
+def test_token_by_token_agreement_reads_the_same_positions_as_the_one_forward_figure():
+    """`decode_steps` feeds each continuation token through its own one-token forward (the path serving
+    and `compile_decode` run); on the reference model itself both readings agree everywhere."""
+    hf = tiny_hf(seed=2)
+    fp32 = build_format(hf, "fp32")
+    continuations = greedy_continuations(fp32, PROMPTS, 10)
+    assert teacher_forced_agreement(fp32, PROMPTS, continuations, decode_steps=True) == (30, 30)
+    wrong = [[(token + 1) % 320 for token in c] for c in continuations]
+    assert teacher_forced_agreement(fp32, PROMPTS, wrong, decode_steps=True) == (0, 30)
+
+
+def test_report_with_compiled_decode_adds_a_compiled_twin_per_format():
+    hf = tiny_hf(seed=2)
+    report = measure_weight_formats(hf, ["int4"], decode_prompt=PROMPTS[1], agreement_prompts=PROMPTS,
+                                    max_new_tokens=6, rounds=1, gguf=None, compile_decode=True,
+                                    progress=lambda line: None)
+    eager, compiled = report.formats
+    assert (eager.label, compiled.label) == ("int4", "int4+compiled") and compiled.compiled
+    assert compiled.decode_ms_per_token > 0 and compiled.agreement_tokens == eager.agreement_tokens == 18
+    # same weights, same arithmetic up to fused rounding: the compiled step's token-by-token agreement
+    # equals the eager step's on this tiny model
+    assert compiled.decode_agreement == eager.decode_agreement == compiled.greedy_agreement
+    assert report.to_dict()["formats"][1]["label"] == "int4+compiled"

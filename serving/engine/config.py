@@ -53,5 +53,10 @@ class EngineConfig(BaseModel):
     thread_tuning: bool = Field(True, description="CPU: choose torch's thread count per kind of step by "
                                 "measured step time (fewer threads win while another process takes a core; "
                                 "models/thread_tuning.py)")
+    compile_decode: bool = Field(False, description="run pure decode steps (base model, or every row on one "
+                                 "adapter) as one torch.compile'd graph: fewer ops per token (measured in "
+                                 "docs/performance.md); needs a C++ compiler at run time and compiles at "
+                                 "startup (about a minute on 2 cores, cached on disk), adapter variants on "
+                                 "first use; compiled steps keep the thread count they were compiled with")
     prefix_caching: bool = Field(True, description="reuse the K/V of prompt prefixes already computed with "
                                  "the same adapter")

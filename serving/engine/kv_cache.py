@@ -253,6 +253,14 @@ class KVPool:
         self.k[layer].index_copy_(0, slots, k)
         self.v[layer].index_copy_(0, slots, v)
 
+    def write_layers(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the new tokens' K/V of every layer at once: slots (N,), k and v (L, N, KVH, D)."""
+        expected = (self.num_layers, slots.shape[0], self.num_kv_heads, self.head_dim)
+        if k.shape != v.shape or tuple(k.shape) != expected:
+            raise ValueError(f"KVPool.write_layers expects k, v {expected}; got k {tuple(k.shape)}, v {tuple(v.shape)}")
+        self.k.index_copy_(1, slots, k)
+        self.v.index_copy_(1, slots, v)
+
     def gather(self, layer: int, context_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V of context slots (B, C) -> two (B, C, KVH, D) tensors; padding slots read whatever is there."""
         flat = context_slots.reshape(-1)  # (B*C,)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorafleet.serving.engine import prepacked_ops
 from lorafleet.serving.engine.attention import (
     AttentionPlan,
     ForwardBatch,
@@ -28,6 +29,7 @@ from lorafleet.serving.engine.attention import (
     SplitAttentionPlan,
     plan_attention,
 )
+from lorafleet.serving.engine.compiled_decode import CompiledDecode
 from lorafleet.serving.engine.kv_cache import KVPool
 from lorafleet.serving.engine.lora_slots import GROUPS, LoraSlots
 from lorafleet.serving.engine.quantized import (
@@ -168,12 +170,16 @@ class Projection:
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.prepacked:
+            if torch.compiler.is_compiling():  # inside `compiled_decode`'s graph: see `prepacked_ops`
+                return prepacked_ops.prepacked_linear(x, self.weight, bias, self.out_features)
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, bias, "none", [], "")
         return F.linear(x, self.weight, bias)
 
     def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """residual + x @ W^T in one op (the residual add rides on the matmul)."""
         if self.prepacked:
+            if torch.compiler.is_compiling():
+                return prepacked_ops.prepacked_linear_add(x, residual, self.weight)
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weight, None, "add")
         return torch.addmm(residual, x, self.weight.t())
 
@@ -300,6 +306,14 @@ class CompactLlama(nn.Module):
         head = self.embed_tokens.weight if shape.tie_word_embeddings else _frozen(weights["lm_head"])
         self.lm_head = LMHead(head, prepack=prepack, weights=weight_format)
         self.rope = RotaryTable(shape, embed.dtype, device)
+        self.compiled_decode: CompiledDecode | None = None  # see `compile_decode`
+
+    def compile_decode(self, **kwargs: Any) -> CompiledDecode:
+        """Route pure decode forwards through one compiled graph from now on (module `compiled_decode`);
+        idempotent. Compilation itself happens on the first such forward of each variant."""
+        if self.compiled_decode is None:
+            self.compiled_decode = CompiledDecode(self, **kwargs)
+        return self.compiled_decode
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -318,6 +332,11 @@ class CompactLlama(nn.Module):
         if routing is not None and not routing.active:
             routing = None  # every row is base (or its adapter adapts nothing here): plain forward
         h = F.embedding(batch.input_ids, self.embed_tokens.weight)  # (N, d)
+        compiled = self.compiled_decode
+        if compiled is not None and compiled.takes(plan, routing):
+            out = compiled(h, plan, kv, lora, routing)
+            if out is not None:
+                return out
         for index, layer in enumerate(self.layers):
             h = layer(h, index, kv, plan, lora, routing)
         return F.rms_norm(h, h.shape[-1:], self.norm, self.shape.rms_norm_eps)

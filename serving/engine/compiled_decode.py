@@ -1,0 +1,245 @@
+"""The decode step as one compiled graph (torch.compile, Inductor's CPU backend): fewer ops per token.
+
+Why: at batch 1 a decode step of the embedded SmolLM2 is ~600 small ops (norms, RoPE, casts, KV reads,
+SwiGLU) around 120 matmuls, and on this CPU their dispatch costs as much as the matmuls themselves
+(int4: ~3.4 ms of kernels in a ~12 ms step, docs/performance.md). Compiled, the ops between the
+matmuls fuse into a few C++ loops and the 30 layers run as one call (int4, measured: 12.4 -> 9.3 ms
+for the forward, 13.9 -> 11.7 ms per token in `bench weights`).
+
+What is compiled: pure decode forwards (every row feeds one token; `AttentionPlan.decode`) of the base
+model or of rows that all use one LoRA slot (a batch-1 adapter, a scoring run). Prefill chunks,
+speculative verification and mixed-adapter batches keep the eager path, whose attention and LoRA
+routing handle any layout. The compiled step is functional: it reads K/V through the context slots,
+takes each row's new K/V in place of the slot it is about to fill, and returns the new K/V of every
+layer, which the caller writes with one `index_copy_` per pool (a graph that mutated the KV pool would
+copy it).
+
+Costs, stated where they are paid:
+* Compiling needs a C++ compiler at run time (`g++`, or `$CXX`); `check_compiler` says so at startup.
+  Inductor caches compiled graphs on disk, so a restart compiles faster (SmolLM2 on 2 cores: ~1.5
+  min per variant cold, ~15 s warm). Variants: one row / several rows (always masked), times the base
+  model and each LoRA module set in use; `warm_up` compiles the base ones and all-module adapters.
+* A graph bakes in the thread count it was compiled with (PyTorch guards on it and recompiles when it
+  changes), so compiled steps run at that count: thread tuning applies to the eager steps only.
+* Sizes that change between steps are marked dynamic (`_mark_dynamic`); weights are graph inputs whose
+  guards are dropped (`_guard_filter`): they are frozen at load, and a model's `_structure` stands in
+  for them, so two models of one shape but other projection kinds never share a graph.
+Any failure to compile or run disables the compiled step for the process and reruns the forward on
+the eager path: a compiler problem costs speed, never a request.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from lorafleet.serving.engine.attention import AttentionPlan, ForwardBatch, apply_rope
+from lorafleet.serving.engine.lora_slots import GROUPS, LoraRouting
+
+if TYPE_CHECKING:
+    from lorafleet.serving.engine.kv_cache import KVPool
+    from lorafleet.serving.engine.lora_slots import LoraSlots
+    from lorafleet.serving.engine.model import CompactLlama, LlamaShape
+
+__all__ = ["CompiledDecode", "check_compiler"]
+
+log = logging.getLogger(__name__)
+_FROZEN_ARGS = ("layers",)  # the argument whose guards are dropped (see `_guard_filter`)
+
+
+def check_compiler() -> None:
+    """Inductor's CPU backend compiles C++ at run time: refuse early, naming what is missing."""
+    compiler = os.environ.get("CXX") or "g++"
+    if shutil.which(compiler) is None:
+        raise ValueError(f"compile_decode needs a C++ compiler at run time and {compiler!r} is not on PATH "
+                         f"(install g++, e.g. `apt-get install g++`, or set CXX); or turn compile_decode off")
+
+
+def _guard_filter(entries: Sequence[Any]) -> list[bool]:
+    """Keep every guard except those on the layers' frozen weights (hundreds of tensors checked per
+    call: measured ~0.5 ms of a 9 ms step). What those guards would have told apart is guarded another
+    way: the shape by the step's closure constants and the hidden states, the projection kinds and
+    dtype by `structure`. The LoRA stacks (8 tensors) keep theirs: slot count and rank vary by engine."""
+    return [not (entry.name in _FROZEN_ARGS or entry.name.startswith(tuple(f"{arg}[" for arg in _FROZEN_ARGS))
+                 or entry.name.startswith(tuple(f"{arg}." for arg in _FROZEN_ARGS)))
+            for entry in entries]
+
+
+def make_decode_step(shape: LlamaShape) -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The uncompiled step for one model shape: its sizes are closure constants, so the compiled graph
+    specialises on them (as arguments, `dynamic=True` would make them symbolic)."""
+    heads, kv_heads, dim, inter, eps = (shape.num_heads, shape.num_kv_heads, shape.head_dim,
+                                        shape.intermediate_size, shape.rms_norm_eps)
+
+    def decode_step(structure: str, layers: Sequence[Any], lora: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                    groups: tuple[str, ...], slot: torch.Tensor | None, final_norm: torch.Tensor,
+                    h: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor,
+                    context_slots: torch.Tensor,
+                    mask: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every layer for B single-token rows: final-normed hidden (B, d) and new K, V (L, B, KVH, D).
+
+        `structure` (see `_structure`) is guarded by value: since guards on `layers` are dropped, it is
+        what keeps two models of one shape but different projection kinds off each other's graphs.
+        `lora[j]` holds group `groups[j]`'s stacks (L, S+1, M*R, in) and (L, S+1, M*R, outs); every row
+        uses `slot` ((1,) long). Same arithmetic as `DecoderLayer.forward` with the decode plan."""
+        return _layers(layers, lora, groups, slot, final_norm, h, k_pool, v_pool, slots, context_slots, mask,
+                       cos, sin, heads, kv_heads, dim, inter, eps)
+
+    return decode_step
+
+
+def _layers(layers: Sequence[Any], lora: Sequence[tuple[torch.Tensor, torch.Tensor]], groups: tuple[str, ...],
+            slot: torch.Tensor | None, final_norm: torch.Tensor, h: torch.Tensor, k_pool: torch.Tensor,
+            v_pool: torch.Tensor, slots: torch.Tensor, context_slots: torch.Tensor, mask: torch.Tensor | None,
+            cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int, dim: int, inter: int, eps: float
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch = h.shape[0]
+    fresh = (context_slots == slots[:, None])[:, :, None, None]  # (B, C, 1, 1): the slot each row fills now
+    flat_context = context_slots.reshape(-1)
+    new_k, new_v = [], []
+
+    def adapt(index: int, group: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if group not in groups:
+            return out
+        a_stack, bt_stack = lora[groups.index(group)]
+        a = a_stack[index].index_select(0, slot)[0]  # (M*R, in)
+        bt = bt_stack[index].index_select(0, slot)[0]  # (M*R, outs)
+        return out + (x @ a.t()) @ bt
+
+    for index, layer in enumerate(layers):
+        x = F.rms_norm(h, h.shape[-1:], layer.input_norm, eps)
+        qkv = adapt(index, "qkv", x, layer.qkv(x, layer.qkv_bias))  # (B, (H+2KVH)*D)
+        qk = apply_rope(qkv[:, : (heads + kv_heads) * dim].view(batch, heads + kv_heads, dim), cos, sin)
+        k_now, v_now = qk[:, heads:], qkv[:, (heads + kv_heads) * dim:].view(batch, kv_heads, dim)
+        cached_k = k_pool[index].index_select(0, flat_context).view(batch, -1, kv_heads, dim)  # (B, C, KVH, D)
+        cached_v = v_pool[index].index_select(0, flat_context).view(batch, -1, kv_heads, dim)
+        k, v = torch.where(fresh, k_now[:, None], cached_k), torch.where(fresh, v_now[:, None], cached_v)
+        q = qk[:, :heads].reshape(batch, kv_heads, heads // kv_heads, dim)  # (B, KVH, G, D)
+        attn = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                              scale=dim ** -0.5).reshape(batch, heads * dim)
+        h = adapt(index, "o", attn, layer.o.add_to(h, attn))
+        x = F.rms_norm(h, h.shape[-1:], layer.post_norm, eps)
+        gate_up = adapt(index, "gate_up", x, layer.gate_up(x))
+        act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+        h = adapt(index, "down", act, layer.down.add_to(h, act))
+        new_k.append(k_now)
+        new_v.append(v_now)
+    return F.rms_norm(h, h.shape[-1:], final_norm, eps), torch.stack(new_k), torch.stack(new_v)
+
+
+def _structure(model: CompactLlama) -> str:
+    """What the graph's code depends on besides the shape: each projection's kind and whether it is
+    prepacked, q/k/v biases, the dtype. Weights' values are inputs; this is everything else."""
+    kinds = []
+    for layer in model.layers:
+        for name in ("qkv", "o", "gate_up", "down"):
+            projection = getattr(layer, name)
+            kinds.append(f"{type(projection).__name__}{'/packed' if getattr(projection, 'prepacked', False) else ''}")
+        kinds.append("bias" if layer.qkv_bias is not None else "-")
+    return f"{model.norm.dtype}|{model.norm.device.type}|{','.join(kinds)}"
+
+
+def _all_groups_routing(num_rows: int) -> LoraRouting:
+    """Every row on slot 1, every module group active: the routing warm-up compiles for adapters."""
+    modules = frozenset(module for group in GROUPS.values() for module in group)
+    return LoraRouting(num_rows, 1, 1, None, frozenset(GROUPS), modules)
+
+
+def _mark_dynamic(hidden: torch.Tensor, plan: AttentionPlan, kv: KVPool, mask: torch.Tensor | None) -> None:
+    """The sizes that change between steps (rows, context length, pool size) are symbolic in the graph;
+    everything else, the weights above all, is static (all-dynamic shapes defeat the prepacked
+    oneDNN weights' lowering). A batch of one row still gets its own specialised graph."""
+    marks: list[tuple[torch.Tensor | None, tuple[int, ...]]] = [
+        (hidden, (0,)), (plan.slot_mapping, (0,)), (plan.context_slots, (0, 1)), (plan.cos, (0,)),
+        (plan.sin, (0,)), (mask, (0, 3)), (kv.k, (1,)), (kv.v, (1,))]
+    for tensor, dims in marks:
+        if tensor is not None:
+            for dim in dims:
+                torch._dynamo.maybe_mark_dynamic(tensor, dim)
+
+
+class CompiledDecode:
+    """The compiled decode step of one CompactLlama (see the module docstring)."""
+
+    def __init__(self, model: CompactLlama, *, compile_fn: Callable[..., Any] | None = None) -> None:
+        """`compile_fn` replaces torch.compile (tests run the same step uncompiled to check its arithmetic)."""
+        if compile_fn is None:
+            check_compiler()
+        self.model = model
+        self.structure = _structure(model)
+        self.threads = torch.get_num_threads()  # what the graphs are compiled for (see the module docstring)
+        compile_fn = compile_fn or (lambda fn: torch.compile(fn, options={"guard_filter_fn": _guard_filter}))
+        self._step = compile_fn(make_decode_step(model.shape))
+        self.disabled: str | None = None  # why the compiled step was turned off, once it was
+        self.calls = 0
+
+    def warm_up(self, lora: LoraSlots | None = None) -> None:
+        """Compile the variants serving needs first: one row and several rows, of the base model and, when
+        `lora` is given, of an adapter on every module group (other module sets compile on first use).
+        Runs on a scratch KV pool; raises, naming the cause, if compiling fails."""
+        # a normal tensor, as the engine's pool is (an inference tensor would compile another graph)
+        kv = self.model.new_kv_pool(4, 4)
+        contexts = [[3, 1, 4, 1, 5], [9, 2, 6]]  # two rows of different lengths: the masked variant
+        variants = [None] + ([tuple(GROUPS)] if lora is not None else [])
+        for groups in variants:
+            for rows in (contexts[:1], contexts):
+                self._warm_up_one(kv, lora, groups, rows)
+
+    @torch.inference_mode()  # as the engine's forwards: grad mode would be another graph
+    def _warm_up_one(self, kv: KVPool, lora: LoraSlots | None, groups: tuple[str, ...] | None,
+                     rows: list[list[int]]) -> None:
+        batch = ForwardBatch.build([[row[-1]] for row in rows], [len(row) - 1 for row in rows],
+                                   [[2 * b, 2 * b + 1] for b in range(len(rows))], 4,
+                                   [0 if groups is None else 1] * len(rows), device=kv.device)
+        plan = AttentionPlan(batch, self.model.shape, self.model.rope)
+        hidden = F.embedding(batch.input_ids, self.model.embed_tokens.weight)
+        routing = None if groups is None else _all_groups_routing(len(rows))
+        if self(hidden, plan, kv, lora, routing) is None:
+            raise RuntimeError(f"compile_decode could not compile the decode step: {self.disabled}")
+
+    def takes(self, plan: Any, routing: LoraRouting | None) -> bool:
+        """Whether this forward is a compiled one: single-token rows, base or one LoRA slot for all."""
+        if self.disabled is not None or not isinstance(plan, AttentionPlan) or not plan.decode:
+            return False
+        return routing is None or (routing.runs is None and routing.padded is None and routing.lo == routing.hi)
+
+    def __call__(self, hidden: torch.Tensor, plan: AttentionPlan, kv: KVPool, lora: LoraSlots | None,
+                 routing: LoraRouting | None) -> torch.Tensor | None:
+        """Final-normed hidden states (B, d) with K/V written, or None when the compiled step failed
+        (it is then disabled; the caller runs the eager path, which rewrites the same K/V)."""
+        stacks: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
+        groups: tuple[str, ...] = ()
+        slot = None
+        if routing is not None and lora is not None:
+            groups = tuple(group for group in GROUPS if group in routing.active)
+            stacks = tuple(lora.group_stacks(group) for group in groups)
+            slot = torch.tensor([routing.lo], device=hidden.device)
+        mask = plan.mask
+        if mask is None and hidden.shape[0] > 1:  # equal contexts: an all-true mask, not a third variant
+            mask = torch.ones(hidden.shape[0], 1, 1, plan.context_slots.shape[1], dtype=torch.bool,
+                              device=hidden.device)
+        _mark_dynamic(hidden, plan, kv, mask)
+        saved = torch.get_num_threads()
+        try:
+            if saved != self.threads:
+                torch.set_num_threads(self.threads)
+            out, new_k, new_v = self._step(self.structure, self.model.layers, stacks, groups, slot,
+                                           self.model.norm, hidden, kv.k, kv.v, plan.slot_mapping,
+                                           plan.context_slots, mask, plan.cos, plan.sin)
+        except Exception as error:  # noqa: BLE001 - any compiler/runtime failure: fall back, keep serving
+            self.disabled = f"{type(error).__name__}: {error}"
+            log.warning("compiled decode disabled, the eager path serves from now on: %s", self.disabled)
+            return None
+        finally:
+            if torch.get_num_threads() != saved:
+                torch.set_num_threads(saved)
+        kv.write_layers(plan.slot_mapping, new_k, new_v)
+        self.calls += 1
+        return out
