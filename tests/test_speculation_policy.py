@@ -54,10 +54,23 @@ def test_drafts_while_accepted_tokens_per_second_beat_plain_steps():
     assert mixed.decide(4, ["a"] * 4) is True  # 8 / 14 ms > 4 / 10 ms
 
 
-def test_every_explore_every_decisions_the_other_side_runs_once():
+def test_the_side_not_taken_is_tried_ever_less_often_while_trials_confirm_the_choice():
+    """A trial runs after `explore_every` decisions; each trial that confirms the choice doubles the
+    interval (to `max_explore_every`): at batch 16 a drafting trial costs ~3 plain steps."""
+    policy = measured(plain=0.010, verify=0.011, heads=0.001, explore_every=4, max_explore_every=8)
+    choices = [policy.decide(1, ["a"]) for _ in range(20)]
+    trials = [i + 1 for i, choice in enumerate(choices) if not choice]
+    assert trials == [4, 12, 20]  # after 4, then 8, then 8 (the cap) decisions
+
+
+def test_a_trial_that_changes_the_choice_resets_the_interval():
     policy = measured(plain=0.010, verify=0.011, heads=0.001, explore_every=4)
-    choices = [policy.decide(1, ["a"]) for _ in range(8)]
-    assert choices == [True, True, True, False, True, True, True, False]
+    assert [policy.decide(1, ["a"]) for _ in range(4)] == [True, True, True, False]  # the 4th: a plain trial
+    for _ in range(10):
+        policy.observe_step(1, False, 0.005)  # plain turns out cheaper now (not by 2x: see the next test)
+    later = [policy.decide(1, ["a"]) for _ in range(8)]
+    assert later[:3] == [False, False, False]  # the trial changed the choice...
+    assert later.index(True) == 3  # ...so the next trial comes after explore_every decisions again
 
 
 def test_modes_and_steps_without_heads():
@@ -107,3 +120,11 @@ def test_speculative_report_is_measured_on_the_engine_with_the_hf_loop_beside_it
     assert tokens["engine_plain"] == tokens["engine_speculative"] == tokens["plain"] == tokens["speculative"] > 0
     assert report.speedup == pytest.approx(report.tokens_per_s_engine_speculative / report.tokens_per_s_engine_plain)
     assert {"tau_hf_loop", "speedup_hf_loop", "tokens_per_s_engine_plain"} <= set(report.as_metrics())
+
+
+def test_a_side_far_behind_waits_the_longest_interval():
+    policy = measured(plain=0.010, verify=0.050, heads=0.005, batch=64, explore_every=4, max_explore_every=32)
+    for _ in range(30):
+        policy.observe_acceptance("a", 1)  # tau 2: drafting at 2 x 64 / 55 ms, under half of 64 / 10 ms
+    choices = [policy.decide(64, ["a"] * 64) for _ in range(64)]
+    assert [i + 1 for i, choice in enumerate(choices) if choice] == [32, 64]

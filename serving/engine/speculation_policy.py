@@ -8,8 +8,15 @@ are measured while serving, per batch-size bucket (1, 2, 3-4, 5-8, ...):
               the verification and the heads that draft the next step).
 The engine drafts iff the drafting rate is higher. Costs and acceptance are exponential moving averages,
 so the rule follows the machine's load and each adapter's data. A bucket with no measured cost for one
-side tries that side first, and every `explore_every` decisions in a bucket the other side runs once,
-so an estimate taken in a slow spell cannot lock the engine into a choice forever.
+side tries that side first, and every so often the side not taken runs once, so an estimate taken in a
+slow spell cannot lock the engine into a choice forever. That trial is not free: at batch 16 on this
+CPU a drafting step costs ~3x a plain one, and one trial per 16 steps cost ~8% of throughput (measured
+with `bench speculation`). So the interval backs off: it starts at `explore_every` decisions and
+doubles (up to `max_explore_every`) each time a trial confirms the choice, back to the start when a
+trial changes it; a side estimated at under half the other's rate (drafting at batch 64 here: 0.56x)
+waits the longest interval at once. Acceptance is averaged over many more samples than costs (`acceptance_smoothing`):
+it is sampled once per row per verification, and a short window made tau swing enough to flip
+decisions by chance.
 
 On a small CPU a 1+4-token verification costs ~1.1x a plain step at batch 1 (drafting wins for any
 useful tau) and approaches (1+4)x once the batch is compute-bound (drafting loses): the old rule, "off
@@ -24,6 +31,7 @@ from dataclasses import dataclass
 from lorafleet.serving.engine.config import SpeculationMode
 
 _PRIOR_ACCEPTED = 1.0  # drafts accepted per verification before an adapter has any: tries it
+_FAR_BEHIND = 0.5  # a side whose estimated rate is below this fraction of the other's is tried rarely
 
 
 @dataclass
@@ -48,16 +56,22 @@ class SpeculationPolicy:
     """Per-step draft/no-draft decisions and the measurements behind them (one per engine)."""
 
     def __init__(self, mode: SpeculationMode = "adaptive", *, smoothing: float = 0.2,
-                 explore_every: int = 16) -> None:
-        if not 0 < smoothing <= 1:
-            raise ValueError(f"smoothing must be in (0, 1], got {smoothing}")
+                 acceptance_smoothing: float = 0.02, explore_every: int = 16, max_explore_every: int = 256) -> None:
+        for name, value in (("smoothing", smoothing), ("acceptance_smoothing", acceptance_smoothing)):
+            if not 0 < value <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {value}")
         if explore_every < 2:
             raise ValueError(f"explore_every must be >= 2, got {explore_every}")
-        self.mode, self.smoothing, self.explore_every = mode, smoothing, explore_every
+        if max_explore_every < explore_every:
+            raise ValueError(f"max_explore_every must be >= explore_every ({explore_every}), got {max_explore_every}")
+        self.mode, self.smoothing, self.acceptance_smoothing = mode, smoothing, acceptance_smoothing
+        self.explore_every, self.max_explore_every = explore_every, max_explore_every
         self._cost: dict[tuple[int, bool], MovingAverage] = {}  # forward + verification/sampling
         self._heads: dict[int, MovingAverage] = {}  # the heads drafting the next step
         self._accepted: dict[str | None, MovingAverage] = {}
         self._since_explore: collections.Counter[int] = collections.Counter()
+        self._interval: dict[int, int] = {}  # per bucket: decisions between trials (backs off)
+        self._trial_of: dict[int, bool] = {}  # per bucket: the choice a trial just overrode, until re-decided
         self.decisions: collections.Counter[str] = collections.Counter()  # "on" / "off", steps with heads
 
     # ----- measurements -------------------------------------------------------------------------
@@ -75,7 +89,7 @@ class SpeculationPolicy:
 
     def observe_acceptance(self, adapter: str | None, accepted: int) -> None:
         """One verification of `adapter`'s drafts accepted `accepted` of them."""
-        self._accepted.setdefault(adapter, MovingAverage(self.smoothing)).add(float(accepted))
+        self._accepted.setdefault(adapter, MovingAverage(self.acceptance_smoothing)).add(float(accepted))
 
     def tau(self, adapter: str | None) -> float:
         """Expected tokens per verification step of a row of `adapter` (1 + accepted drafts)."""
@@ -111,10 +125,21 @@ class SpeculationPolicy:
         if plain is None:
             return self._count(False)
         expected = sum(self.tau(adapter) for adapter in drafting_adapters) + batch_size - len(drafting_adapters)
-        choice = expected / drafting > batch_size / plain
+        drafting_rate, plain_rate = expected / drafting, batch_size / plain
+        choice = drafting_rate > plain_rate
+        interval = self._interval.get(size, self.explore_every)
+        if min(drafting_rate, plain_rate) < _FAR_BEHIND * max(drafting_rate, plain_rate):
+            interval = self.max_explore_every  # only a large change in load or acceptance could flip it
+        # Judge a trial at the second decision after it: the first comes at the end of the trial step
+        # itself, before that step's cost is observed.
+        if size in self._trial_of and self._since_explore[size] >= 1:
+            confirmed = self._trial_of.pop(size) == choice
+            self._interval[size] = interval = min(2 * interval, self.max_explore_every) if confirmed \
+                else self.explore_every
         self._since_explore[size] += 1
-        if self._since_explore[size] >= self.explore_every:  # refresh the estimate of the side not taken
+        if self._since_explore[size] >= interval:  # refresh the estimate of the side not taken
             self._since_explore[size] = 0
+            self._trial_of[size] = choice
             choice = not choice
         return self._count(choice)
 
