@@ -18,7 +18,8 @@ Costs, stated where they are paid:
 * Compiling needs a C++ compiler at run time (`g++`, or `$CXX`); `check_compiler` says so at startup.
   Inductor caches compiled graphs on disk, so a restart compiles faster (SmolLM2 on 2 cores: ~1.5
   min per variant cold, ~15 s warm). Variants: one row / several rows (always masked), times the base
-  model and each LoRA module set in use; `warm_up` compiles the base ones and all-module adapters.
+  model and each LoRA module set in use; `warm_up` compiles the base model's at startup, an adapter's
+  module set compiles on its first decode (a one-time stall of the same length).
 * A graph bakes in the thread count it was compiled with (PyTorch guards on it and recompiles when it
   changes), so compiled steps run at that count: thread tuning applies to the eager steps only.
 * Sizes that change between steps are marked dynamic (`_mark_dynamic`); weights are graph inputs whose
@@ -40,11 +41,11 @@ import torch
 import torch.nn.functional as F
 
 from lorafleet.serving.engine.attention import AttentionPlan, ForwardBatch, apply_rope
-from lorafleet.serving.engine.lora_slots import GROUPS, LoraRouting
+from lorafleet.serving.engine.lora_slots import GROUPS
 
 if TYPE_CHECKING:
     from lorafleet.serving.engine.kv_cache import KVPool
-    from lorafleet.serving.engine.lora_slots import LoraSlots
+    from lorafleet.serving.engine.lora_slots import LoraRouting, LoraSlots
     from lorafleet.serving.engine.model import CompactLlama, LlamaShape
 
 __all__ = ["CompiledDecode", "check_compiler"]
@@ -146,12 +147,6 @@ def _structure(model: CompactLlama) -> str:
     return f"{model.norm.dtype}|{model.norm.device.type}|{','.join(kinds)}"
 
 
-def _all_groups_routing(num_rows: int) -> LoraRouting:
-    """Every row on slot 1, every module group active: the routing warm-up compiles for adapters."""
-    modules = frozenset(module for group in GROUPS.values() for module in group)
-    return LoraRouting(num_rows, 1, 1, None, frozenset(GROUPS), modules)
-
-
 def _mark_dynamic(hidden: torch.Tensor, plan: AttentionPlan, kv: KVPool, mask: torch.Tensor | None) -> None:
     """The sizes that change between steps (rows, context length, pool size) are symbolic in the graph;
     everything else, the weights above all, is static (all-dynamic shapes defeat the prepacked
@@ -180,28 +175,25 @@ class CompiledDecode:
         self.disabled: str | None = None  # why the compiled step was turned off, once it was
         self.calls = 0
 
-    def warm_up(self, lora: LoraSlots | None = None) -> None:
-        """Compile the variants serving needs first: one row and several rows, of the base model and, when
-        `lora` is given, of an adapter on every module group (other module sets compile on first use).
-        Runs on a scratch KV pool; raises, naming the cause, if compiling fails."""
+    def warm_up(self) -> None:
+        """Compile the base model's variants (one row, several rows) now rather than on the first
+        request; an adapter's module set compiles on its first decode (which module sets a server
+        will see is not known at startup). Runs on a scratch KV pool; raises, naming the cause, if
+        compiling fails."""
         # a normal tensor, as the engine's pool is (an inference tensor would compile another graph)
         kv = self.model.new_kv_pool(4, 4)
         contexts = [[3, 1, 4, 1, 5], [9, 2, 6]]  # two rows of different lengths: the masked variant
-        variants = [None] + ([tuple(GROUPS)] if lora is not None else [])
-        for groups in variants:
-            for rows in (contexts[:1], contexts):
-                self._warm_up_one(kv, lora, groups, rows)
+        for rows in (contexts[:1], contexts):
+            self._warm_up_one(kv, rows)
 
     @torch.inference_mode()  # as the engine's forwards: grad mode would be another graph
-    def _warm_up_one(self, kv: KVPool, lora: LoraSlots | None, groups: tuple[str, ...] | None,
-                     rows: list[list[int]]) -> None:
+    def _warm_up_one(self, kv: KVPool, rows: list[list[int]]) -> None:
         batch = ForwardBatch.build([[row[-1]] for row in rows], [len(row) - 1 for row in rows],
-                                   [[2 * b, 2 * b + 1] for b in range(len(rows))], 4,
-                                   [0 if groups is None else 1] * len(rows), device=kv.device)
+                                   [[2 * b, 2 * b + 1] for b in range(len(rows))], 4, [0] * len(rows),
+                                   device=kv.device)
         plan = AttentionPlan(batch, self.model.shape, self.model.rope)
         hidden = F.embedding(batch.input_ids, self.model.embed_tokens.weight)
-        routing = None if groups is None else _all_groups_routing(len(rows))
-        if self(hidden, plan, kv, lora, routing) is None:
+        if self(hidden, plan, kv, None, None) is None:
             raise RuntimeError(f"compile_decode could not compile the decode step: {self.disabled}")
 
     def takes(self, plan: Any, routing: LoraRouting | None) -> bool:

@@ -56,7 +56,8 @@ class EngineConfig(BaseModel):
     compile_decode: bool = Field(False, description="run pure decode steps (base model, or every row on one "
                                  "adapter) as one torch.compile'd graph: fewer ops per token (measured in "
                                  "docs/performance.md); needs a C++ compiler at run time and compiles at "
-                                 "startup (about a minute on 2 cores, cached on disk), adapter variants on "
-                                 "first use; compiled steps keep the thread count they were compiled with")
+                                 "startup (~1.5 min per variant on 2 cores, ~15 s from Inductor's disk "
+                                 "cache), an adapter's module set on its first decode; compiled steps keep "
+                                 "the thread count they were compiled with")
     prefix_caching: bool = Field(True, description="reuse the K/V of prompt prefixes already computed with "
                                  "the same adapter")
