@@ -74,16 +74,15 @@ def _guard_filter(entries: Sequence[Any]) -> list[bool]:
 
 def make_decode_step(shape: LlamaShape) -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The uncompiled step for one model shape: its sizes are closure constants, so the compiled graph
-    specialises on them (as arguments, `dynamic=True` would make them symbolic)."""
+    specialises on them (the arguments are tensors and the structure, guarded as such)."""
     heads, kv_heads, dim, inter, eps = (shape.num_heads, shape.num_kv_heads, shape.head_dim,
                                         shape.intermediate_size, shape.rms_norm_eps)
 
     def decode_step(structure: str, layers: Sequence[Any], lora: Sequence[tuple[torch.Tensor, torch.Tensor]],
                     groups: tuple[str, ...], slot: torch.Tensor | None, final_norm: torch.Tensor,
                     h: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor,
-                    context_slots: torch.Tensor,
-                    mask: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    context_slots: torch.Tensor, mask: torch.Tensor | None, cos: torch.Tensor,
+                    sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every layer for B single-token rows: final-normed hidden (B, d) and new K, V (L, B, KVH, D).
 
         `structure` (see `_structure`) is guarded by value: since guards on `layers` are dropped, it is
