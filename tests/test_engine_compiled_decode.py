@@ -17,6 +17,9 @@ from lorafleet.serving.engine.engine import Engine
 from lorafleet.serving.engine.lora_slots import LoraSlots
 from lorafleet.serving.engine.model import CompactLlama
 from lorafleet.serving.engine.sequence import SamplingParams
+from tests.serving_helpers import BASE
+from tests.test_engine import adapters, make_engine, oracle  # noqa: F401 - the engine suite's fixtures
+from tests.test_engine import run as run_engine
 from tests.test_engine_lora import random_lora
 from tests.test_engine_model import Driver, tiny_hf
 
@@ -108,6 +111,30 @@ def test_engine_with_compiled_decode_generates_what_the_eager_engine_does():
         if compile_decode:
             assert engine.model.compiled_decode.calls > 0 and engine.model.compiled_decode.disabled is None
     assert outputs[0] == outputs[1]
+
+
+def test_a_compiled_engine_serves_base_and_any_adapter_without_compiling_after_startup(
+        model_cache, adapters, oracle):  # noqa: F811
+    """Warm-up compiles every graph a request can need (base and adapter rows, one row and several):
+    adapters of different module sets and Turbo heads are served with no compile after startup (a
+    compile mid-serving would stall every request), and greedy output is plain `generate`'s (PEFT for
+    adapters)."""
+    from torch._dynamo.utils import counters
+
+    from lorafleet.models.base import load_base_model
+
+    model = CompactLlama.from_hf(load_base_model(BASE, model_cache).model)  # its own: compiling changes it
+    engine = make_engine(model, adapters, compile_decode=True)
+    graphs = counters["stats"]["unique_graphs"]
+    requests = [(None, 0), ("a0", 1), ("a1", 0), ("turbo", 1), ("heads_only", 0)]
+    together = run_engine(engine, requests)
+    alone = [run_engine(engine, [request]) for request in requests[:3]]
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled while serving
+    assert model.compiled_decode.calls > 0 and model.compiled_decode.disabled is None
+    for i, (name, prompt) in enumerate(requests):
+        if name != "heads_only":
+            assert together[f"r{i}"] == oracle[(name, prompt)], name
+    assert [out["r0"] for out in alone] == [oracle[request] for request in requests[:3]]
 
 
 def test_a_failing_graph_costs_speed_never_a_request():

@@ -17,9 +17,11 @@ copy it).
 Costs, stated where they are paid:
 * Compiling needs a C++ compiler at run time (`g++`, or `$CXX`); `check_compiler` says so at startup.
   Inductor caches compiled graphs on disk, so a restart compiles faster (SmolLM2 on 2 cores: ~1.5
-  min per variant cold, ~15 s warm). Variants: one row / several rows (always masked), times the base
-  model and each LoRA module set in use; `warm_up` compiles the base model's at startup, an adapter's
-  module set compiles on its first decode (a one-time stall of the same length).
+  min per variant cold, ~15 s warm). Variants: one row / several rows (always masked), for the base
+  model and for rows on an adapter; `warm_up` compiles them all at startup, so no request waits for a
+  compile. The adapter graph applies every module group's LoRA (an untargeted group's stacks are
+  zeros): one graph for any module set, at the price of reading those zeros (at rank 16, ~18 MB per
+  step for an attention-only adapter).
 * A graph bakes in the thread count it was compiled with (PyTorch guards on it and recompiles when it
   changes), so compiled steps run at that count: thread tuning applies to the eager steps only.
 * Sizes that change between steps are marked dynamic (`_mark_dynamic`); weights are graph inputs whose
@@ -41,11 +43,11 @@ import torch
 import torch.nn.functional as F
 
 from lorafleet.serving.engine.attention import AttentionPlan, ForwardBatch, apply_rope
-from lorafleet.serving.engine.lora_slots import GROUPS
+from lorafleet.serving.engine.lora_slots import GROUPS, LoraRouting
 
 if TYPE_CHECKING:
     from lorafleet.serving.engine.kv_cache import KVPool
-    from lorafleet.serving.engine.lora_slots import LoraRouting, LoraSlots
+    from lorafleet.serving.engine.lora_slots import LoraSlots
     from lorafleet.serving.engine.model import CompactLlama, LlamaShape
 
 __all__ = ["CompiledDecode", "check_compiler"]
@@ -174,25 +176,26 @@ class CompiledDecode:
         self.disabled: str | None = None  # why the compiled step was turned off, once it was
         self.calls = 0
 
-    def warm_up(self) -> None:
-        """Compile the base model's variants (one row, several rows) now rather than on the first
-        request; an adapter's module set compiles on its first decode (which module sets a server
-        will see is not known at startup). Runs on a scratch KV pool; raises, naming the cause, if
-        compiling fails."""
+    def warm_up(self, lora: LoraSlots | None = None) -> None:
+        """Compile every variant now rather than on a first request: one row and several rows, of the
+        base model and, with `lora`, of rows on one adapter (slot 1's stacks: any slot takes the same
+        graph). Runs on a scratch KV pool; raises, naming the cause, if compiling fails."""
         # a normal tensor, as the engine's pool is (an inference tensor would compile another graph)
         kv = self.model.new_kv_pool(4, 4)
         contexts = [[3, 1, 4, 1, 5], [9, 2, 6]]  # two rows of different lengths: the masked variant
-        for rows in (contexts[:1], contexts):
-            self._warm_up_one(kv, rows)
+        for slot in (0, 1) if lora is not None else (0,):
+            for rows in (contexts[:1], contexts):
+                self._warm_up_one(kv, rows, lora if slot else None, slot)
 
     @torch.inference_mode()  # as the engine's forwards: grad mode would be another graph
-    def _warm_up_one(self, kv: KVPool, rows: list[list[int]]) -> None:
+    def _warm_up_one(self, kv: KVPool, rows: list[list[int]], lora: LoraSlots | None, slot: int) -> None:
         batch = ForwardBatch.build([[row[-1]] for row in rows], [len(row) - 1 for row in rows],
-                                   [[2 * b, 2 * b + 1] for b in range(len(rows))], 4, [0] * len(rows),
+                                   [[2 * b, 2 * b + 1] for b in range(len(rows))], 4, [slot] * len(rows),
                                    device=kv.device)
         plan = AttentionPlan(batch, self.model.shape, self.model.rope)
         hidden = F.embedding(batch.input_ids, self.model.embed_tokens.weight)
-        if self(hidden, plan, kv, None, None) is None:
+        routing = None if lora is None else LoraRouting(len(rows), slot, slot, None, frozenset(GROUPS), frozenset())
+        if self(hidden, plan, kv, lora, routing) is None:
             raise RuntimeError(f"compile_decode could not compile the decode step: {self.disabled}")
 
     def takes(self, plan: Any, routing: LoraRouting | None) -> bool:
@@ -209,7 +212,10 @@ class CompiledDecode:
         groups: tuple[str, ...] = ()
         slot = None
         if routing is not None and lora is not None:
-            groups = tuple(group for group in GROUPS if group in routing.active)
+            # Every group, whatever the adapter targets (a slot's untargeted stacks are zeros, so the
+            # result is the same): one adapter graph instead of one per module set, compiled at startup.
+            # A graph compiled on a first request would stall every request for a minute or more.
+            groups = tuple(GROUPS)
             stacks = tuple(lora.group_stacks(group) for group in groups)
             slot = torch.tensor([routing.lo], device=hidden.device)
         mask = plan.mask

@@ -57,7 +57,7 @@ class EngineConfig(BaseModel):
                                  "adapter) as one torch.compile'd graph: fewer ops per token (measured in "
                                  "docs/performance.md); needs a C++ compiler at run time and compiles at "
                                  "startup (~1.5 min per variant on 2 cores, ~15 s from Inductor's disk "
-                                 "cache), an adapter's module set on its first decode; compiled steps keep "
+                                 "cache; base and adapter graphs, all before serving); compiled steps keep "
                                  "the thread count they were compiled with")
     prefix_caching: bool = Field(True, description="reuse the K/V of prompt prefixes already computed with "
                                  "the same adapter")
