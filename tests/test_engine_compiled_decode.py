@@ -1,7 +1,7 @@
 """The compiled decode step (serving/engine/compiled_decode.py) against the eager forward it replaces.
 
 The arithmetic is checked uncompiled first (cheap, every model family); then compiled graphs on a tiny
-model: equal logits and K/V for the variants serving uses, two models of one shape but different
+model: equal logits and K/V for the variants serving uses (adapter rows between them stay eager), two models of one shape but different
 weight formats in one process (they must not share a graph), the engine end to end, and the fault
 class "compiling or running the graph fails", which must cost speed and never a request.
 """
@@ -27,7 +27,7 @@ PREFILL = [("a", list(range(3, 23)), 0, 0), ("b", [5, 6, 7], 0, 0), ("c", [9, 10
 # (feeds of one decode forward, whether the compiled step takes it)
 DECODES = [
     ([("a", [7], 20, 0)], True),  # one row, base
-    ([("c", [8], 4, 1)], True),  # one row, one adapter
+    ([("c", [8], 4, 1)], False),  # one row on an adapter: LoRA rows stay eager
     ([("a", [9], 21, 0), ("b", [4], 3, 0)], True),  # rows of different contexts: masked
     ([("a", [3], 22, 0), ("b", [5], 4, 0)], True),
     ([("c", [2], 5, 1), ("b", [6], 5, 0)], False),  # mixed adapters: the eager path
@@ -69,7 +69,7 @@ def test_the_step_uncompiled_computes_what_the_eager_forward_does(family):
 @pytest.mark.parametrize("weight_format", ["dense", "int4"])
 def test_compiled_graphs_equal_the_eager_forward(weight_format):
     """Compiled for real: dense fp32 (oneDNN's prepacked weights through custom ops) and int4 (the
-    weight-only kernel inside the graph); one row and several, base and one adapter."""
+    weight-only kernel inside the graph); one row and several, with adapter rows between them."""
     hf = tiny_hf(seed=3)
     reference, _ = run(CompactLlama.from_hf(hf, weight_format=weight_format))
     model = CompactLlama.from_hf(hf, weight_format=weight_format)
@@ -115,10 +115,9 @@ def test_engine_with_compiled_decode_generates_what_the_eager_engine_does():
 
 def test_a_compiled_engine_serves_base_and_any_adapter_without_compiling_after_startup(
         model_cache, adapters, oracle):  # noqa: F811
-    """Warm-up compiles every graph a request can need (base and adapter rows, one row and several):
-    adapters of different module sets and Turbo heads are served with no compile after startup (a
-    compile mid-serving would stall every request), and greedy output is plain `generate`'s (PEFT for
-    adapters)."""
+    """Warm-up compiles every graph a request can need (one row and several): base, LoRA and Turbo
+    requests are served with no compile after startup (a compile mid-serving would stall every
+    request), and greedy output is plain `generate`'s (PEFT for adapters)."""
     from torch._dynamo.utils import counters
 
     from lorafleet.models.base import load_base_model

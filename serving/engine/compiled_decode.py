@@ -7,9 +7,12 @@ matmuls fuse into a few C++ loops and the 30 layers run as one call (int4, measu
 for the forward, 13.9 -> 11.7 ms per token in `bench weights`).
 
 What is compiled: pure decode forwards (every row feeds one token; `AttentionPlan.decode`) of the base
-model or of rows that all use one LoRA slot (a batch-1 adapter, a scoring run). Prefill chunks,
-speculative verification and mixed-adapter batches keep the eager path, whose attention and LoRA
-routing handle any layout. The compiled step is functional: it reads K/V through the context slots,
+model (and of Turbo heads on the bare base, whose rows use no LoRA). Prefill chunks, speculative
+verification and every forward with LoRA rows keep the eager path, whose attention and LoRA routing
+handle any layout. LoRA inside the graph was built and measured: with the adapter's module set in the
+graph, each new set compiled on its first request and stalled every request ~75 s; with every group
+in one graph (untargeted stacks are zeros), a batch-1 ViGGO adapter decoded at 45.5 ms/token against
+42-44 eager (docs/performance.md). Neither is worth having. The compiled step is functional: it reads K/V through the context slots,
 takes each row's new K/V in place of the slot it is about to fill, and returns the new K/V of every
 layer, which the caller writes with one `index_copy_` per pool (a graph that mutated the KV pool would
 copy it).
@@ -17,11 +20,8 @@ copy it).
 Costs, stated where they are paid:
 * Compiling needs a C++ compiler at run time (`g++`, or `$CXX`); `check_compiler` says so at startup.
   Inductor caches compiled graphs on disk, so a restart compiles faster (SmolLM2 on 2 cores: ~1.5
-  min per variant cold, ~15 s warm). Variants: one row / several rows (always masked), for the base
-  model and for rows on an adapter; `warm_up` compiles them all at startup, so no request waits for a
-  compile. The adapter graph applies every module group's LoRA (an untargeted group's stacks are
-  zeros): one graph for any module set, at the price of reading those zeros (at rank 16, ~18 MB per
-  step for an attention-only adapter).
+  min per variant cold, ~15 s warm). Two variants, one row and several rows (always masked), both
+  compiled by `warm_up` at startup, so no request waits for a compile.
 * A graph bakes in the thread count it was compiled with (PyTorch guards on it and recompiles when it
   changes), so compiled steps run at that count: thread tuning applies to the eager steps only.
 * Sizes that change between steps are marked dynamic (`_mark_dynamic`); weights are graph inputs whose
@@ -43,11 +43,9 @@ import torch
 import torch.nn.functional as F
 
 from lorafleet.serving.engine.attention import AttentionPlan, ForwardBatch, apply_rope
-from lorafleet.serving.engine.lora_slots import GROUPS, LoraRouting
 
 if TYPE_CHECKING:
     from lorafleet.serving.engine.kv_cache import KVPool
-    from lorafleet.serving.engine.lora_slots import LoraSlots
     from lorafleet.serving.engine.model import CompactLlama, LlamaShape
 
 __all__ = ["CompiledDecode", "check_compiler"]
@@ -68,7 +66,7 @@ def _guard_filter(entries: Sequence[Any]) -> list[bool]:
     """Keep every guard except those on the layers' frozen weights (hundreds of tensors checked per
     call: measured ~0.5 ms of a 9 ms step). What those guards would have told apart is guarded another
     way: the shape by the step's closure constants and the hidden states, the projection kinds and
-    dtype by `structure`. The LoRA stacks (8 tensors) keep theirs: slot count and rank vary by engine."""
+    dtype by `structure`."""
     return [not (entry.name in _FROZEN_ARGS or entry.name.startswith(tuple(f"{arg}[" for arg in _FROZEN_ARGS))
                  or entry.name.startswith(tuple(f"{arg}." for arg in _FROZEN_ARGS)))
             for entry in entries]
@@ -80,25 +78,22 @@ def make_decode_step(shape: LlamaShape) -> Callable[..., tuple[torch.Tensor, tor
     heads, kv_heads, dim, inter, eps = (shape.num_heads, shape.num_kv_heads, shape.head_dim,
                                         shape.intermediate_size, shape.rms_norm_eps)
 
-    def decode_step(structure: str, layers: Sequence[Any], lora: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                    groups: tuple[str, ...], slot: torch.Tensor | None, final_norm: torch.Tensor,
-                    h: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor,
-                    context_slots: torch.Tensor, mask: torch.Tensor | None, cos: torch.Tensor,
+    def decode_step(structure: str, layers: Sequence[Any], final_norm: torch.Tensor, h: torch.Tensor,
+                    k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor, context_slots: torch.Tensor,
+                    mask: torch.Tensor | None, cos: torch.Tensor,
                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every layer for B single-token rows: final-normed hidden (B, d) and new K, V (L, B, KVH, D).
 
         `structure` (see `_structure`) is guarded by value: since guards on `layers` are dropped, it is
         what keeps two models of one shape but different projection kinds off each other's graphs.
-        `lora[j]` holds group `groups[j]`'s stacks (L, S+1, M*R, in) and (L, S+1, M*R, outs); every row
-        uses `slot` ((1,) long). Same arithmetic as `DecoderLayer.forward` with the decode plan."""
-        return _layers(layers, lora, groups, slot, final_norm, h, k_pool, v_pool, slots, context_slots, mask,
-                       cos, sin, heads, kv_heads, dim, inter, eps)
+        Same arithmetic as `DecoderLayer.forward` with the decode plan and no LoRA."""
+        return _layers(layers, final_norm, h, k_pool, v_pool, slots, context_slots, mask, cos, sin, heads,
+                       kv_heads, dim, inter, eps)
 
     return decode_step
 
 
-def _layers(layers: Sequence[Any], lora: Sequence[tuple[torch.Tensor, torch.Tensor]], groups: tuple[str, ...],
-            slot: torch.Tensor | None, final_norm: torch.Tensor, h: torch.Tensor, k_pool: torch.Tensor,
+def _layers(layers: Sequence[Any], final_norm: torch.Tensor, h: torch.Tensor, k_pool: torch.Tensor,
             v_pool: torch.Tensor, slots: torch.Tensor, context_slots: torch.Tensor, mask: torch.Tensor | None,
             cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int, dim: int, inter: int, eps: float
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -106,18 +101,9 @@ def _layers(layers: Sequence[Any], lora: Sequence[tuple[torch.Tensor, torch.Tens
     fresh = (context_slots == slots[:, None])[:, :, None, None]  # (B, C, 1, 1): the slot each row fills now
     flat_context = context_slots.reshape(-1)
     new_k, new_v = [], []
-
-    def adapt(index: int, group: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        if group not in groups:
-            return out
-        a_stack, bt_stack = lora[groups.index(group)]
-        a = a_stack[index].index_select(0, slot)[0]  # (M*R, in)
-        bt = bt_stack[index].index_select(0, slot)[0]  # (M*R, outs)
-        return out + (x @ a.t()) @ bt
-
     for index, layer in enumerate(layers):
         x = F.rms_norm(h, h.shape[-1:], layer.input_norm, eps)
-        qkv = adapt(index, "qkv", x, layer.qkv(x, layer.qkv_bias))  # (B, (H+2KVH)*D)
+        qkv = layer.qkv(x, layer.qkv_bias)  # (B, (H+2KVH)*D)
         qk = apply_rope(qkv[:, : (heads + kv_heads) * dim].view(batch, heads + kv_heads, dim), cos, sin)
         k_now, v_now = qk[:, heads:], qkv[:, (heads + kv_heads) * dim:].view(batch, kv_heads, dim)
         cached_k = k_pool[index].index_select(0, flat_context).view(batch, -1, kv_heads, dim)  # (B, C, KVH, D)
@@ -126,11 +112,11 @@ def _layers(layers: Sequence[Any], lora: Sequence[tuple[torch.Tensor, torch.Tens
         q = qk[:, :heads].reshape(batch, kv_heads, heads // kv_heads, dim)  # (B, KVH, G, D)
         attn = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                                               scale=dim ** -0.5).reshape(batch, heads * dim)
-        h = adapt(index, "o", attn, layer.o.add_to(h, attn))
+        h = layer.o.add_to(h, attn)
         x = F.rms_norm(h, h.shape[-1:], layer.post_norm, eps)
-        gate_up = adapt(index, "gate_up", x, layer.gate_up(x))
+        gate_up = layer.gate_up(x)
         act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-        h = adapt(index, "down", act, layer.down.add_to(h, act))
+        h = layer.down.add_to(h, act)
         new_k.append(k_now)
         new_v.append(v_now)
     return F.rms_norm(h, h.shape[-1:], final_norm, eps), torch.stack(new_k), torch.stack(new_v)
@@ -176,48 +162,32 @@ class CompiledDecode:
         self.disabled: str | None = None  # why the compiled step was turned off, once it was
         self.calls = 0
 
-    def warm_up(self, lora: LoraSlots | None = None) -> None:
-        """Compile every variant now rather than on a first request: one row and several rows, of the
-        base model and, with `lora`, of rows on one adapter (slot 1's stacks: any slot takes the same
-        graph). Runs on a scratch KV pool; raises, naming the cause, if compiling fails."""
+    def warm_up(self) -> None:
+        """Compile every variant now (one row, several rows), so no request waits for a compile.
+        Runs on a scratch KV pool; raises, naming the cause, if compiling fails."""
         # a normal tensor, as the engine's pool is (an inference tensor would compile another graph)
         kv = self.model.new_kv_pool(4, 4)
         contexts = [[3, 1, 4, 1, 5], [9, 2, 6]]  # two rows of different lengths: the masked variant
-        for slot in (0, 1) if lora is not None else (0,):
-            for rows in (contexts[:1], contexts):
-                self._warm_up_one(kv, rows, lora if slot else None, slot)
+        for rows in (contexts[:1], contexts):
+            self._warm_up_one(kv, rows)
 
     @torch.inference_mode()  # as the engine's forwards: grad mode would be another graph
-    def _warm_up_one(self, kv: KVPool, rows: list[list[int]], lora: LoraSlots | None, slot: int) -> None:
+    def _warm_up_one(self, kv: KVPool, rows: list[list[int]]) -> None:
         batch = ForwardBatch.build([[row[-1]] for row in rows], [len(row) - 1 for row in rows],
-                                   [[2 * b, 2 * b + 1] for b in range(len(rows))], 4, [slot] * len(rows),
+                                   [[2 * b, 2 * b + 1] for b in range(len(rows))], 4, [0] * len(rows),
                                    device=kv.device)
         plan = AttentionPlan(batch, self.model.shape, self.model.rope)
         hidden = F.embedding(batch.input_ids, self.model.embed_tokens.weight)
-        routing = None if lora is None else LoraRouting(len(rows), slot, slot, None, frozenset(GROUPS), frozenset())
-        if self(hidden, plan, kv, lora, routing) is None:
+        if self(hidden, plan, kv) is None:
             raise RuntimeError(f"compile_decode could not compile the decode step: {self.disabled}")
 
-    def takes(self, plan: Any, routing: LoraRouting | None) -> bool:
-        """Whether this forward is a compiled one: single-token rows, base or one LoRA slot for all."""
-        if self.disabled is not None or not isinstance(plan, AttentionPlan) or not plan.decode:
-            return False
-        return routing is None or (routing.runs is None and routing.padded is None and routing.lo == routing.hi)
+    def takes(self, plan: Any, routing: Any) -> bool:
+        """Whether this forward is a compiled one: single-token rows of the base model (no LoRA routing)."""
+        return self.disabled is None and routing is None and isinstance(plan, AttentionPlan) and plan.decode
 
-    def __call__(self, hidden: torch.Tensor, plan: AttentionPlan, kv: KVPool, lora: LoraSlots | None,
-                 routing: LoraRouting | None) -> torch.Tensor | None:
+    def __call__(self, hidden: torch.Tensor, plan: AttentionPlan, kv: KVPool) -> torch.Tensor | None:
         """Final-normed hidden states (B, d) with K/V written, or None when the compiled step failed
         (it is then disabled; the caller runs the eager path, which rewrites the same K/V)."""
-        stacks: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
-        groups: tuple[str, ...] = ()
-        slot = None
-        if routing is not None and lora is not None:
-            # Every group, whatever the adapter targets (a slot's untargeted stacks are zeros, so the
-            # result is the same): one adapter graph instead of one per module set, compiled at startup.
-            # A graph compiled on a first request would stall every request for a minute or more.
-            groups = tuple(GROUPS)
-            stacks = tuple(lora.group_stacks(group) for group in groups)
-            slot = torch.tensor([routing.lo], device=hidden.device)
         mask = plan.mask
         if mask is None and hidden.shape[0] > 1:  # equal contexts: an all-true mask, not a third variant
             mask = torch.ones(hidden.shape[0], 1, 1, plan.context_slots.shape[1], dtype=torch.bool,
@@ -227,9 +197,8 @@ class CompiledDecode:
         try:
             if saved != self.threads:
                 torch.set_num_threads(self.threads)
-            out, new_k, new_v = self._step(self.structure, self.model.layers, stacks, groups, slot,
-                                           self.model.norm, hidden, kv.k, kv.v, plan.slot_mapping,
-                                           plan.context_slots, mask, plan.cos, plan.sin)
+            out, new_k, new_v = self._step(self.structure, self.model.layers, self.model.norm, hidden, kv.k,
+                                           kv.v, plan.slot_mapping, plan.context_slots, mask, plan.cos, plan.sin)
         except Exception as error:  # noqa: BLE001 - any compiler/runtime failure: fall back, keep serving
             self.disabled = f"{type(error).__name__}: {error}"
             log.warning("compiled decode disabled, the eager path serves from now on: %s", self.disabled)

@@ -53,11 +53,11 @@ class EngineConfig(BaseModel):
     thread_tuning: bool = Field(True, description="CPU: choose torch's thread count per kind of step by "
                                 "measured step time (fewer threads win while another process takes a core; "
                                 "models/thread_tuning.py)")
-    compile_decode: bool = Field(False, description="run pure decode steps (base model, or every row on one "
-                                 "adapter) as one torch.compile'd graph: fewer ops per token (measured in "
+    compile_decode: bool = Field(False, description="run pure decode steps of the base model (rows without "
+                                 "LoRA) as one torch.compile'd graph: fewer ops per token (measured in "
                                  "docs/performance.md); needs a C++ compiler at run time and compiles at "
                                  "startup (~1.5 min per variant on 2 cores, ~15 s from Inductor's disk "
-                                 "cache; base and adapter graphs, all before serving); compiled steps keep "
+                                 "cache; both variants before serving); compiled steps keep "
                                  "the thread count they were compiled with")
     prefix_caching: bool = Field(True, description="reuse the K/V of prompt prefixes already computed with "
                                  "the same adapter")

@@ -140,7 +140,7 @@ class Engine:
         # CPU threads follow the measured step time (contention); None on CUDA or when turned off.
         self.threads = ThreadTuner() if self.config.thread_tuning and self.device.type == "cpu" else None
         if self.config.compile_decode:  # compile now, not on the first request (module compiled_decode)
-            model.compile_decode().warm_up(self.lora)
+            model.compile_decode().warm_up()
         self._draft_next = False  # the policy's decision for the next step's rows with heads
         self._draft_seconds = 0.0  # time the heads took this step (a drafting step's extra cost)
         self._live: dict[str, _Live] = {}

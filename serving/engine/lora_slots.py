@@ -298,11 +298,6 @@ class LoraSlots:
         lo, hi = self._columns[module]
         return self.apply(layer, group, x, out, routing)[:, lo:hi]
 
-    def group_stacks(self, group: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """One group's A (L, S+1, M*R, in) and B^T (L, S+1, M*R, outs) for every layer and slot (slot 0 is
-        all zeros; scaling folded): what a compiled step indexes by layer and slot itself."""
-        return self._a[group], self._bt[group]
-
     def stacks(self, layer: int, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         """This module's A (S+1, R, in) and B (S+1, out, R) (scaling folded), for the reference path."""
         group, index = MODULE_GROUP[module]

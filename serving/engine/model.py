@@ -334,7 +334,7 @@ class CompactLlama(nn.Module):
         h = F.embedding(batch.input_ids, self.embed_tokens.weight)  # (N, d)
         compiled = self.compiled_decode
         if compiled is not None and compiled.takes(plan, routing):
-            out = compiled(h, plan, kv, lora, routing)
+            out = compiled(h, plan, kv)
             if out is not None:
                 return out
         for index, layer in enumerate(self.layers):
