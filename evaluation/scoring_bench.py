@@ -20,7 +20,6 @@ from lorafleet.models.adapter_dir import TaskInfo
 from lorafleet.models.lora import load_adapter
 from lorafleet.models.sampling_rules import eos_token_ids
 from lorafleet.sections.evaluation import EvaluationSettings
-from lorafleet.serving.engine.config import EngineConfig
 
 
 @dataclass
@@ -35,8 +34,7 @@ class ScoringBenchReport:
     engine_metrics: dict[str, float]
     hf_metrics: dict[str, float]
     differing_rows: list[int]  # the first rows whose predictions differ, to inspect
-    compile_decode: bool = False  # the engine ran its decode steps compiled
-    engine_setup_seconds: float = 0.0  # building the engine (copying weights; compiling, when asked), in engine_seconds
+    engine_setup_seconds: float = 0.0  # building the engine (copying the weights), inside engine_seconds
 
     @property
     def speedup(self) -> float:
@@ -53,14 +51,13 @@ class ScoringBenchReport:
 
 
 def measure_scoring(loaded: Any, adapter_dir: Path, label: str, rows: Sequence[Mapping[str, Any]],
-                    task: TaskInfo, *, max_new_tokens: int, hf_batch_size: int, compile_decode: bool = False,
+                    task: TaskInfo, *, max_new_tokens: int, hf_batch_size: int,
                     progress: bool = True) -> ScoringBenchReport:
     """Engine first (it copies the base before PEFT wraps it for the `generate` path), then `generate`."""
     settings = EvaluationSettings(max_examples=None, max_new_tokens=max_new_tokens, batch_size=hf_batch_size)
     stops = sorted(eos_token_ids(loaded.model, loaded.tokenizer, required=True))
     started = time.perf_counter()
-    with EngineScorer(loaded.model, loaded.tokenizer, adapter_dir, eos_token_ids=stops,
-                      config=EngineConfig(compile_decode=compile_decode)) as scorer:
+    with EngineScorer(loaded.model, loaded.tokenizer, adapter_dir, eos_token_ids=stops) as scorer:
         setup_seconds = time.perf_counter() - started
         engine = evaluate_quality(None, loaded.tokenizer, rows, task, settings, label=f"{label} (engine)",
                                   progress=progress, generate=lambda prompts, desc: scorer.generate(
@@ -77,4 +74,4 @@ def measure_scoring(loaded: Any, adapter_dir: Path, label: str, rows: Sequence[M
         adapter=label, rows=len(rows), max_new_tokens=max_new_tokens, hf_batch_size=hf_batch_size,
         engine_seconds=engine_seconds, hf_seconds=hf_seconds, identical_predictions=len(rows) - len(differing),
         engine_metrics=engine.metrics, hf_metrics=hf.metrics, differing_rows=differing[:20],
-        compile_decode=compile_decode, engine_setup_seconds=setup_seconds)
+        engine_setup_seconds=setup_seconds)

@@ -270,8 +270,7 @@ def weights_bench(settings: Settings, *, formats: Sequence[str], n_prompts: int,
     return report
 
 
-def scoring_bench(settings: Settings, adapter: str, *, rows: int | None, console: Console,
-                  compile_decode: bool = False) -> Any:
+def scoring_bench(settings: Settings, adapter: str, *, rows: int | None, console: Console) -> Any:
     """Score `adapter` on its own test split with the engine and with `generate` (evaluation/scoring_bench.py),
     at its own evaluation settings (max_new_tokens, batch size)."""
     from lorafleet.config import FinetuneConfig
@@ -290,13 +289,12 @@ def scoring_bench(settings: Settings, adapter: str, *, rows: int | None, console
     console.print(f"scoring {pinned} on {len(test)} test rows: engine, then transformers generate "
                   f"(batch {config.evaluation.batch_size}), max {config.evaluation.max_new_tokens} new tokens")
     return measure_scoring(loaded, folder, pinned, test, prepared.task,
-                           max_new_tokens=config.evaluation.max_new_tokens, hf_batch_size=config.evaluation.batch_size,
-                           compile_decode=compile_decode)
+                           max_new_tokens=config.evaluation.max_new_tokens, hf_batch_size=config.evaluation.batch_size)
 
 
 def print_scoring(report: Any, console: Console) -> None:
-    console.print(f"engine {report.engine_seconds:.1f} s (setup {report.engine_setup_seconds:.1f} s"
-                  f"{', decode compiled' if report.compile_decode else ''}), generate {report.hf_seconds:.1f} s: "
+    console.print(f"engine {report.engine_seconds:.1f} s (setup {report.engine_setup_seconds:.1f} s), "
+                  f"generate {report.hf_seconds:.1f} s: "
                   f"{report.speedup:.2f}x ({report.speedup_after_setup:.2f}x after setup); "
                   f"identical predictions {report.identical_predictions}/{report.rows}")
     for name in sorted(set(report.engine_metrics) & {"field_f1", "exact_match", "parse_rate"}):

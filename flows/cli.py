@@ -344,13 +344,12 @@ def bench_scoring(
     adapter: Annotated[str, typer.Argument(help="NAME, NAME@VERSION, models:/ URI or an adapter folder")],
     json_out: Annotated[Path, typer.Option("--json", help="where to write the JSON report")] = Path("scoring.json"),
     rows: Annotated[int | None, typer.Option(min=1, help="test rows (default: the whole test split)")] = None,
-    compile_decode: Annotated[bool, typer.Option("--compile-decode", help="compiled decode steps (needs g++)")] = False,
 ) -> None:
     """Score an adapter on its test split with the engine and with transformers generate: time, identity."""
     from lorafleet.flows.bench import print_scoring, scoring_bench, write_json
 
     try:
-        report = scoring_bench(_settings(), adapter, rows=rows, console=console, compile_decode=compile_decode)
+        report = scoring_bench(_settings(), adapter, rows=rows, console=console)
     except (ValueError, LookupError) as error:
         _fail(str(error))
     print_scoring(report, console)
