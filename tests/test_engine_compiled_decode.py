@@ -115,8 +115,8 @@ def test_engine_with_compiled_decode_generates_what_the_eager_engine_does():
 
 def test_a_compiled_engine_serves_base_and_any_adapter_without_compiling_after_startup(
         model_cache, adapters, oracle):  # noqa: F811
-    """Warm-up compiles every graph a request can need (one row and several): base, LoRA and Turbo
-    requests are served with no compile after startup (a compile mid-serving would stall every
+    """Warm-up compiles every graph a request can need (one row and several, all threads and one fewer):
+    base, LoRA and Turbo requests are served with no compile after startup (a compile mid-serving would stall every
     request), and greedy output is plain `generate`'s (PEFT for adapters)."""
     from torch._dynamo.utils import counters
 
@@ -128,7 +128,24 @@ def test_a_compiled_engine_serves_base_and_any_adapter_without_compiling_after_s
     requests = [(None, 0), ("a0", 1), ("a1", 0), ("turbo", 1), ("heads_only", 0)]
     together = run_engine(engine, requests)
     alone = [run_engine(engine, [request]) for request in requests[:3]]
+    threads, seen = torch.get_num_threads(), []
+    step = model.compiled_decode._step
+
+    def spy(*args):
+        seen.append(torch.get_num_threads())
+        return step(*args)
+
+    model.compiled_decode._step = spy
+    engine.threads = None  # the count set here, not the tuner's
+    try:  # one thread fewer, what thread tuning picks beside a busy neighbour: its graphs exist too
+        torch.set_num_threads(max(1, threads - 1))
+        fewer = run_engine(engine, [(None, 0)], params=SamplingParams(max_new_tokens=4), prompts=[[5, 6, 7]])
+    finally:
+        torch.set_num_threads(threads)
+        model.compiled_decode._step = step
+    assert seen and set(seen) == {max(1, threads - 1)}  # compiled steps ran at that count, not pinned
     assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled while serving
+    assert len(fewer["r0"]) == 4
     assert model.compiled_decode.calls > 0 and model.compiled_decode.disabled is None
     for i, (name, prompt) in enumerate(requests):
         if name != "heads_only":

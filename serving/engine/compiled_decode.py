@@ -12,18 +12,22 @@ verification and every forward with LoRA rows keep the eager path, whose attenti
 handle any layout. LoRA inside the graph was built and measured: with the adapter's module set in the
 graph, each new set compiled on its first request and stalled every request ~75 s; with every group
 in one graph (untargeted stacks are zeros), a batch-1 ViGGO adapter decoded at 45.5 ms/token against
-42-44 eager (docs/performance.md). Neither is worth having. The compiled step is functional: it reads K/V through the context slots,
-takes each row's new K/V in place of the slot it is about to fill, and returns the new K/V of every
-layer, which the caller writes with one `index_copy_` per pool (a graph that mutated the KV pool would
-copy it).
+42-44 eager (docs/performance.md). Neither is worth having.
+
+The compiled step is functional: it reads K/V through the context slots, takes each row's new K/V in
+place of the slot it is about to fill, and returns the new K/V of every layer, which the caller writes
+with one `index_copy_` per pool (a graph that mutated the KV pool would copy it).
 
 Costs, stated where they are paid:
 * Compiling needs a C++ compiler at run time (`g++`, or `$CXX`); `check_compiler` says so at startup.
   Inductor caches compiled graphs on disk, so a restart compiles faster (SmolLM2 on 2 cores: ~1.5
-  min per variant cold, ~15 s warm). Two variants, one row and several rows (always masked), both
-  compiled by `warm_up` at startup, so no request waits for a compile.
+  min per variant cold, ~15 s warm). Variants: one row and several rows (always masked), per thread
+  count below; `warm_up` compiles them all at startup, so no request waits for a compile.
 * A graph bakes in the thread count it was compiled with (PyTorch guards on it and recompiles when it
-  changes), so compiled steps run at that count: thread tuning applies to the eager steps only.
+  changes: 44 s here). Graphs are compiled for all threads and for one fewer, the count thread tuning
+  moves to when another process takes a core (pinned at all threads, int4 decode beside a busy loop ran
+  at 40-52 ms/token against the tuned eager engine's 18-22); a step at any other count runs at all
+  threads. The warm-up compiles all four variants (two row counts, two thread counts).
 * Sizes that change between steps are marked dynamic (`_mark_dynamic`); weights are graph inputs whose
   guards are dropped (`_guard_filter`): they are frozen at load, and a model's `_structure` stands in
   for them, so two models of one shape but other projection kinds never share a graph.
@@ -156,20 +160,30 @@ class CompiledDecode:
             check_compiler()
         self.model = model
         self.structure = _structure(model)
-        self.threads = torch.get_num_threads()  # what the graphs are compiled for (see the module docstring)
+        self.threads = torch.get_num_threads()  # the count a step runs at when its own has no graph
+        # Graphs are compiled for these counts (see the module docstring): all threads, and one fewer, the
+        # count thread tuning moves to when one other process takes a core.
+        self.thread_counts = sorted({self.threads, max(1, self.threads - 1)})
         compile_fn = compile_fn or (lambda fn: torch.compile(fn, options={"guard_filter_fn": _guard_filter}))
         self._step = compile_fn(make_decode_step(model.shape))
         self.disabled: str | None = None  # why the compiled step was turned off, once it was
         self.calls = 0
 
     def warm_up(self) -> None:
-        """Compile every variant now (one row, several rows), so no request waits for a compile.
+        """Compile every variant now (one row and several rows, at each of `thread_counts`), so no
+        request waits for a compile.
         Runs on a scratch KV pool; raises, naming the cause, if compiling fails."""
         # a normal tensor, as the engine's pool is (an inference tensor would compile another graph)
         kv = self.model.new_kv_pool(4, 4)
         contexts = [[3, 1, 4, 1, 5], [9, 2, 6]]  # two rows of different lengths: the masked variant
-        for rows in (contexts[:1], contexts):
-            self._warm_up_one(kv, rows)
+        saved = torch.get_num_threads()
+        try:
+            for threads in self.thread_counts:
+                torch.set_num_threads(threads)
+                for rows in (contexts[:1], contexts):
+                    self._warm_up_one(kv, rows)
+        finally:
+            torch.set_num_threads(saved)
 
     @torch.inference_mode()  # as the engine's forwards: grad mode would be another graph
     def _warm_up_one(self, kv: KVPool, rows: list[list[int]]) -> None:
@@ -195,7 +209,7 @@ class CompiledDecode:
         _mark_dynamic(hidden, plan, kv, mask)
         saved = torch.get_num_threads()
         try:
-            if saved != self.threads:
+            if saved not in self.thread_counts:  # no graph for this count: run at the count compiled for
                 torch.set_num_threads(self.threads)
             out, new_k, new_v = self._step(self.structure, self.model.layers, self.model.norm, hidden, kv.k,
                                            kv.v, plan.slot_mapping, plan.context_slots, mask, plan.cos, plan.sin)

@@ -57,7 +57,7 @@ class EngineConfig(BaseModel):
                                  "LoRA) as one torch.compile'd graph: fewer ops per token (measured in "
                                  "docs/performance.md); needs a C++ compiler at run time and compiles at "
                                  "startup (~1.5 min per variant on 2 cores, ~15 s from Inductor's disk "
-                                 "cache; both variants before serving); compiled steps keep "
-                                 "the thread count they were compiled with")
+                                 "cache; every variant before serving); graphs exist for all threads and "
+                                 "one fewer, the counts thread tuning uses beside one busy neighbour")
     prefix_caching: bool = Field(True, description="reuse the K/V of prompt prefixes already computed with "
                                  "the same adapter")
