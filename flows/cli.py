@@ -324,7 +324,7 @@ def bench_weights(
     score_rows: Annotated[int, typer.Option(min=1, help="test rows scored for --adapter")] = 200,
     compile_decode: Annotated[bool, typer.Option(
         "--compile-decode", help="also time each format with its decode steps compiled (needs g++; "
-        "about a minute of compiling per format on 2 cores)")] = False,
+        "minutes of compiling per format on 2 cores the first time, Inductor caches them)")] = False,
 ) -> None:
     """Weight formats of the embedded base side by side: decode speed, agreement with fp32, llama.cpp."""
     from lorafleet.flows.bench import print_weights, weights_bench, write_json
