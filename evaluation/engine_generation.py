@@ -13,7 +13,8 @@ model, so one loaded base serves the base and adapter variants of an evaluation.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Self
 
@@ -23,7 +24,7 @@ from lorafleet.evaluation.generation import GenerationResult
 from lorafleet.models.adapter_dir import has_lora
 from lorafleet.serving.engine.adapter_cache import AdapterCache, AdapterNotFound, ResolvedAdapter
 from lorafleet.serving.engine.adapter_weights import read_peft_adapter
-from lorafleet.serving.engine.config import EngineConfig, WeightFormat
+from lorafleet.serving.engine.config import EngineConfig, SpeculationMode, WeightFormat
 from lorafleet.serving.engine.engine import Engine
 from lorafleet.serving.engine.lora_slots import LoraSlots
 from lorafleet.serving.engine.model import CompactLlama
@@ -100,11 +101,9 @@ class EngineScorer:
         if self.adapter_dir is None:
             raise ValueError("this EngineScorer was built without an adapter")
         engine = self.engine
-        engine.allocator.forget_cached()
-        engine.policy.mode = "on" if speculative else "off"
         drafts, accepted = engine.stats.spec_drafts, engine.stats.spec_accepted_tokens
         tokens: list[int] = []
-        try:
+        with self.speculation("on" if speculative else "off"):
             engine.add_request("decode-one", [int(t) for t in prompt],
                                SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=self.stops), "adapter")
             while engine.has_unfinished():
@@ -112,9 +111,18 @@ class EngineScorer:
                     if out.error is not None:
                         raise RuntimeError(f"the engine failed the request: {out.error}")
                     tokens.extend(out.new_token_ids)
-        finally:
-            engine.policy.mode = self.config.speculation
         return tokens, engine.stats.spec_drafts - drafts, engine.stats.spec_accepted_tokens - accepted
+
+    @contextmanager
+    def speculation(self, mode: SpeculationMode) -> Iterator[None]:
+        """Run timed requests with speculation `mode` from an empty prefix cache (a timed run never
+        reuses an earlier run's K/V); the configured mode is back afterwards, whatever happened."""
+        self.engine.allocator.forget_cached()
+        self.engine.policy.mode = mode
+        try:
+            yield
+        finally:
+            self.engine.policy.mode = self.config.speculation
 
     def _result(self, kept: list[int], reason: str | None) -> GenerationResult:
         """The engine never emits the stop token (it counts against the budget, as in `generate`)."""

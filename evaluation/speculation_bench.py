@@ -67,12 +67,10 @@ def run_requests(scorer: Any, prompts: Sequence[Sequence[int]], *, mode: str,
     """All `prompts` at once on the scorer's adapter with speculation `mode`: (tokens per request,
     seconds, drafting steps, plain steps). The engine's configured mode is restored after."""
     engine = scorer.engine
-    engine.allocator.forget_cached()
-    engine.policy.mode = mode
     params = SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=scorer.stops)
     tokens: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
     on, off = engine.policy.decisions["on"], engine.policy.decisions["off"]
-    try:
+    with scorer.speculation(mode):
         started = time.perf_counter()
         for i, prompt in enumerate(prompts):
             engine.add_request(str(i), [int(t) for t in prompt], params, "adapter")
@@ -82,8 +80,6 @@ def run_requests(scorer: Any, prompts: Sequence[Sequence[int]], *, mode: str,
                     raise RuntimeError(f"request {out.request_id} failed: {out.error}")
                 tokens[out.request_id].extend(out.new_token_ids)
         seconds = time.perf_counter() - started
-    finally:
-        engine.policy.mode = scorer.config.speculation
     return ([tokens[str(i)] for i in range(len(prompts))], seconds, engine.policy.decisions["on"] - on,
             engine.policy.decisions["off"] - off)
 

@@ -242,15 +242,14 @@ def measure_weight_formats(hf_model: Any, formats: Sequence[str], *, decode_prom
         progress(f"{name}: greedy agreement with fp32 {figures[-1].greedy_agreement:.4f} over {total} tokens")
         if name in compiled:
             eager = figures[-1]
-            for fig, variant in ((eager, model), (None, compiled[name])):
-                matches, total = teacher_forced_agreement(variant, agreement_prompts, continuations, decode_steps=True)
-                if fig is None:
-                    label = f"{name}+compiled"
-                    figures.append(dataclasses.replace(
-                        eager, decode_ms_per_token=statistics.median(timings[label]), rounds_ms=timings[label],
-                        compiled=True, greedy_agreement=matches / total, decode_agreement=matches / total))
-                else:
-                    fig.decode_agreement = matches / total
+            matches, total = teacher_forced_agreement(model, agreement_prompts, continuations, decode_steps=True)
+            eager.decode_agreement = matches / total
+            matches, total = teacher_forced_agreement(compiled[name], agreement_prompts, continuations,
+                                                      decode_steps=True)
+            label = f"{name}+compiled"
+            figures.append(dataclasses.replace(
+                eager, decode_ms_per_token=statistics.median(timings[label]), rounds_ms=timings[label],
+                compiled=True, greedy_agreement=matches / total, decode_agreement=matches / total))
             progress(f"{name}, one-token forwards: eager {eager.decode_agreement:.4f}, compiled "
                      f"{figures[-1].decode_agreement:.4f} agreement with fp32")
     return WeightBenchReport(

@@ -45,8 +45,7 @@ def speculative_bench(model: str, settings: Settings, *, data: str | None, n: in
     network.eval()
     heads = load_heads(folder, device=loaded.device)
     # Same prompts as the adapter saw in training, unless another preset is asked for.
-    data_settings = (DataSettings(preset=data) if data else
-                     DataSettings.model_validate(manifest.training_config.get("data") or {"preset": "extraction"}))
+    data_settings = DataSettings(preset=data) if data else adapter_data(manifest)
     prompts = split_prompts(loaded.tokenizer, settings, data_settings, name=f"bench-{manifest.name}", n=n)
     console.print(f"benchmarking {pinned} ({manifest.method}, {heads.num_heads} heads) on {len(prompts)} "
                   f"{data_settings.preset or 'test'} prompts, batch 1, greedy, max {max_new_tokens} new tokens")
@@ -71,7 +70,7 @@ def speculation_modes_bench(model: str, settings: Settings, *, concurrency: Sequ
         raise ValueError(f"{model} ({pinned}) has no Turbo heads: train it with method turbo_lora or turbo")
     manifest = read_manifest(folder)
     loaded = load_base_model(manifest.base_model.id, settings.model_cache_dir)
-    data = DataSettings.model_validate(manifest.training_config.get("data") or {"preset": "extraction"})
+    data = adapter_data(manifest)
     prompts = split_prompts(loaded.tokenizer, settings, data, name=f"bench-{manifest.name}", n=max(concurrency))
     console.print(f"{pinned}: {len(prompts)} {data.preset or 'test'} prompts, N = {list(concurrency)} at once, "
                   f"greedy, {max_new_tokens} new tokens, speculation off / adaptive / on, {rounds} rounds")
@@ -107,6 +106,12 @@ def _engine_for(loaded: Any, folder: Path, console: Console) -> Any:
     except ValueError as error:
         console.print(f"the engine cannot take {loaded.resolved.model_id} ({error}): HF loop figures only")
         return None
+
+
+def adapter_data(manifest: Any) -> DataSettings:
+    """The data settings an adapter was trained on (its manifest's config), extraction for a manifest
+    without any: where every bench takes its prompts and test rows from."""
+    return DataSettings.model_validate(manifest.training_config.get("data") or {"preset": "extraction"})
 
 
 def split_prompts(tokenizer: Any, settings: Settings, data: DataSettings, *, name: str, n: int) -> list[list[int]]:
@@ -250,8 +255,7 @@ def weights_bench(settings: Settings, *, formats: Sequence[str], n_prompts: int,
     if folder is None:
         return report
     manifest = read_manifest(folder)
-    data = DataSettings.model_validate(manifest.training_config.get("data") or {"preset": "extraction"})
-    prepared = prepare_dataset(data, loaded.tokenizer, name=f"bench-{manifest.name}",
+    prepared = prepare_dataset(adapter_data(manifest), loaded.tokenizer, name=f"bench-{manifest.name}",
                                out_root=settings.prepared_data_dir, data_root=settings.data_root)
     rows = prepared.records("test")[:score_rows]
     trained = EvaluationSettings.model_validate(manifest.training_config.get("evaluation") or {})

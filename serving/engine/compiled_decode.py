@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 __all__ = ["CompiledDecode", "check_compiler"]
 
 log = logging.getLogger(__name__)
-_FROZEN_ARGS = ("layers",)  # the argument whose guards are dropped (see `_guard_filter`)
+_FROZEN_ARG = "layers"  # the argument whose guards are dropped (see `_guard_filter`)
 
 
 def check_compiler() -> None:
@@ -71,9 +71,8 @@ def _guard_filter(entries: Sequence[Any]) -> list[bool]:
     call: measured ~0.5 ms of a 9 ms step). What those guards would have told apart is guarded another
     way: the shape by the step's closure constants and the hidden states, the projection kinds and
     dtype by `structure`."""
-    return [not (entry.name in _FROZEN_ARGS or entry.name.startswith(tuple(f"{arg}[" for arg in _FROZEN_ARGS))
-                 or entry.name.startswith(tuple(f"{arg}." for arg in _FROZEN_ARGS)))
-            for entry in entries]
+    frozen = (f"{_FROZEN_ARG}[", f"{_FROZEN_ARG}.")
+    return [not (entry.name == _FROZEN_ARG or entry.name.startswith(frozen)) for entry in entries]
 
 
 def make_decode_step(shape: LlamaShape) -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -91,39 +90,31 @@ def make_decode_step(shape: LlamaShape) -> Callable[..., tuple[torch.Tensor, tor
         `structure` (see `_structure`) is guarded by value: since guards on `layers` are dropped, it is
         what keeps two models of one shape but different projection kinds off each other's graphs.
         Same arithmetic as `DecoderLayer.forward` with the decode plan and no LoRA."""
-        return _layers(layers, final_norm, h, k_pool, v_pool, slots, context_slots, mask, cos, sin, heads,
-                       kv_heads, dim, inter, eps)
+        batch = h.shape[0]
+        fresh = (context_slots == slots[:, None])[:, :, None, None]  # (B, C, 1, 1): the slot each row fills
+        flat_context = context_slots.reshape(-1)
+        new_k, new_v = [], []
+        for index, layer in enumerate(layers):
+            x = F.rms_norm(h, h.shape[-1:], layer.input_norm, eps)
+            qkv = layer.qkv(x, layer.qkv_bias)  # (B, (H+2KVH)*D)
+            qk = apply_rope(qkv[:, : (heads + kv_heads) * dim].view(batch, heads + kv_heads, dim), cos, sin)
+            k_now, v_now = qk[:, heads:], qkv[:, (heads + kv_heads) * dim:].view(batch, kv_heads, dim)
+            cached_k = k_pool[index].index_select(0, flat_context).view(batch, -1, kv_heads, dim)  # (B, C, KVH, D)
+            cached_v = v_pool[index].index_select(0, flat_context).view(batch, -1, kv_heads, dim)
+            k, v = torch.where(fresh, k_now[:, None], cached_k), torch.where(fresh, v_now[:, None], cached_v)
+            q = qk[:, :heads].reshape(batch, kv_heads, heads // kv_heads, dim)  # (B, KVH, G, D)
+            attn = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                                  scale=dim ** -0.5).reshape(batch, heads * dim)
+            h = layer.o.add_to(h, attn)
+            x = F.rms_norm(h, h.shape[-1:], layer.post_norm, eps)
+            gate_up = layer.gate_up(x)
+            act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+            h = layer.down.add_to(h, act)
+            new_k.append(k_now)
+            new_v.append(v_now)
+        return F.rms_norm(h, h.shape[-1:], final_norm, eps), torch.stack(new_k), torch.stack(new_v)
 
     return decode_step
-
-
-def _layers(layers: Sequence[Any], final_norm: torch.Tensor, h: torch.Tensor, k_pool: torch.Tensor,
-            v_pool: torch.Tensor, slots: torch.Tensor, context_slots: torch.Tensor, mask: torch.Tensor | None,
-            cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int, dim: int, inter: int, eps: float
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    batch = h.shape[0]
-    fresh = (context_slots == slots[:, None])[:, :, None, None]  # (B, C, 1, 1): the slot each row fills now
-    flat_context = context_slots.reshape(-1)
-    new_k, new_v = [], []
-    for index, layer in enumerate(layers):
-        x = F.rms_norm(h, h.shape[-1:], layer.input_norm, eps)
-        qkv = layer.qkv(x, layer.qkv_bias)  # (B, (H+2KVH)*D)
-        qk = apply_rope(qkv[:, : (heads + kv_heads) * dim].view(batch, heads + kv_heads, dim), cos, sin)
-        k_now, v_now = qk[:, heads:], qkv[:, (heads + kv_heads) * dim:].view(batch, kv_heads, dim)
-        cached_k = k_pool[index].index_select(0, flat_context).view(batch, -1, kv_heads, dim)  # (B, C, KVH, D)
-        cached_v = v_pool[index].index_select(0, flat_context).view(batch, -1, kv_heads, dim)
-        k, v = torch.where(fresh, k_now[:, None], cached_k), torch.where(fresh, v_now[:, None], cached_v)
-        q = qk[:, :heads].reshape(batch, kv_heads, heads // kv_heads, dim)  # (B, KVH, G, D)
-        attn = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                              scale=dim ** -0.5).reshape(batch, heads * dim)
-        h = layer.o.add_to(h, attn)
-        x = F.rms_norm(h, h.shape[-1:], layer.post_norm, eps)
-        gate_up = layer.gate_up(x)
-        act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-        h = layer.down.add_to(h, act)
-        new_k.append(k_now)
-        new_v.append(v_now)
-    return F.rms_norm(h, h.shape[-1:], final_norm, eps), torch.stack(new_k), torch.stack(new_v)
 
 
 def _structure(model: CompactLlama) -> str:
@@ -171,8 +162,8 @@ class CompiledDecode:
 
     def warm_up(self) -> None:
         """Compile every variant now (one row and several rows, at each of `thread_counts`), so no
-        request waits for a compile.
-        Runs on a scratch KV pool; raises, naming the cause, if compiling fails."""
+        request waits for a compile. Runs on a scratch KV pool; raises, naming the cause, if compiling
+        fails."""
         # a normal tensor, as the engine's pool is (an inference tensor would compile another graph)
         kv = self.model.new_kv_pool(4, 4)
         contexts = [[3, 1, 4, 1, 5], [9, 2, 6]]  # two rows of different lengths: the masked variant

@@ -128,14 +128,14 @@ class SpeculationPolicy:
         drafting_rate, plain_rate = expected / drafting, batch_size / plain
         choice = drafting_rate > plain_rate
         interval = self._interval.get(size, self.explore_every)
-        if min(drafting_rate, plain_rate) < _FAR_BEHIND * max(drafting_rate, plain_rate):
-            interval = self.max_explore_every  # only a large change in load or acceptance could flip it
         # Judge a trial at the second decision after it: the first comes at the end of the trial step
         # itself, before that step's cost is observed.
         if size in self._trial_of and self._since_explore[size] >= 1:
             confirmed = self._trial_of.pop(size) == choice
             self._interval[size] = interval = min(2 * interval, self.max_explore_every) if confirmed \
                 else self.explore_every
+        if min(drafting_rate, plain_rate) < _FAR_BEHIND * max(drafting_rate, plain_rate):
+            interval = self.max_explore_every  # for now: only a large change in load or acceptance could flip it
         self._since_explore[size] += 1
         if self._since_explore[size] >= interval:  # refresh the estimate of the side not taken
             self._since_explore[size] = 0
