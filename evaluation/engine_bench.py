@@ -31,8 +31,8 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from lorafleet.evaluation.generation import left_pad
+from lorafleet.models.lora_weights import read_peft_adapter
 from lorafleet.serving.engine.adapter_cache import AdapterCache, ResolvedAdapter
-from lorafleet.serving.engine.adapter_weights import read_peft_adapter
 from lorafleet.serving.engine.config import EngineConfig
 from lorafleet.serving.engine.engine import Engine
 from lorafleet.serving.engine.lora_slots import LoraSlots

@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 
 from lorafleet.evaluation.generation import GenerationResult
 from lorafleet.models.adapter_dir import has_lora
+from lorafleet.models.lora_weights import read_peft_adapter
 from lorafleet.serving.engine.adapter_cache import AdapterCache, AdapterNotFound, ResolvedAdapter
-from lorafleet.serving.engine.adapter_weights import read_peft_adapter
 from lorafleet.serving.engine.config import EngineConfig, SpeculationMode, WeightFormat
 from lorafleet.serving.engine.engine import Engine
 from lorafleet.serving.engine.lora_slots import LoraSlots

@@ -111,6 +111,40 @@ def finetune(
 
 
 @app.command()
+def merge(
+    name: Annotated[str, typer.Argument(help="name of the merged adapter (a registered model name)")],
+    adapters: Annotated[str, typer.Option(help="REF:WEIGHT,... (REF: a registered NAME[@ALIAS|@VERSION], "
+                                               "a models:/ URI or an adapter folder)")],
+    method: Annotated[str, typer.Option(help="linear | cat | svd | ties | dare_linear | dare_ties "
+                                             "(PEFT add_weighted_adapter's combination types)")] = "linear",
+    density: Annotated[float | None, typer.Option(help="fraction of values kept (ties, dare_*)")] = None,
+    seed: Annotated[int, typer.Option(help="seeds DARE's random drops")] = 0,
+    config: Annotated[Path | None, typer.Option(help="config whose data/evaluation/promotion judge the merge "
+                                                     "(default: the first adapter's own)")] = None,
+    promote: Annotated[bool, typer.Option(help="move `champion` when the gate passes")] = True,
+) -> None:
+    """Merge adapters into a new one, then evaluate, register (with its lineage) and gate it like a trained one."""
+    from lorafleet.config import ConfigError
+    from lorafleet.flows.merge import merge_config
+    from lorafleet.tasks.locks import AlreadyRunning
+
+    settings = _settings()
+    parents = [part.strip() for part in adapters.split(",") if part.strip()]
+    try:  # fail fast, before Prefect starts, with the argument or field named
+        merge_config(name, parents, settings, method=method, density=density, seed=seed, config=config)
+    except (ConfigError, ValueError, LookupError, OSError) as error:
+        _fail(str(error))
+    from lorafleet.flows.merge import merge as merge_flow
+
+    try:
+        summary = merge_flow(name=name, adapters=parents, method=method, density=density, seed=seed,
+                             config=str(config.resolve()) if config else None, promote=promote)
+    except AlreadyRunning as error:
+        _fail(str(error))
+    _print_summary(summary)
+
+
+@app.command()
 def retrain(
     config: Annotated[Path, typer.Argument(help="retrain config YAML (a list of adapter specs)")],
     force: Annotated[bool, typer.Option(help="retrain even when the data is unchanged")] = False,
@@ -215,6 +249,31 @@ def rollback(name: str) -> None:
     except (ValueError, LookupError) as error:
         _fail(str(error))
     console.print(f"{name}: champion rolled back from version {before} to version {after}")
+
+
+@app.command()
+def export(
+    name: Annotated[str, typer.Argument(help="adapter: a folder, NAME, NAME@ALIAS, NAME@VERSION or models:/ URI")],
+    merged: Annotated[Path, typer.Option(
+        "--merged", help="write base + LoRA merged here as a full transformers model folder (safetensors, "
+                         "config, tokenizer, lorafleet.json, Turbo heads if any); the only export kind today. "
+                         "Must not exist or be empty")],
+    device: Annotated[str, typer.Option(help="where to merge: cpu, cuda, cuda:1, ...")] = "cpu",
+) -> None:
+    """Export an adapter merged into its base model, loadable by stock transformers."""
+    from lorafleet.models.export import export_merged
+    from lorafleet.tasks.adapter_sources import resolve_model_reference
+
+    settings = _settings()
+    try:
+        with _store_errors(settings):
+            folder, pinned = resolve_model_reference(name, settings)
+        report = export_merged(folder, merged, model_cache_dir=settings.model_cache_dir, device=device)
+    except (ValueError, LookupError, OSError) as error:  # OSError: OUT_DIR taken or not writable
+        _fail(str(error))
+    print(json.dumps({"out_dir": report.out_dir, "model": pinned, "method": report.method,
+                      "base_model": report.base_model, "parameters": report.parameters, "heads": report.heads,
+                      "revision_matches": report.revision_matches}))
 
 
 @bench_app.command("speculative")

@@ -19,6 +19,7 @@ from lorafleet.models.turbo_settings import TurboSettings
 from lorafleet.names import NAME_PATTERN, NAME_RULE  # NAME_PATTERN stays importable from here for old callers
 from lorafleet.sections.data import DataSettings
 from lorafleet.sections.evaluation import EvaluationSettings
+from lorafleet.sections.merge import MergeSettings
 from lorafleet.sections.promotion import PromotionSettings
 
 
@@ -33,12 +34,13 @@ class FinetuneConfig(BaseModel):
 
     name: str = Field(description="adapter and registered-model name")
     base_model: str = EMBEDDED_MODEL_ID
-    method: Literal["lora", "qlora", "turbo_lora", "turbo"] = "lora"
+    method: Literal["lora", "qlora", "turbo_lora", "turbo", "merge"] = "lora"
     device: str = "auto"
     data: DataSettings
     lora: LoraSettings = LoraSettings()
     training: TrainingSettings = TrainingSettings()
     turbo: TurboSettings = TurboSettings()
+    merge: MergeSettings | None = Field(None, description="method 'merge': the adapters merged and how")
     evaluation: EvaluationSettings = EvaluationSettings()
     promotion: PromotionSettings = PromotionSettings()
 
@@ -53,6 +55,9 @@ class FinetuneConfig(BaseModel):
     def _turbo_fields_fit_the_method(self) -> FinetuneConfig:
         if self.turbo.base_adapter is not None and self.method != "turbo":
             raise ValueError("turbo.base_adapter only applies to method 'turbo' (heads on an existing LoRA)")
+        if (self.method == "merge") != (self.merge is not None):
+            raise ValueError("method 'merge' needs a `merge` section (adapters and weights), and a `merge` "
+                             "section needs method 'merge'")
         self.training.distributed.check_fits(method=self.method, device=self.device)
         return self
 

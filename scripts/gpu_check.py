@@ -25,8 +25,8 @@ import torch
 
 from lorafleet.evaluation.engine_bench import engine_decode_ms_per_token, hf_decode_ms_per_token, run_engine
 from lorafleet.models.base import load_base_model
+from lorafleet.models.lora_weights import LORA_MODULES, random_lora
 from lorafleet.serving.engine.adapter_cache import AdapterCache, LoadedAdapter, ResolvedAdapter
-from lorafleet.serving.engine.adapter_weights import LORA_MODULES, random_lora
 from lorafleet.serving.engine.attention import ForwardBatch
 from lorafleet.serving.engine.config import EngineConfig
 from lorafleet.serving.engine.engine import Engine

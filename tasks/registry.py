@@ -131,6 +131,10 @@ def version_tags(manifest: AdapterManifest) -> dict[str, str]:
     }
     if manifest.data_fingerprint:
         tags["data_fingerprint"] = manifest.data_fingerprint
+    if manifest.lineage:  # a merge: which exact versions, with which weights, by which method
+        tags["merged_from"] = ", ".join(f"{parent['reference']} x {parent['weight']!r}"
+                                        for parent in manifest.lineage["parents"])
+        tags["merge_recipe"] = json.dumps(manifest.lineage["recipe"], sort_keys=True)
     tags.update(metric_tags(manifest.metrics))
     return tags
 

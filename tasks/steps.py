@@ -21,6 +21,7 @@ from lorafleet.evaluation.report import (
     plot_metric_comparison,
     plot_throughput,
 )
+from lorafleet.models.adapter_dir import read_manifest
 from lorafleet.models.base import load_tokenizer, resolve_base_model
 from lorafleet.settings import Settings
 from lorafleet.tasks import distributed, registry, tracking
@@ -28,6 +29,7 @@ from lorafleet.tasks import gate as gate_logic
 from lorafleet.tasks.data.prepare import PreparedData, prepare_dataset, source_key
 from lorafleet.tasks.eval_split import SPLIT_TAG, EvalSplit, champion_numbers_on
 from lorafleet.tasks.evaluate import EvaluationOutcome, evaluate_adapter
+from lorafleet.tasks.merge import merge_from_config
 from lorafleet.tasks.promotion import GateOutcome, gate_and_promote
 from lorafleet.tasks.train import (
     TrainedAdapter,
@@ -121,6 +123,14 @@ def train(config: FinetuneConfig, prepared: PreparedData, settings: Settings, ke
     `devices` the flow claimed for them."""
     run = tracking.RunLogger(tracking.mlflow_client(settings), run_id)
     every = max(config.training.eval_every // 2, 1)
+    if config.method == "merge":
+        trained = merge_from_config(config, prepared, settings, key=key)
+        get_run_logger().info("merged %s from %d adapters (%s)", config.name, len(config.merge.adapters),
+                              config.merge.method)
+        run.set_tags({"lorafleet.merge.parents": ", ".join(p.adapter for p in config.merge.adapters)})
+        run.log_dict(read_manifest(trained.adapter_dir).lineage or {}, "merge/lineage.json")
+        run.log_metrics(trained.summary_metrics())
+        return trained
     if config.training.distributed.enabled:
         trained = distributed.train_in_processes(config, prepared, settings, key=key, run_id=run_id,
                                                  on_line=get_run_logger().info, devices=devices)

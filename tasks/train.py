@@ -69,6 +69,12 @@ class TrainedAdapter:
 
 def training_key(config: FinetuneConfig, prepared: PreparedData, settings: Settings) -> str:
     """Identity of a training run: same key ⇒ same weights, so a checkpoint can be resumed."""
+    if config.method == "merge":  # no training: the parents' exact weights and the recipe make the result
+        from lorafleet.tasks.merge import merge_key_parts
+
+        relevant = config.model_dump(mode="json", include={"name", "base_model", "method", "merge"})
+        revision = resolve_base_model(config.base_model, settings.model_cache_dir).revision
+        return sha256_text(json.dumps(relevant, sort_keys=True), revision, *merge_key_parts(config, settings))[:16]
     relevant = config.model_dump(mode="json", include={"name", "base_model", "method", "lora", "training"})
     # How many processes train changes speed, not weights (the global batch is fixed): a checkpoint
     # written by N processes resumes on M.

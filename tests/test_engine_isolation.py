@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from test_engine_model import tiny_hf
 
 from lorafleet.models.base import load_base_model
+from lorafleet.models.lora_weights import random_lora, read_peft_adapter
 from lorafleet.models.sampling_rules import SEED_MAX, SEED_MIN, InvalidRequest
 from lorafleet.models.turbo_heads import load_heads
 from lorafleet.serving.engine.adapter_cache import (
@@ -33,7 +34,6 @@ from lorafleet.serving.engine.adapter_cache import (
     ResolvedAdapter,
     read_adapter_dir,
 )
-from lorafleet.serving.engine.adapter_weights import random_lora, read_peft_adapter
 from lorafleet.serving.engine.config import EngineConfig
 from lorafleet.serving.engine.engine import Engine
 from lorafleet.serving.engine.lora_slots import LoraSlots

@@ -1,4 +1,4 @@
-"""Multi-adapter LoRA in the engine (lora_slots.py, adapter_weights.py).
+"""Multi-adapter LoRA in the engine (lora_slots.py, models/lora_weights.py).
 
 PEFT is the oracle for one adapter read from a saved PEFT directory; `reference_lora_delta` (plain
 gather + bmm) is the oracle for every faster routing path; a mixed batch of adapters and base rows
@@ -13,8 +13,8 @@ import pytest
 import torch
 from test_engine_model import Driver, assert_close, hf_logits, tiny_hf
 
+from lorafleet.models.lora_weights import LORA_MODULES, random_lora, read_peft_adapter
 from lorafleet.models.tiny import tiny_llama_config
-from lorafleet.serving.engine.adapter_weights import LORA_MODULES, random_lora, read_peft_adapter
 from lorafleet.serving.engine.lora_slots import LoraSlots, reference_lora_delta
 from lorafleet.serving.engine.model import CompactLlama, LlamaShape
 

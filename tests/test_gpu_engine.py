@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lorafleet.models.lora_weights import LORA_MODULES, random_lora
 from lorafleet.serving.engine.adapter_cache import AdapterCache, LoadedAdapter, ResolvedAdapter
-from lorafleet.serving.engine.adapter_weights import LORA_MODULES, random_lora
 from lorafleet.serving.engine.config import EngineConfig
 from lorafleet.serving.engine.engine import Engine
 from lorafleet.serving.engine.lora_slots import LoraSlots

@@ -161,6 +161,29 @@ def test_completions_stream_and_non_stream_agree(http, oai):
     assert chunks[-1]["choices"][0]["finish_reason"] == whole.choices[0].finish_reason
 
 
+def test_per_request_merge_over_http_equals_peft_on_the_offline_merge(oai, fleet, tokenizer, model_cache, tmp_path):
+    """LoRAX-style `merged_adapters` through the OpenAI client's `extra_body`, on the real server."""
+    from transformers import AutoConfig
+
+    from lorafleet.models.adapter_dir import read_manifest
+    from lorafleet.models.lora_weights import ProjectionShape, read_peft_adapter
+    from lorafleet.models.merging import MergeRecipe, merge_lora, peft_config_of, save_merged_adapter
+
+    merge = {"ids": ["alpha", "beta"], "weights": [0.6, 0.4], "merge_strategy": "ties", "density": 0.7}
+    whole = oai.completions.create(model=BASE, prompt="Once upon a time", max_tokens=10, temperature=0,
+                                   extra_body={"merged_adapters": merge, "return_token_ids": True})
+    shape = ProjectionShape.from_hf_config(AutoConfig.from_pretrained(str(resolve_base_model(BASE, model_cache).path)))
+    parents = [fleet.dirs["alpha"], fleet.dirs["beta"]]
+    merged = merge_lora([read_peft_adapter(folder, shape) for folder in parents],
+                        MergeRecipe(weights=(0.6, 0.4), method="ties", density=0.7))
+    template = json.loads((parents[0] / "adapter_config.json").read_text())
+    offline = save_merged_adapter(merged, tmp_path / "merged", peft_config_of(merged, template),
+                                  read_manifest(parents[0]).model_copy(update={"method": "merge"}))
+    prompt = tokenizer("Once upon a time")["input_ids"]
+    tokens = whole.choices[0].model_extra["token_ids"]
+    assert tokens == reference_greedy(model_cache, offline, prompt, 10)
+
+
 def test_openai_client_chat_stream(oai):
     messages = [{"role": "user", "content": "Hello!"}]
     whole = oai.chat.completions.create(model="alpha", messages=messages, max_tokens=10, temperature=0)

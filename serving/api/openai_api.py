@@ -26,6 +26,7 @@ import logging
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -44,7 +45,12 @@ from lorafleet.serving.api.completions import (
     start,
     stream_events,
 )
-from lorafleet.serving.api.openai_schema import UNSUPPORTED_ERROR, ChatCompletionRequest, CompletionRequest
+from lorafleet.serving.api.openai_schema import (
+    UNSUPPORTED_ERROR,
+    ChatCompletionRequest,
+    CompletionRequest,
+    MergedAdapters,
+)
 from lorafleet.serving.backend import ServingBackend
 from lorafleet.serving.catalogue.adapters import AdapterIncompatible, ServedModel, VersionNotAllowed
 from lorafleet.serving.catalogue.model_names import ModelNotFound
@@ -152,7 +158,10 @@ async def _run(request: Request, kind: str, body: ChatCompletionRequest | Comple
     label = "unknown"
     endpoint = "chat.completions" if kind == "chat" else "completions"
     try:
-        served = await _resolve(backend, body.model, any_version=caller_of(request.scope).admin)
+        admin = caller_of(request.scope).admin
+        served = await _resolve(backend, body.model, any_version=admin)
+        if body.merged_adapters is not None:
+            served = await _resolve_merge(backend, body.merged_adapters, served, any_version=admin)
         label = served.name or served.id
         pool = request.app.state.prepare_pool
         job = await asyncio.get_running_loop().run_in_executor(
@@ -209,17 +218,41 @@ def _observe(
         )
 
 
-async def _resolve(backend: ServingBackend, model: str, *, any_version: bool) -> ServedModel:
+async def _resolve(backend: ServingBackend, model: str, *, any_version: bool, param: str = "model") -> ServedModel:
     try:
         # Blocking: may download from the registry and wait for the generator to load the adapter.
         return await asyncio.to_thread(backend.catalogue.resolve, model, any_version=any_version)
     except VersionNotAllowed as error:
         raise ApiError(403, f"{error}: send an admin key (`Authorization: Bearer <key>`, "
-                       f"{env_name('admin_api_keys')})", param="model", code="admin_key_required") from None
+                       f"{env_name('admin_api_keys')})", param=param, code="admin_key_required") from None
     except ModelNotFound as error:
-        raise ApiError(404, str(error), param="model", code="model_not_found") from None
+        raise ApiError(404, str(error), param=param, code="model_not_found") from None
     except AdapterIncompatible as error:
-        raise ApiError(400, str(error), param="model", code="model_incompatible") from None
+        raise ApiError(400, str(error), param=param, code="model_incompatible") from None
+
+
+MERGED_LABEL = "merged"  # metrics label of every per-request merge: recipes are client-chosen, labels bounded
+
+
+async def _resolve_merge(backend: ServingBackend, merge: MergedAdapters, base: ServedModel, *,
+                         any_version: bool) -> ServedModel:
+    """A per-request merge as the model a request runs on; each id is resolved like a `model` string."""
+    if base.adapter is not None:
+        raise ApiError(400, "with merged_adapters, `model` must name the base model (the merge brings the "
+                       "adapters)", param="model")
+    parents = []
+    for index, model in enumerate(merge.ids):
+        param = f"merged_adapters.ids.{index}"
+        served = await _resolve(backend, model, any_version=any_version, param=param)
+        if served.adapter is None:
+            raise ApiError(400, f"{param} names the base model: there is nothing of it to merge", param=param)
+        parents.append(served)
+    try:
+        adapter = await asyncio.to_thread(backend.generator.load_merge, [p.adapter for p in parents],
+                                          merge.recipe())
+    except RequestRejected as error:
+        raise ApiError(400, f"merged_adapters: {error}", param="merged_adapters", code="invalid_value") from None
+    return replace(base, adapter=adapter, name=MERGED_LABEL, system_prompt=parents[0].system_prompt)
 
 
 def _rejected(error: RequestRejected, body: ChatCompletionRequest | CompletionRequest) -> ApiError:

@@ -14,8 +14,9 @@ Three kinds of field:
 - Every **other** field is ignored, as OpenAI's own server does for fields a model does not use:
   metadata (`user`, `metadata`, `store`, `service_tier`...) changes nothing about the answer.
 
-Extension: `return_token_ids: true` adds `prompt_token_ids` and per-choice `token_ids` to a
-non-streaming response, so clients (and tests) can compare exact tokens instead of decoded text.
+Extensions: `return_token_ids: true` adds `prompt_token_ids` and per-choice `token_ids` to a
+non-streaming response, so clients (and tests) can compare exact tokens instead of decoded text;
+`merged_adapters` (LoRAX's spelling) serves a merge of several adapters, see `MergedAdapters`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pydantic_core import PydanticCustomError
 
 # The shared sampling bounds: what every decoder can represent (a seed outside the engine's range used to
 # fail inside the engine), so the API refuses exactly what a generator would.
+from lorafleet.models.merging import MAX_MERGED, MergeMethod, MergeRecipe, SignMethod
 from lorafleet.models.sampling_rules import SEED_MAX, SEED_MIN, TEMPERATURE_MAX
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
@@ -176,6 +178,34 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool | None = False
 
 
+class MergedAdapters(BaseModel):
+    """LoRAX's per-request merge (`extra_body={"merged_adapters": {...}}`): served adapters combined by PEFT's
+    merge arithmetic (`models/merging.py`) into one cached slot; `model` names the base model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[str] = Field(min_length=1, max_length=MAX_MERGED)
+    weights: list[Annotated[float, Field(strict=True, allow_inf_nan=False)]] | None = None  # None: equal
+    merge_strategy: MergeMethod = "linear"
+    density: Annotated[float, Field(gt=0.0, le=1.0, strict=True)] | None = None
+    majority_sign_method: SignMethod = "total"
+    seed: Annotated[StrictInt, Field(ge=0, le=SEED_MAX)] = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MergedAdapters:
+        if len(set(self.ids)) != len(self.ids):
+            raise ValueError("ids must be distinct (weigh an adapter once)")
+        if self.weights is not None and len(self.weights) != len(self.ids):
+            raise ValueError(f"weights has {len(self.weights)} entries for {len(self.ids)} ids")
+        self.recipe()  # density per strategy, non-zero weights: MergeRecipe's own checks
+        return self
+
+    def recipe(self) -> MergeRecipe:
+        weights = tuple(self.weights) if self.weights is not None else (1.0 / len(self.ids),) * len(self.ids)
+        return MergeRecipe(weights=weights, method=self.merge_strategy, density=self.density,
+                           majority_sign_method=self.majority_sign_method, seed=self.seed)
+
+
 class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -189,6 +219,7 @@ class _Common(BaseModel):
     stop: str | list[str] | None = None
     seed: Seed | None = None
     return_token_ids: StrictBool = False
+    merged_adapters: MergedAdapters | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -37,8 +37,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorafleet.models import adapter_dir as files
+from lorafleet.models.lora_weights import LoraWeights, read_peft_adapter
 from lorafleet.models.turbo_heads import TurboHeads, load_heads
-from lorafleet.serving.engine.adapter_weights import LoraWeights, read_peft_adapter
+from lorafleet.serving.engine.merged_adapters import MergePlan, read_merge
 from lorafleet.serving.engine.openmp_pool import release_thread_pool
 
 if TYPE_CHECKING:
@@ -57,6 +58,7 @@ class ResolvedAdapter:
     name: str
     identity: str
     path: Path
+    merge: MergePlan | None = None  # a per-request merge: its parents are read and merged (`merged_adapters`)
 
 
 class AdapterNotFound(LookupError):
@@ -356,7 +358,8 @@ class AdapterCache:
         """Runs on a reader thread: files to CPU tensors, never touching the slots or shared state."""
         start = time.perf_counter()
         try:
-            loaded = self._reader(resolved.path, self.shape)
+            loaded = self._reader(resolved.path, self.shape) if resolved.merge is None \
+                else read_merge(resolved.merge, self._reader, self.shape)
         except Exception as error:
             raise AdapterLoadError(resolved, f"{type(error).__name__}: {error}") from error
         finally:  # this idle reader thread must not keep an OpenMP team: it slows every engine step

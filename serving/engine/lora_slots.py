@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 
-from lorafleet.serving.engine.adapter_weights import LoraWeights, check_weights, module_dims
+from lorafleet.models.lora_weights import LoraWeights, check_weights, module_dims
 
 if TYPE_CHECKING:
     from lorafleet.serving.engine.model import LlamaShape

@@ -21,20 +21,24 @@ the engine's and the adapter cache's counters at a consistent point.
 from __future__ import annotations
 
 import asyncio
+import collections
+import hashlib
 import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorafleet.models.merging import MergeRecipe
 from lorafleet.serving.engine.adapter_cache import AdapterCache, AdapterNotFound, ResolvedAdapter
 from lorafleet.serving.engine.config import EngineConfig
 from lorafleet.serving.engine.engine import Engine, RequestOutput
 from lorafleet.serving.engine.lora_slots import LoraSlots
+from lorafleet.serving.engine.merged_adapters import MergePlan, check_merge, merge_identity
 from lorafleet.serving.engine.model import CompactLlama
 from lorafleet.serving.engine.openmp_pool import release_thread_pool
 from lorafleet.serving.engine.scheduler import QueueFull
@@ -43,14 +47,17 @@ from lorafleet.serving.generation.interface import (
     GenerationRequest,
     GeneratorBusy,
     GeneratorStats,
+    RequestRejected,
     ResidentAdapter,
     TokenStream,
+    UnknownAdapter,
     rejected,
 )
 
 log = logging.getLogger(__name__)
 _IDLE_WAIT_S = 0.5
 WARM_TIMEOUT_S = 120.0  # how long `warm` waits for an adapter's files to be read
+MAX_MERGES = 256  # per-request merge recipes remembered (those holding a slot are never forgotten)
 
 
 @dataclass
@@ -92,6 +99,8 @@ class EngineGenerator:
         self.model = CompactLlama.from_hf(hf_model, weight_format=config.weights)
         self.eos_token_ids = frozenset(eos_token_ids)
         self._paths: dict[str, Path] = {}
+        self._merges: collections.OrderedDict[str, MergePlan] = collections.OrderedDict()  # per-request merges
+        self._merge_lock = threading.Lock()
         slots = LoraSlots(self.model.shape, config.adapter_slots, config.max_lora_rank,
                           dtype=self.model.lm_head_weight.dtype, device=self.model.lm_head_weight.device)
         self.cache = AdapterCache(slots, self.model.shape, self._resolve)
@@ -137,6 +146,32 @@ class EngineGenerator:
             self._timings[request_id] = _Timing(request.adapter, len(request.prompt_ids), time.monotonic())
         self._wake.set()
         return stream
+
+    def load_merge(self, parents: Sequence[str], recipe: MergeRecipe) -> str:
+        """The adapter name of a merge of loaded `parents` (LoRAX's per-request `merged_adapters`).
+
+        The merge is read and installed like any adapter on its first request and evicted like one; the
+        same parents and recipe always get the same name, so repeated requests share one slot. Raises
+        RequestRejected (400) for what cannot be merged, UnknownAdapter for a parent never loaded."""
+        missing = [name for name in parents if name not in self._paths]
+        if missing:
+            raise UnknownAdapter(f"adapter {missing[0]!r} is not known to this server")
+        plan = MergePlan(parents=tuple(self._paths[name] for name in parents), recipe=recipe)
+        try:
+            check_merge(plan, max_rank=self.cache.slots.max_rank)
+        except ValueError as error:
+            raise RequestRejected(str(error), param="merged_adapters") from None
+        identity = merge_identity([str(path) for path in plan.parents], recipe)
+        name = f"merge-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
+        with self._merge_lock:  # not the step lock: remembering a recipe must not wait for a forward
+            self._merges[name] = plan
+            self._merges.move_to_end(name)
+            while len(self._merges) > MAX_MERGES:  # forget the oldest merge that holds no slot
+                idle = next((old for old in self._merges if self.cache.slot_of(old) is None and old != name), None)
+                if idle is None:
+                    break
+                del self._merges[idle]
+        return name
 
     def load(self, name: str, adapter_dir: Path) -> None:
         """Record where `name` lives; the adapter cache reads it on the first request (or now, to warm)."""
@@ -202,6 +237,10 @@ class EngineGenerator:
                                   waiting=self.engine.num_waiting(), running=self.engine.num_running())
 
     def _resolve(self, name: str) -> ResolvedAdapter:
+        plan = self._merges.get(name)
+        if plan is not None:
+            identity = merge_identity([str(path) for path in plan.parents], plan.recipe)
+            return ResolvedAdapter(name=name, identity=identity, path=plan.parents[0], merge=plan)
         path = self._paths.get(name)
         if path is None:
             raise AdapterNotFound(f"adapter {name!r} is not known to this server")

@@ -14,11 +14,12 @@ ones of `models/sampling_rules.py`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from lorafleet.models.merging import MergeRecipe
 from lorafleet.models.sampling_rules import (
     TEMPERATURE_MAX,
     InvalidRequest,
@@ -225,6 +226,12 @@ class TokenGenerator(AdapterLoader, Protocol):
         """Queue a request; must be called on the event loop that will consume the stream. Raises
         RequestRejected (400), GeneratorBusy (429) or LookupError (an adapter never loaded); nothing is
         queued then."""
+        ...
+
+    def load_merge(self, parents: Sequence[str], recipe: MergeRecipe) -> str:
+        """The adapter name under which a merge of loaded `parents` runs (`models/merging.py` arithmetic).
+        Raises RequestRejected (400) for a merge this generator cannot serve, UnknownAdapter for a parent
+        never loaded."""
         ...
 
     def warm(self, name: str) -> int | None:

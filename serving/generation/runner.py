@@ -35,7 +35,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +43,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from lorafleet.models.merging import MergeRecipe
 from lorafleet.models.sampling_rules import cut_at_stop, eos_token_ids
 from lorafleet.serving.engine.config import DEFAULT_MAX_WAITING
 from lorafleet.serving.generation.interface import (
@@ -50,6 +51,7 @@ from lorafleet.serving.generation.interface import (
     GenerationRequest,
     GeneratorBusy,
     GeneratorStats,
+    RequestRejected,
     ResidentAdapter,
     TokenStream,
     UnknownAdapter,
@@ -243,6 +245,11 @@ class GenerationRunner:
         if not name or "." in name or name == BASE_ADAPTER:
             raise ValueError(f"adapter name {name!r} is not usable by PEFT (no '.', not {BASE_ADAPTER!r})")
         self._call(lambda: self._load_adapter(name, Path(adapter_dir)))
+
+    def load_merge(self, parents: Sequence[str], recipe: MergeRecipe) -> str:
+        """Per-request merges are an engine feature (merged slots); this backend refuses them (HTTP 400)."""
+        raise RequestRejected("per-request merges (merged_adapters) need the engine backend; register the merge "
+                              "with `lorafleet merge` to serve it here", param="merged_adapters")
 
     def warm(self, name: str) -> int | None:
         """Nothing left to do: `load` loaded it synchronously. There are no slots, hence None."""

@@ -1,5 +1,7 @@
 """One LoRA adapter as plain tensors, read from a PEFT directory without PEFT or the base model.
 
+Used by the engine (serving/engine) and by `lorafleet merge` (tasks/merge.py), hence in models/.
+
 The engine serves many adapters over one base model, so it cannot wrap the model in PEFT per
 adapter: it needs only the A/B matrices and the scaling. Reading them directly also lets us refuse,
 with an error naming the file and field, every PEFT feature whose forward is not plain
@@ -19,15 +21,44 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 
 from lorafleet.models.adapter_dir import adapter_file, read_adapter_text
 from lorafleet.models.tensor_files import first_non_finite, read_checked_tensors, shown
 
-if TYPE_CHECKING:
-    from lorafleet.serving.engine.model import LlamaShape
+
+class LlamaShape(Protocol):
+    """The sizes a LoRA must fit (the engine's `serving.engine.model.LlamaShape` is one; `ProjectionShape` too)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
+class ProjectionShape:
+    """A Llama-family model's projection sizes from its transformers config, for reading adapters without
+    loading the model (`lorafleet merge`)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_hf_config(cls, config: Any) -> ProjectionShape:
+        heads = config.num_attention_heads
+        return cls(hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+                   num_layers=config.num_hidden_layers, num_heads=heads,
+                   num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+                   head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads)
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
