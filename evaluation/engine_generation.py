@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from lorafleet.evaluation.generation import GenerationResult
 from lorafleet.models.adapter_dir import has_lora
+from lorafleet.models.grammar import CompiledGrammar
 from lorafleet.models.lora_weights import read_peft_adapter
 from lorafleet.serving.engine.adapter_cache import AdapterCache, AdapterNotFound, ResolvedAdapter
 from lorafleet.serving.engine.config import EngineConfig, SpeculationMode, WeightFormat
@@ -64,8 +65,10 @@ class EngineScorer:
         return ResolvedAdapter(name=name, identity=str(self.adapter_dir), path=self.adapter_dir)
 
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, adapter: bool,
-                 progress: bool = True, desc: str = "") -> list[GenerationResult]:
-        """Complete every prompt greedily; results in input order, shaped like `generate_texts`'."""
+                 progress: bool = True, desc: str = "", grammar: CompiledGrammar | None = None
+                 ) -> list[GenerationResult]:
+        """Complete every prompt greedily; results in input order, shaped like `generate_texts`'.
+        With `grammar`, every completion is constrained to it (structured output)."""
         if adapter and self.adapter_dir is None:
             raise ValueError("this EngineScorer was built without an adapter")
         params = SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=self.stops)
@@ -79,7 +82,8 @@ class EngineScorer:
                 while pending and self.engine.num_waiting() < queue_room:
                     index, prompt = pending.pop()
                     try:
-                        self.engine.add_request(str(index), [int(t) for t in prompt], params, name)
+                        self.engine.add_request(str(index), [int(t) for t in prompt], params, name,
+                                                grammar=grammar.matcher() if grammar is not None else None)
                     except (ValueError, TypeError) as error:  # e.g. longer than the model's context
                         raise ValueError(f"prompt {index}: the engine refused it: {error}") from error
                     tokens[index] = []
@@ -93,8 +97,8 @@ class EngineScorer:
                         bar.update(1)
         return [self._result(tokens[i], reasons.get(i)) for i in range(len(prompts))]
 
-    def decode_one(self, prompt: Sequence[int], *, max_new_tokens: int, speculative: bool
-                   ) -> tuple[list[int], int, int]:
+    def decode_one(self, prompt: Sequence[int], *, max_new_tokens: int, speculative: bool,
+                   grammar: CompiledGrammar | None = None) -> tuple[list[int], int, int]:
         """One request alone on the adapter, greedy, with its Turbo heads drafting or not: (tokens
         before the stop token, verification steps that carried drafts, draft tokens accepted). Each call
         starts from an empty prefix cache, so a timed call never reuses the K/V of an earlier one."""
@@ -105,7 +109,8 @@ class EngineScorer:
         tokens: list[int] = []
         with self.speculation("on" if speculative else "off"):
             engine.add_request("decode-one", [int(t) for t in prompt],
-                               SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=self.stops), "adapter")
+                               SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=self.stops), "adapter",
+                               grammar=grammar.matcher() if grammar is not None else None)
             while engine.has_unfinished():
                 for out in engine.step():
                     if out.error is not None:

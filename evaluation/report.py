@@ -24,6 +24,9 @@ _LOWER_WORDS = frozenset({"loss", "latency", "ms", "seconds", "time", "runtime",
 # Counts and sizes describe a run; no value of theirs is "best".
 _NEUTRAL_WORDS = frozenset({"n", "count", "params", "parameters", "examples", "requests", "step", "epoch"})
 _NEUTRAL_NAMES = frozenset({"mean_new_tokens", "generated_tokens"})
+_LAYER = re.compile(r"layers\.(\d+)\.")
+# a Llama block's projections in the order they run: the rank heatmap's columns
+_MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def column_direction(name: str) -> Direction:
@@ -150,6 +153,67 @@ def plot_throughput(rates: Mapping[str, float], *, baseline: str | None = None,
     axes.set_ylabel("tokens/s")
     axes.set_title(title)
     axes.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+def rank_grid(rank_pattern: Mapping[str, int]) -> tuple[list[str], list[str], list[list[int | None]]]:
+    """(layer labels, module names, ranks[layer][module]) of an adapter's per-projection ranks.
+
+    Keys are PEFT module names (`model.layers.3.self_attn.q_proj`): the number after `layers.` is the
+    layer, the last part the module; a projection the pattern does not name is None."""
+    if not rank_pattern:
+        raise ValueError("rank_grid: the rank pattern is empty")
+    cells: dict[tuple[str, str], int] = {}
+    for name, rank in rank_pattern.items():
+        match = _LAYER.search(name)
+        cells[(match.group(1) if match else name.rsplit(".", 1)[0], name.rsplit(".", 1)[-1])] = int(rank)
+    layers = sorted({layer for layer, _ in cells},
+                    key=lambda x: (not x.isdigit(), int(x) if x.isdigit() else 0, x))
+    modules = sorted({module for _, module in cells},
+                     key=lambda m: (_MODULE_ORDER.index(m) if m in _MODULE_ORDER else len(_MODULE_ORDER), m))
+    return layers, modules, [[cells.get((layer, module)) for module in modules] for layer in layers]
+
+
+def describe_rank_pattern(rank_pattern: Mapping[str, int], *, budget: int | None = None) -> str:
+    """One line for a log: total rank (against the budget), mean rank per module, total per layer."""
+    layers, modules, grid = rank_grid(rank_pattern)
+    total = sum(rank for row in grid for rank in row if rank is not None)
+    per_module = []
+    for j, module in enumerate(modules):
+        ranks = [row[j] for row in grid if row[j] is not None]
+        per_module.append(f"{module} {sum(ranks) / len(ranks):.1f}")
+    per_layer = [f"{layer}: {sum(rank for rank in row if rank is not None)}"
+                 for layer, row in zip(layers, grid, strict=True)]
+    against = f" of a budget of {budget}" if budget is not None else ""
+    return (f"total rank {total}{against} over {len(rank_pattern)} projections; mean rank per module: "
+            f"{', '.join(per_module)}; rank per layer: {', '.join(per_layer)}")
+
+
+def plot_rank_pattern(rank_pattern: Mapping[str, int], *, max_rank: int | None = None,
+                      title: str = "AdaLoRA rank per projection") -> Figure:
+    """Heatmap of the rank each projection kept: layers down, modules across, the rank in each cell.
+
+    `max_rank` (AdaLoRA's init_r) fixes the colour scale, so patterns of different runs compare."""
+    layers, modules, grid = rank_grid(rank_pattern)
+    values = [[math.nan if rank is None else rank for rank in row] for row in grid]
+    top = max_rank or max((rank for row in grid for rank in row if rank is not None), default=1)
+    figure = _figure((1.2 + 0.9 * len(modules), 1.2 + 0.32 * len(layers)))
+    axes = figure.add_subplot()
+    image = axes.imshow(values, aspect="auto", cmap="viridis", vmin=0, vmax=max(top, 1))
+    if len(layers) * len(modules) <= 400:  # beyond that the numbers are unreadable; the colours remain
+        for i, row in enumerate(grid):
+            for j, rank in enumerate(row):
+                if rank is not None:
+                    axes.text(j, i, str(rank), ha="center", va="center", fontsize=7,
+                              color="white" if rank < 0.6 * top else "black")
+    axes.set_xticks(range(len(modules)), modules, rotation=30, ha="right")
+    axes.set_yticks(range(len(layers)), layers)
+    axes.set_xlabel("module")
+    axes.set_ylabel("layer")
+    total = sum(rank for row in grid for rank in row if rank is not None)
+    axes.set_title(f"{title} (total {total})")
+    figure.colorbar(image, ax=axes, label="rank")
     figure.tight_layout()
     return figure
 

@@ -296,6 +296,42 @@ def scoring_bench(settings: Settings, adapter: str, *, rows: int | None, console
                            max_new_tokens=config.evaluation.max_new_tokens, hf_batch_size=config.evaluation.batch_size)
 
 
+def structured_bench(settings: Settings, adapter: str, *, rows: int, decode_prompts: int, console: Console) -> Any:
+    """`adapter`'s test rows with and without a JSON schema derived from its training answers
+    (evaluation/structured_bench.py), base model and adapter, at the adapter's max_new_tokens."""
+    from lorafleet.config import FinetuneConfig
+    from lorafleet.evaluation.structured_bench import measure_structured
+
+    folder, pinned = resolve_model_reference(adapter, settings)
+    manifest = read_manifest(folder)
+    if manifest.task.output_format != "json":
+        raise ValueError(f"{adapter}'s task writes {manifest.task.output_format!r}, not JSON: no schema to enforce")
+    config = FinetuneConfig.model_validate(manifest.training_config)
+    loaded = load_base_model(manifest.base_model.id, settings.model_cache_dir)
+    prepared = prepare_dataset(config.data, loaded.tokenizer, name=f"bench-{manifest.name}",
+                               out_root=settings.prepared_data_dir, data_root=settings.data_root)
+    test = prepared.records("test")[:rows]
+    answers = [record["completion"] for record in prepared.records("train")]
+    console.print(f"{pinned}: {len(test)} test rows, base and adapter, without and with a schema of "
+                  f"{len(answers)} training answers")
+    return measure_structured(loaded, folder, pinned, test, prepared.task, answers,
+                              max_new_tokens=config.evaluation.max_new_tokens, decode_prompts=decode_prompts)
+
+
+def print_structured(report: Any, console: Console) -> None:
+    table = Table(title=f"structured output on {report.rows} test rows ({report.adapter})")
+    for column in ("model", "schema", "parse rate", "field F1", "tokens/s"):
+        table.add_column(column, justify="left" if column in ("model", "schema") else "right")
+    for variant in report.variants:
+        table.add_row(variant.model, "yes" if variant.schema else "no", f"{variant.metrics.get('parse_rate', 0):.3f}",
+                      f"{variant.metrics.get('field_f1', 0):.4f}", f"{variant.tokens_per_s:.1f}")
+    console.print(table)
+    for key, figures in report.decode.items():
+        tau = "" if figures["tau"] is None else f", tau {figures['tau']:.2f}"
+        console.print(f"batch 1, {key}: {figures['ms_per_token']:.2f} ms/token ({figures['tokens_per_s']:.1f} "
+                      f"tokens/s){tau}")
+
+
 def print_scoring(report: Any, console: Console) -> None:
     console.print(f"engine {report.engine_seconds:.1f} s (setup {report.engine_setup_seconds:.1f} s), "
                   f"generate {report.hf_seconds:.1f} s: "

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, NoReturn
 
+import httpx
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -319,6 +320,29 @@ def bench_training(
     write_json(report, json_out, console)
 
 
+@bench_app.command("adalora")
+def bench_adalora(
+    config: Annotated[Path, typer.Argument(help="finetune config YAML (method lora or adalora): base model, data, "
+                                                "training, lora.alpha/target_modules and the `adalora` section")],
+    json_out: Annotated[Path, typer.Option("--json", help="where to write the JSON report")] = Path("adalora.json"),
+    steps: Annotated[int | None, typer.Option(min=1, help="optimizer steps per variant (default: the config's)")]
+    = None,
+) -> None:
+    """AdaLoRA vs fixed-rank LoRA at r = adalora.target_r (the same rank budget) on the same config: final rank
+    pattern, parameters, validation loss and the finetune flow's task metrics, side by side."""
+    from lorafleet.config import ConfigError, load_config
+    from lorafleet.flows.bench import write_json
+    from lorafleet.tasks.adalora_bench import adalora_bench
+
+    try:
+        report = adalora_bench(load_config(config), _settings(), steps=steps, on_line=console.print)
+    except (ConfigError, ValueError) as error:
+        _fail(str(error))
+    console.print(report.markdown(), soft_wrap=True)
+    console.print_json(json.dumps(report.ratios))
+    write_json(report, json_out, console)
+
+
 @bench_app.command("engine")
 def bench_engine(
     json_out: Annotated[Path, typer.Option("--json", help="where to write the JSON report")] = Path("engine.json"),
@@ -398,6 +422,73 @@ def bench_weights(
     write_json(report, json_out, console)
 
 
+@bench_app.command("merge")
+def bench_merge(
+    json_out: Annotated[Path, typer.Option("--json", help="where to write the JSON report")] = Path("merge.json"),
+    requests: Annotated[int, typer.Option(min=1, help="completions per variant per round")] = 32,
+    clients: Annotated[int, typer.Option(min=1, help="concurrent HTTP clients")] = 8,
+    max_tokens: Annotated[int, typer.Option(min=1, help="greedy tokens per completion")] = 32,
+    rounds: Annotated[int, typer.Option(min=1, help="interleaved rounds (medians reported)")] = 3,
+    base_model: Annotated[str, typer.Option(help="base model (without --url)")] = "smollm2-135m-instruct",
+    url: Annotated[str | None, typer.Option(help="a running server serving bench-000 and bench-001")] = None,
+) -> None:
+    """Per-request merges (linear, ties) vs one adapter on one server: tokens/s, first-request latency."""
+    from lorafleet.flows.merge_bench import merge_bench
+
+    try:
+        report = merge_bench(_settings(), url=url, base_model=base_model, requests=requests, clients=clients,
+                             max_tokens=max_tokens, rounds=rounds, console=console)
+    except (ValueError, LookupError, httpx.HTTPError) as error:
+        _fail(str(error))
+    console.print_json(data={key: report[key] for key in ("tokens_per_s", "ratio_to_single", "first_request_ms")})
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(report, indent=2))
+    console.print(f"wrote {json_out}")
+
+
+@bench_app.command("structured")
+def bench_structured(
+    adapter: Annotated[str, typer.Argument(help="a JSON-task adapter: NAME, NAME@VERSION, models:/ URI or folder")],
+    json_out: Annotated[Path, typer.Option("--json", help="where to write the JSON report")] = Path("structured.json"),
+    rows: Annotated[int, typer.Option(min=1, help="test rows scored per variant")] = 100,
+    decode_prompts: Annotated[int, typer.Option(min=1, help="prompts decoded one at a time (ms/token, tau)")] = 8,
+) -> None:
+    """JSON schema on vs off on the engine: parse rate, field F1, tokens/s (base and adapter), mask cost, tau."""
+    from lorafleet.flows.bench import print_structured, structured_bench, write_json
+
+    try:
+        report = structured_bench(_settings(), adapter, rows=rows, decode_prompts=decode_prompts, console=console)
+    except (ValueError, LookupError) as error:
+        _fail(str(error))
+    print_structured(report, console)
+    write_json(report, json_out, console)
+
+
+@bench_app.command("experiment")
+def bench_experiment(
+    json_out: Annotated[Path, typer.Option("--json", help="where to write the JSON report")] = Path("experiment.json"),
+    share: Annotated[float, typer.Option(min=0.0, max=1.0, help="challenger share of the experiment")] = 0.1,
+    requests: Annotated[int, typer.Option(min=2, help="one-token completions sent (half of them with `user`)")] = 10_000,
+    users: Annotated[int, typer.Option(min=1, help="distinct `user` values for the sticky half")] = 500,
+    workers: Annotated[int, typer.Option(min=1, help="concurrent HTTP clients")] = 8,
+    base_model: Annotated[str, typer.Option(help="base of the two bench-ab versions (without --url)")] = "tiny-random-llama",
+    url: Annotated[str | None, typer.Option(help="a running server to measure instead (with --name)")] = None,
+    name: Annotated[str, typer.Option(help="with --url: an adapter with a champion and a challenger")] = "bench-ab",
+) -> None:
+    """A/B split accuracy over HTTP: observed challenger share (anonymous and per user) and stickiness."""
+    from lorafleet.flows.experiment_bench import experiment_bench
+
+    try:
+        report = experiment_bench(_settings(), url=url, name=name, base_model=base_model, share=share,
+                                  requests=requests, users=users, workers=workers, console=console)
+    except (ValueError, LookupError, httpx.HTTPError) as error:
+        _fail(str(error))
+    console.print_json(data=report)
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(report, indent=2))
+    console.print(f"wrote {json_out}")
+
+
 @bench_app.command("scoring")
 def bench_scoring(
     adapter: Annotated[str, typer.Argument(help="NAME, NAME@VERSION, models:/ URI or an adapter folder")],
@@ -412,6 +503,35 @@ def bench_scoring(
     except (ValueError, LookupError) as error:
         _fail(str(error))
     print_scoring(report, console)
+    write_json(report, json_out, console)
+
+
+@bench_app.command("grammar")
+def bench_grammar(
+    json_out: Annotated[Path, typer.Option("--json", help="where to write the JSON report")] = Path("grammar.json"),
+    models: Annotated[str, typer.Option(help="comma-separated base models whose tokenizers are measured")]
+    = "smollm2-135m-instruct,tiny-random-llama",
+    answers: Annotated[int, typer.Option(min=2, help="valid answers fed token by token per grammar")] = 20,
+    rounds: Annotated[int, typer.Option(min=1, help="interleaved rounds (medians reported)")] = 7,
+) -> None:
+    """Constrained JSON decoding: xgrammar vs llguidance per-token mask cost, compile time, mask application."""
+    from lorafleet.evaluation.grammar_bench import load_bench_tokenizer, measure_grammar
+    from lorafleet.flows.bench import write_json
+    from lorafleet.tasks.data.generated import generate_examples
+
+    settings = _settings()
+    names = [name.strip() for name in models.split(",") if name.strip()]
+    if not names:
+        _fail(f"--models {models!r} names no model")
+    try:
+        tokenizers = {name: load_bench_tokenizer(name, settings.model_cache_dir) for name in names}
+    except (ValueError, OSError) as error:
+        _fail(str(error))
+    # The extraction task's own answers (valid JSON, its exact output format); 8x as many as needed, since the
+    # nested-list case pairs the order records among them (about a quarter).
+    targets = [example.completion for example in generate_examples(8 * answers, seed=0)]
+    report = measure_grammar(tokenizers, targets, answers=answers, rounds=rounds, on_line=console.print)
+    print(json.dumps(report.summary(), indent=2))
     write_json(report, json_out, console)
 
 

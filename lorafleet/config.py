@@ -12,6 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from lorafleet.models.adalora_settings import AdaLoraSettings
 from lorafleet.models.embedded import EMBEDDED_MODEL_ID
 from lorafleet.models.lora import LoraSettings
 from lorafleet.models.training_settings import TrainingSettings
@@ -34,10 +35,12 @@ class FinetuneConfig(BaseModel):
 
     name: str = Field(description="adapter and registered-model name")
     base_model: str = EMBEDDED_MODEL_ID
-    method: Literal["lora", "qlora", "turbo_lora", "turbo", "merge"] = "lora"
+    method: Literal["lora", "qlora", "adalora", "turbo_lora", "turbo", "merge"] = "lora"
     device: str = "auto"
     data: DataSettings
     lora: LoraSettings = LoraSettings()
+    adalora: AdaLoraSettings | None = Field(None, description="method 'adalora': rank budget and schedule "
+                                                              "(its defaults when the section is left out)")
     training: TrainingSettings = TrainingSettings()
     turbo: TurboSettings = TurboSettings()
     merge: MergeSettings | None = Field(None, description="method 'merge': the adapters merged and how")
@@ -51,8 +54,18 @@ class FinetuneConfig(BaseModel):
             raise ValueError(f"must be {NAME_RULE}")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _adalora_defaults(cls, raw: Any) -> Any:
+        """method 'adalora' without an `adalora` section gets the section's defaults (one place: the section)."""
+        if isinstance(raw, dict) and raw.get("method") == "adalora" and raw.get("adalora") is None:
+            return {**raw, "adalora": {}}
+        return raw
+
     @model_validator(mode="after")
     def _turbo_fields_fit_the_method(self) -> FinetuneConfig:
+        if self.adalora is not None and self.method != "adalora":
+            raise ValueError(f"an `adalora` section only applies to method 'adalora', not {self.method!r}")
         if self.turbo.base_adapter is not None and self.method != "turbo":
             raise ValueError("turbo.base_adapter only applies to method 'turbo' (heads on an existing LoRA)")
         if (self.method == "merge") != (self.merge is not None):

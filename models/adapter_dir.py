@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError
 
 from .cache import atomic_write_text
 
@@ -30,7 +30,7 @@ TURBO_WEIGHTS_FILE = "turbo_heads.safetensors"
 MAX_CONFIG_BYTES = 4 << 20  # the largest JSON file (manifest, PEFT or Turbo config) read from an adapter folder
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl"})
 
-Method = Literal["lora", "qlora", "turbo_lora", "turbo", "merge"]
+Method = Literal["lora", "qlora", "adalora", "turbo_lora", "turbo", "merge"]
 OutputFormat = Literal["json", "viggo_mr", "text"]
 
 
@@ -77,6 +77,9 @@ class AdapterManifest(BaseModel):
     training_config: dict[str, Any] = Field(default_factory=dict)
     # method 'merge': {"parents": [{"reference": pinned ref, "name": ..., "weight": ...}], "recipe": {...}}
     lineage: dict[str, Any] | None = None
+    # method 'adalora': the rank each adapted projection kept (PEFT module name -> rank); the PEFT files
+    # are a plain LoRA zero-padded to the largest of them (models/adalora.py)
+    rank_pattern: dict[str, NonNegativeInt] | None = None
     metrics: dict[str, float] = Field(default_factory=dict)
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     lorafleet_version: str = ""
@@ -218,7 +221,7 @@ def validate_adapter_dir(adapter_dir: Path) -> AdapterManifest:
     check_adapter_files(adapter_dir)
     manifest = read_manifest(adapter_dir)
     required = []
-    if manifest.method in ("lora", "qlora", "turbo_lora", "merge") or manifest.base_adapter:
+    if manifest.method in ("lora", "qlora", "adalora", "turbo_lora", "merge") or manifest.base_adapter:
         required += [PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE]
     if manifest.method in ("turbo_lora", "turbo"):
         required += [TURBO_CONFIG_FILE, TURBO_WEIGHTS_FILE]

@@ -2,6 +2,7 @@
 
 Layout under a run's checkpoint folder:
   step-00000050/  trainable.safetensors, optimizer.pt, scheduler.pt, rng.pt, state.json
+                  [extra_state.safetensors: a method's own loop state, e.g. AdaLoRA's rank allocator]
   best/           trainable.safetensors, state.json   (weights with the best validation loss)
   DONE            written when training finished; a rerun then returns the stored result
 
@@ -29,6 +30,7 @@ from .cache import atomic_directory, atomic_write_text
 from .sharding import full_tensor, is_sharded, like_parameter
 
 DONE_MARKER = "DONE"
+EXTRA_STATE_FILE = "extra_state.safetensors"
 
 
 @dataclass
@@ -98,8 +100,11 @@ def load_optimizer_state(optimizer: Any, saved: dict[str, Any]) -> None:
 
 
 def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any,
-                    state: TrainerState, *, keep: int, write: bool = True) -> Path:
-    """Write `step-N/` (only where `write`; with sharded parameters every rank must call this)."""
+                    state: TrainerState, *, keep: int, write: bool = True,
+                    extra_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `step-N/` (only where `write`; with sharded parameters every rank must call this).
+
+    `extra_state`: named tensors the loop needs besides weights and optimizer (`latest_extra_state`)."""
     target = Path(folder) / f"step-{state.step:08d}"
     tensors, optimizer_tensors = trainable_state(model), optimizer_state(optimizer)
     if not write:
@@ -109,6 +114,8 @@ def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: Any, schedu
         torch.save(optimizer_tensors, staging / "optimizer.pt")
         torch.save(scheduler.state_dict(), staging / "scheduler.pt")
         torch.save({"torch": torch.get_rng_state()}, staging / "rng.pt")
+        if extra_state:
+            save_file(extra_state, str(staging / EXTRA_STATE_FILE))
         (staging / "state.json").write_text(state.to_json())
     for old in list_checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -133,6 +140,13 @@ def restore_latest(folder: Path, model: torch.nn.Module, optimizer: Any, schedul
     scheduler.load_state_dict(torch.load(latest / "scheduler.pt", weights_only=True))
     torch.set_rng_state(torch.load(latest / "rng.pt", weights_only=True)["torch"])
     return TrainerState.from_json((latest / "state.json").read_text())
+
+
+def latest_extra_state(folder: Path) -> dict[str, torch.Tensor]:
+    """The `extra_state` of the newest complete checkpoint (empty when it has none)."""
+    found = list_checkpoints(folder)
+    path = found[-1] / EXTRA_STATE_FILE if found else None
+    return load_file(str(path)) if path is not None and path.exists() else {}
 
 
 def save_best(folder: Path, model: torch.nn.Module, state: TrainerState, *, write: bool = True) -> None:

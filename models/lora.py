@@ -6,6 +6,7 @@ name the config field, and writes the adapter directory atomically with its mani
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +42,7 @@ def apply_lora(model: Any, settings: LoraSettings, *, quantized: bool = False) -
     """Wrap `model` in a trainable PEFT LoRA; the base weights stay frozen."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [name for name in settings.target_modules if name not in present]
-    if missing:
-        raise ValueError(
-            f"lora.target_modules: {missing} not found in the base model "
-            f"(linear layers present include {sorted(n for n in present if n.endswith('_proj'))})"
-        )
+    check_target_modules(model, settings)
     if quantized:
         # Casts norms to fp32 and enables input grads, which 4-bit bases need for a stable backward.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -61,6 +56,17 @@ def apply_lora(model: Any, settings: LoraSettings, *, quantized: bool = False) -
         bias="none",
     )
     return get_peft_model(model, config)
+
+
+def check_target_modules(model: Any, settings: LoraSettings) -> None:
+    """Raise ValueError naming `lora.target_modules` when one of them is not a module of `model`."""
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [name for name in settings.target_modules if name not in present]
+    if missing:
+        raise ValueError(
+            f"lora.target_modules: {missing} not found in the base model "
+            f"(linear layers present include {sorted(n for n in present if n.endswith('_proj'))})"
+        )
 
 
 def keep_4bit_layout(model: Any) -> int:
@@ -88,18 +94,23 @@ def count_trainable(model: Any) -> tuple[int, int]:
 
 def save_adapter(peft_model: Any | None, target_dir: Path, manifest: AdapterManifest, *,
                  heads: Any | None = None, overwrite: bool = True,
-                 state_dict: dict[str, Any] | None = None) -> Path:
+                 state_dict: dict[str, Any] | None = None,
+                 lora_files: Callable[[Path], None] | None = None) -> Path:
     """Write the adapter directory in one atomic step: nobody ever sees a half-written adapter.
 
     `peft_model` is None for a Turbo adapter on the bare base (heads only); `heads` adds the
     speculative heads (`turbo_config.json`, `turbo_heads.safetensors`). `state_dict` replaces the
-    model's own weights, e.g. the whole tensors gathered from an FSDP run's shards.
+    model's own weights, e.g. the whole tensors gathered from an FSDP run's shards. `lora_files` writes
+    the PEFT LoRA files into the folder instead of `peft_model` (an AdaLoRA converted to plain LoRA,
+    `adalora.PlainLora.save`).
     """
     from .turbo_heads import save_heads
 
     target_dir = Path(target_dir)
     with atomic_directory(target_dir, overwrite=overwrite) as staging:
-        if peft_model is not None:
+        if lora_files is not None:
+            lora_files(staging)
+        elif peft_model is not None:
             peft_model.save_pretrained(str(staging), safe_serialization=True, state_dict=state_dict)
         if heads is not None:
             save_heads(heads, staging)

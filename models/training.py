@@ -17,6 +17,7 @@ runs the same number of forward passes, since each one all-gathers the layers to
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +32,7 @@ from .batching import collate, count_targets, length_grouped_batches, shard
 from .checkpoints import (
     TrainerState,
     finished_state,
+    latest_extra_state,
     mark_done,
     restore_best,
     restore_latest,
@@ -51,6 +53,26 @@ class TrainingCallback(Protocol):
     def on_train_step(self, step: int, metrics: dict[str, float]) -> None: ...
 
     def on_validation(self, step: int, metrics: dict[str, float]) -> None: ...
+
+
+class RankAllocation(Protocol):
+    """A method that changes the adapter's ranks while it trains (AdaLoRA: `adalora.AdaLoraAllocation`).
+
+    The loop wraps its objective with `objective` (a regulariser), calls `after_step(step)` after every
+    optimizer step while the gradients are still there (`step` counts the steps done, from 1), keeps
+    weights as the best and stops early only once `settled(step)` (before that the model has more rank
+    than the budget allows), and stores `state_tensors` in each checkpoint for an exact resume.
+    """
+
+    def objective(self, objective: Any) -> Any: ...
+
+    def after_step(self, step: int) -> dict[str, float]: ...
+
+    def settled(self, step: int) -> bool: ...
+
+    def state_tensors(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None: ...
 
 
 def _no_collective(*_: Any) -> None:
@@ -199,6 +221,7 @@ def train_adapter(
     turbo: TurboSettings | None = None,
     train_lm: bool = True,
     dist: DistributedContext = SINGLE_PROCESS,
+    allocation: RankAllocation | None = None,
 ) -> TrainResult:
     """Train the trainable parameters of `model` (a PEFT model) — and Turbo `heads` if given — on rows.
 
@@ -210,6 +233,9 @@ def train_adapter(
     With `dist` (several data-parallel ranks) every rank calls this with the same rows and settings;
     `settings.batch_size` is the global batch, split across ranks. Only rank 0 writes to
     `checkpoint_dir` and calls `callbacks`; checkpoints count global steps, so any world size resumes them.
+
+    `allocation` (AdaLoRA) reallocates ranks after each step; see `RankAllocation`. Its gradients-based
+    decisions see the summed gradients, so every data-parallel rank masks the same ranks.
     """
     from transformers import get_scheduler
 
@@ -229,12 +255,16 @@ def train_adapter(
     if dist.shard_model is not None:
         dist.shard_model(model)
     objective, trainable, groups = _training_setup(model, heads, turbo, settings, train_lm)
+    if allocation is not None:
+        objective = allocation.objective(objective)
     optimizer = torch.optim.AdamW(groups, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     schedule = "constant_with_warmup" if settings.lr_schedule == "constant" else settings.lr_schedule
     scheduler = get_scheduler(schedule, optimizer,
                               num_warmup_steps=round(settings.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
     state = restore_latest(checkpoint_dir, trainable, optimizer, scheduler)
+    if state is not None and allocation is not None:
+        allocation.load_state_tensors(latest_extra_state(checkpoint_dir))
     resumed_from = state.step if state else None
     state = state or TrainerState()
     state.world_size = dist.world_size
@@ -258,7 +288,9 @@ def train_adapter(
             if tuner is not None:
                 tuner.threads("train")
             metrics = _optimizer_step(objective, trainable, micro_batches, optimizer, scheduler, settings,
-                                      pad_token_id, precision, device, dist)
+                                      pad_token_id, precision, device, dist,
+                                      after_step=None if allocation is None
+                                      else functools.partial(allocation.after_step, state.step + 1))
             if tuner is not None:  # per token: length-grouped batches differ in size
                 tuner.observe("train", metrics["train/step_seconds"] / max(metrics["_tokens"], 1))
             state.step += 1
@@ -273,10 +305,11 @@ def train_adapter(
                     callback.on_train_step(state.step, metrics)
             if state.step % settings.eval_every == 0 or state.step == total_steps:
                 _validate(objective, trainable, val_subset, settings, state, checkpoint_dir, pad_token_id, precision,
-                          callbacks, dist)
+                          callbacks, dist, counts=allocation is None or allocation.settled(state.step))
             if state.step % settings.checkpoint_every == 0 and state.step < total_steps and dist.saves:
                 save_checkpoint(checkpoint_dir, trainable, optimizer, scheduler, state,
-                                keep=settings.keep_checkpoints, write=dist.is_main)
+                                keep=settings.keep_checkpoints, write=dist.is_main,
+                                extra_state=allocation.state_tensors() if allocation is not None else None)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['train/loss']:.3f}",
                             val=f"{state.best_val_loss:.3f}" if state.best_val_loss is not None else "-")
@@ -314,7 +347,8 @@ def _training_setup(model: Any, heads: torch.nn.Module | None, turbo: TurboSetti
 
 def _optimizer_step(objective: Any, trainable: torch.nn.Module, micro_batches: list[list[dict]], optimizer: Any,
                     scheduler: Any, settings: TrainingSettings, pad_token_id: int, precision: str,
-                    device: torch.device, dist: DistributedContext = SINGLE_PROCESS) -> dict[str, float]:
+                    device: torch.device, dist: DistributedContext = SINGLE_PROCESS,
+                    after_step: Callable[[], dict[str, float]] | None = None) -> dict[str, float]:
     """One optimizer step over `grad_accum` global micro-batches, weighting each by its target tokens.
 
     Each rank backpropagates its slice weighted by the *global* target count, so the sum of the ranks'
@@ -344,9 +378,11 @@ def _optimizer_step(objective: Any, trainable: torch.nn.Module, micro_batches: l
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()
+    allocated = after_step() if after_step is not None else {}  # reads this step's gradients
     optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - started
     metrics = {f"train/{k}": v for k, v in summarize(sums).items()}
+    metrics.update(allocated)
     metrics.update({"train/lr": lr, "train/grad_norm": float(grad_norm), "train/tokens_per_s": n_tokens / seconds,
                     "train/step_seconds": seconds, "_tokens": n_tokens})
     return metrics
@@ -370,10 +406,13 @@ def _sum_gradients(params: list[torch.nn.Parameter], dist: DistributedContext) -
 
 def _validate(objective: Any, trainable: torch.nn.Module, rows: list[dict], settings: TrainingSettings,
               state: TrainerState, checkpoint_dir: Path, pad_token_id: int, precision: str,
-              callbacks: Sequence[TrainingCallback], dist: DistributedContext = SINGLE_PROCESS) -> None:
+              callbacks: Sequence[TrainingCallback], dist: DistributedContext = SINGLE_PROCESS, *,
+              counts: bool = True) -> None:
     """Validation pass + early-stopping bookkeeping; the best weights are saved as they appear.
 
-    Every rank gets the same summed metrics, so every rank takes the same early-stopping decision."""
+    A pass that does not `count` (AdaLoRA before its rank pattern is final) is logged only: those weights
+    may not be kept and may not stop the run. Every rank gets the same summed metrics, so every rank takes
+    the same early-stopping decision."""
     if not rows:
         return
     metrics = validation_metrics(objective, trainable, rows, batch_size=settings.batch_size,
@@ -381,16 +420,17 @@ def _validate(objective: Any, trainable: torch.nn.Module, rows: list[dict], sett
     loss = metrics["loss"]
     state.val_history.append((state.step, loss))
     improved = state.best_val_loss is None or loss < state.best_val_loss - settings.early_stopping_min_delta
-    if improved:
+    if counts and improved:
         state.best_val_loss, state.best_step = loss, state.step
         state.evals_without_improvement = 0
         if dist.saves:
             save_best(checkpoint_dir, trainable, state, write=dist.is_main)
-    else:
+    elif counts:
         state.evals_without_improvement += 1
         patience = settings.early_stopping_patience
         state.stopped_early = patience is not None and state.evals_without_improvement >= patience
     reported = {f"val/{k}": v for k, v in metrics.items()}
-    reported["val/best_loss"] = state.best_val_loss
+    if state.best_val_loss is not None:
+        reported["val/best_loss"] = state.best_val_loss
     for callback in callbacks:
         callback.on_validation(state.step, reported)

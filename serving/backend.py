@@ -13,11 +13,13 @@ starts (`registry_poll_s` > 0); `close()` stops it before the generator.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from lorafleet.models.base import load_base_model
+from lorafleet.models.grammar import GrammarCompiler
 from lorafleet.models.sampling_rules import eos_token_ids
 from lorafleet.registry_read import RegistryReader
 from lorafleet.serving.catalogue.adapters import (
@@ -29,6 +31,7 @@ from lorafleet.serving.catalogue.adapters import (
 )
 from lorafleet.serving.catalogue.registry_poller import ChampionReloader, RegistryPoller
 from lorafleet.serving.engine.openmp_pool import release_thread_pool
+from lorafleet.serving.experiments import ExperimentBook
 from lorafleet.serving.generation.engine_generator import EngineGenerator
 from lorafleet.serving.generation.interface import TokenGenerator
 from lorafleet.serving.generation.runner import GenerationRunner
@@ -50,6 +53,19 @@ class ServingBackend:
     reloader: ChampionReloader | None = None  # None: no registry to follow
     poller: RegistryPoller | None = None  # None: polling is off
     warm: Warm | None = None  # makes an attached adapter resident now (`TokenGenerator.warm`); None: never
+    experiments: ExperimentBook = field(default_factory=ExperimentBook)  # A/B splits started by the admin
+    vocab_size: int | None = None  # the model's logits width (None: the tokenizer's length)
+    _grammar: GrammarCompiler | None = field(default=None, init=False, repr=False)
+    _grammar_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def grammar_compiler(self) -> GrammarCompiler:
+        """The structured-output compiler, built on first use (converting the tokenizer takes ~0.5 s: a
+        server that never gets a response_format never pays it)."""
+        with self._grammar_lock:
+            if self._grammar is None:
+                self._grammar = GrammarCompiler(self.tokenizer, self.vocab_size or len(self.tokenizer),
+                                                self.eos_token_ids)
+            return self._grammar
 
     def close(self) -> None:
         if self.poller is not None:
@@ -87,6 +103,7 @@ def build_backend(settings: ServiceSettings, *, metrics: ServingMetrics | None =
         generator=generator,
         context_length=_context_length(loaded.model, tokenizer, generator),
         eos_token_ids=eos,
+        vocab_size=loaded.model.config.vocab_size,
         metrics=metrics,
         reloader=reloader,
         poller=poller,

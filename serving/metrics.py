@@ -71,6 +71,12 @@ LORA_RUNNING_LABEL = "running_lora_adapters"
 LORA_WAITING_LABEL = "waiting_lora_adapters"
 LORA_MAX_LABEL = "max_lora"
 
+# A/B experiments, per arm (serving/experiments.py): the experiment is the adapter name.
+EXPERIMENT_REQUESTS = "lorafleet_experiment_requests"
+EXPERIMENT_TOKENS = "lorafleet_experiment_generated_tokens"
+EXPERIMENT_SECONDS = "lorafleet_experiment_request_duration_seconds"
+EXPERIMENT_FEEDBACK = "lorafleet_experiment_feedback_score"
+
 BASE_LABEL = "base"  # the `adapter` label of requests on the bare base model (served adapters are NAME-vN)
 _GAUGE_MODE = "livemostrecent"
 _CACHE_COUNTERS = ("hits", "misses", "loads", "evictions", "failures")
@@ -89,7 +95,7 @@ class ServingMetrics:
     """The service's metrics: HTTP requests, the engine's queue/batch/KV/latency, speculation, adapters."""
 
     def __init__(self, registry: Any = None) -> None:
-        from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+        from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Summary
 
         self.registry = REGISTRY if registry is None else registry
         registry = self.registry
@@ -110,6 +116,16 @@ class ServingMetrics:
         self.request_seconds = histogram(REQUEST_SECONDS,
                                          "wall time of OpenAI API requests (until the last token is sent)",
                                          (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), ("endpoint",))
+        self.experiment_requests = counter(EXPERIMENT_REQUESTS, "requests of A/B experiments by experiment, arm, "
+                                           "served version and HTTP status", ("experiment", "arm", "version",
+                                                                             "status"))
+        self.experiment_tokens = counter(EXPERIMENT_TOKENS, "completion tokens of A/B experiment requests",
+                                         ("experiment", "arm"))
+        self.experiment_seconds = histogram(EXPERIMENT_SECONDS, "wall time of A/B experiment requests", E2E_BUCKETS,
+                                            ("experiment", "arm"))
+        self.experiment_feedback = Summary(EXPERIMENT_FEEDBACK, "online scores posted to /v1/feedback, by arm "
+                                           "(_sum / _count is the arm's mean)", ["experiment", "arm"],
+                                           registry=registry)
         self.batch_size = histogram(BATCH_SIZE, "requests per generation batch (engine: per step)",
                                     (1, 2, 4, 8, 16, 32, 64))
         self.spec_drafts = counter(SPEC_DRAFTS, "speculative verification steps (per row)")
@@ -178,6 +194,18 @@ class ServingMetrics:
         if tokens:
             self.generated_tokens.labels(model=model).inc(tokens)
         self.request_seconds.labels(endpoint=endpoint).observe(seconds)
+
+    def observe_arm(self, *, experiment: str, arm: str, version: int | None, status: int, tokens: int,
+                    seconds: float) -> None:
+        self.experiment_requests.labels(experiment=experiment, arm=arm, version=str(version or ""),
+                                        status=str(status)).inc()
+        if tokens:
+            self.experiment_tokens.labels(experiment=experiment, arm=arm).inc(tokens)
+        if status == 200:
+            self.experiment_seconds.labels(experiment=experiment, arm=arm).observe(seconds)
+
+    def observe_feedback(self, *, experiment: str, arm: str, score: float) -> None:
+        self.experiment_feedback.labels(experiment=experiment, arm=arm).observe(score)
 
     def observe_batch(self, rows: int) -> None:
         self.batch_size.observe(rows)

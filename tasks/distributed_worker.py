@@ -47,8 +47,9 @@ class StdoutProgress:
                   f"{metrics['train/tokens_per_s']:.0f} tokens/s", flush=True)
 
     def on_validation(self, step: int, metrics: dict[str, float]) -> None:
-        print(f"step {step}: validation loss {metrics['val/loss']:.4f} (best {metrics['val/best_loss']:.4f})",
-              flush=True)
+        best = metrics.get("val/best_loss")  # none yet while AdaLoRA's ranks are still being allocated
+        best_text = "-" if best is None else f"{best:.4f}"
+        print(f"step {step}: validation loss {metrics['val/loss']:.4f} (best {best_text})", flush=True)
 
 
 def open_process_group(config: FinetuneConfig) -> Any:

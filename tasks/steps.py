@@ -16,9 +16,11 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from lorafleet.config import FinetuneConfig
 from lorafleet.evaluation.report import (
+    describe_rank_pattern,
     plot_acceptance_histogram,
     plot_loss_curve,
     plot_metric_comparison,
+    plot_rank_pattern,
     plot_throughput,
 )
 from lorafleet.models.adapter_dir import read_manifest
@@ -111,8 +113,9 @@ class _PrefectProgress:
                              metrics["train/lr"], metrics["train/tokens_per_s"])
 
     def on_validation(self, step: int, metrics: dict[str, float]) -> None:
-        self.logger.info("step %d: validation loss %.4f (best %.4f)", step, metrics["val/loss"],
-                         metrics["val/best_loss"])
+        best = metrics.get("val/best_loss")  # none yet while AdaLoRA's ranks are still being allocated
+        self.logger.info("step %d: validation loss %.4f (best %s)", step, metrics["val/loss"],
+                         "-" if best is None else f"{best:.4f}")
 
 
 @task(name="train")
@@ -140,7 +143,22 @@ def train(config: FinetuneConfig, prepared: PreparedData, settings: Settings, ke
         get_run_logger().info("training for key %s had already finished: reusing its weights", key)
     run.log_metrics(trained.summary_metrics())
     run.log_figure(plot_loss_curve(trained.train_history, trained.val_history), "plots/loss_curve.png")
+    if config.adalora is not None:
+        _report_rank_pattern(config, trained, run)
     return trained
+
+
+def _report_rank_pattern(config: FinetuneConfig, trained: TrainedAdapter, run: tracking.RunLogger) -> None:
+    """AdaLoRA: the final rank of every projection as a heatmap in the run, and one line in the log."""
+    pattern = read_manifest(trained.adapter_dir).rank_pattern or {}
+    if not pattern:
+        return
+    budget = config.adalora.target_r * len(pattern)
+    run.log_dict(pattern, "adalora/rank_pattern.json")
+    run.log_metrics({"adalora/final_total_rank": float(sum(pattern.values())), "adalora/budget": float(budget)})
+    run.log_figure(plot_rank_pattern(pattern, max_rank=config.adalora.init_r), "plots/rank_pattern.png")
+    get_run_logger().info("AdaLoRA rank pattern of %s: %s", config.name,
+                          describe_rank_pattern(pattern, budget=budget))
 
 
 @task(name="evaluate")

@@ -20,12 +20,19 @@ import torch
 from lorafleet import __version__
 from lorafleet.config import FinetuneConfig
 from lorafleet.evaluation.engine_generation import EngineScorer
+from lorafleet.models.adalora import AdaLoraAllocation, apply_adalora, to_plain_lora
 from lorafleet.models.adapter_dir import PEFT_WEIGHTS_FILE, AdapterManifest, BaseModelRef
 from lorafleet.models.base import load_base_model, resolve_base_model, tokenizer_fingerprint
 from lorafleet.models.cache import atomic_write_text, sha256_file, sha256_text
 from lorafleet.models.lora import apply_lora, count_trainable, load_adapter, save_adapter
 from lorafleet.models.sampling_rules import eos_token_ids
-from lorafleet.models.training import SINGLE_PROCESS, DistributedContext, TrainingCallback, train_adapter
+from lorafleet.models.training import (
+    SINGLE_PROCESS,
+    DistributedContext,
+    TrainingCallback,
+    total_optimizer_steps,
+    train_adapter,
+)
 from lorafleet.models.turbo_heads import new_heads
 from lorafleet.settings import Settings
 from lorafleet.tasks.adapter_sources import resolve_adapter_source
@@ -81,6 +88,8 @@ def training_key(config: FinetuneConfig, prepared: PreparedData, settings: Setti
     relevant["training"].pop("distributed", None)
     if config.has_heads:
         relevant["turbo"] = config.turbo.model_dump(mode="json")
+    if config.adalora is not None:
+        relevant["adalora"] = config.adalora.model_dump(mode="json")
     revision = resolve_base_model(config.base_model, settings.model_cache_dir).revision
     parts = [json.dumps(relevant, sort_keys=True), prepared.fingerprint, revision]
     if config.turbo.base_adapter and config.method == "turbo":
@@ -117,8 +126,10 @@ def train_from_config(
 ) -> TrainedAdapter:
     """Train the adapter the config asks for and save its directory.
 
-    lora / qlora: LoRA on the (4-bit for QLoRA) base. turbo_lora: LoRA and heads jointly. turbo: heads
-    only, on the frozen base or a frozen existing LoRA, trained on the model's own greedy outputs.
+    lora / qlora: LoRA on the (4-bit for QLoRA) base. adalora: AdaLoRA (ranks allocated per layer while
+    training), saved as a plain LoRA with its final rank pattern in the manifest (`models/adalora.py`).
+    turbo_lora: LoRA and heads jointly. turbo: heads only, on the frozen base or a frozen existing LoRA,
+    trained on the model's own greedy outputs.
 
     As one rank of a data-parallel run (`dist`, from `tasks/distributed_worker.py`) it trains on
     `device` (this rank's) instead of `config.device`, and only rank 0 writes the adapter directory.
@@ -146,10 +157,17 @@ def train_from_config(
             dist.barrier()
         model = continuer.frozen_model()
     else:
-        model = apply_lora(loaded.model, config.lora, quantized=quantized)
         columns = ["input_ids", "labels"]
         train_rows = prepared.load_split("train").select_columns(columns).to_list()
         val_rows = prepared.load_split("validation").select_columns(columns).to_list()
+    allocation = None
+    if config.method == "adalora":
+        # PEFT's schedule needs the run's length up front: the loop's own count of optimizer steps
+        total_steps = total_optimizer_steps(len(train_rows), config.training)
+        model = apply_adalora(loaded.model, config.lora, config.adalora, total_steps=total_steps)
+        allocation = AdaLoraAllocation(model, config.adalora, total_steps)
+    elif config.method != "turbo":
+        model = apply_lora(loaded.model, config.lora, quantized=quantized)
     heads = new_heads(model, config.turbo.num_heads, config.turbo.block_size) if config.has_heads else None
     trainable, total = count_trainable(model)
     head_params = heads.num_parameters() if heads is not None else 0
@@ -158,9 +176,11 @@ def train_from_config(
 
     result = train_adapter(model, train_rows, val_rows, config.training, checkpoint_dir=folder,
                            pad_token_id=loaded.tokenizer.pad_token_id, callbacks=callbacks, progress=progress,
-                           heads=heads, turbo=config.turbo, train_lm=config.method != "turbo", dist=dist)
+                           heads=heads, turbo=config.turbo, train_lm=config.method != "turbo", dist=dist,
+                           allocation=allocation)
 
     state = result.state
+    plain = to_plain_lora(model) if config.method == "adalora" else None  # the best weights, converted
     manifest = AdapterManifest(
         name=config.name,
         method=config.method,
@@ -172,12 +192,18 @@ def train_from_config(
         base_adapter=base_adapter,
         training_config=config.model_dump(mode="json"),
         metrics={"val_loss": state.best_val_loss} if state.best_val_loss is not None else {},
+        rank_pattern=plain.rank_pattern if plain is not None else None,
         lorafleet_version=__version__,
     )
     lora_model = model if (config.method != "turbo" or base_adapter) else None
     adapter_dir = settings.adapters_dir / config.name / key
     if dist.is_main:
-        adapter_dir = save_adapter(lora_model, adapter_dir, manifest, heads=heads, state_dict=result.full_state)
+        adapter_dir = save_adapter(lora_model, adapter_dir, manifest, heads=heads, state_dict=result.full_state,
+                                   lora_files=plain.save if plain is not None else None)
+    if plain is not None and dist.is_main:
+        log.info("%s: AdaLoRA kept %d of %d ranks (budget %d), saved as LoRA rank %d", config.name,
+                 sum(plain.rank_pattern.values()), config.adalora.init_r * len(plain.rank_pattern),
+                 config.adalora.target_r * len(plain.rank_pattern), plain.rank)
     return TrainedAdapter(
         adapter_dir=adapter_dir, steps=state.step, total_steps=result.total_steps,
         best_val_loss=state.best_val_loss, best_step=state.best_step, stopped_early=state.stopped_early,

@@ -29,7 +29,7 @@ def test_shipped_configs_are_valid(path):
     ({"name": "x", "data": {"preset": "viggo"}, "training": {"batch_size": 0}},
      r"c\.yaml: training\.batch_size: .*greater than or equal to 1"),
     ({"name": "x", "data": {"preset": "viggo"}, "training": {"lr": 0.1}}, r"c\.yaml: training\.lr: unknown field"),
-    ({"name": "x", "data": {"preset": "viggo"}, "method": "dora"}, r"c\.yaml: method: .*'lora', 'qlora', 'turbo_lora', 'turbo' or 'merge'"),
+    ({"name": "x", "data": {"preset": "viggo"}, "method": "dora"}, r"c\.yaml: method: .*'lora', 'qlora', 'adalora', 'turbo_lora', 'turbo' or 'merge'"),
     ({"name": "x", "data": {"preset": "viggo"}, "lora": {"r": 0}}, r"c\.yaml: lora\.r: "),
     ({"name": "x", "data": {"preset": "viggo", "prompt_template": "no slot"}}, r"c\.yaml: data.*\{prompt\}"),
 ])

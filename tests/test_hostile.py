@@ -299,7 +299,7 @@ def test_a_foreign_host_header_is_refused(http):
 
 @pytest.mark.parametrize("field,value", [
     ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
-    ("tool_choice", "required"), ("response_format", {"type": "json_object"}), ("logit_bias", {"1": 5}),
+    ("tool_choice", "required"), ("guided_json", {"type": "object"}), ("logit_bias", {"1": 5}),
     ("presence_penalty", 0.5), ("frequency_penalty", 0.5), ("top_logprobs", 3),
 ])
 def test_unsupported_chat_fields_are_refused_naming_them(http, field, value):

@@ -66,7 +66,8 @@ def test_the_process_pool_keeps_finetune_retrain_promote_and_rollback(monkeypatc
     on_process = {d["name"]: d for d in DEPLOYMENTS if d["work_pool"]["name"] == PROCESS}
     flows = {name: _flow_of(d["entrypoint"], monkeypatch).name for name, d in on_process.items()}
     assert flows == {"finetune-demo": "finetune", "nightly-retrain": "retrain",
-                     "promote-challenger": "promote", "rollback": "rollback"}
+                     "promote-challenger": "promote", "rollback": "rollback", "merge-adapters": "merge",
+                     "experiment-gate": "experiment-gate"}
     for pool in POOL_TEMPLATES:  # and each container pool has a finetune and a retrain
         assert {_flow_of(d["entrypoint"], monkeypatch).name for d in DEPLOYMENTS
                 if d["work_pool"]["name"] == pool} == {"finetune", "retrain"}

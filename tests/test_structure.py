@@ -31,7 +31,8 @@ GENERATOR_INTERFACE = "lorafleet.serving.generation.interface"
 # What the HTTP layer and the catalogue may import from lorafleet: never the engine or a concrete generator.
 FRONT_ALLOWED = ("lorafleet.serving.api", "lorafleet.serving.catalogue", GENERATOR_INTERFACE,
                  "lorafleet.serving.backend", "lorafleet.serving.settings", "lorafleet.models", "lorafleet.names",
-                 "lorafleet.registry_read")
+                 "lorafleet.registry_read",
+                 "lorafleet.serving.experiments")  # A/B bookkeeping of the front: no generator in it
 
 
 def imported_roots(path: Path) -> set[str]:

@@ -48,6 +48,7 @@ from lorafleet.serving.catalogue.local_adapters import (
     PathNotAllowed,
 )
 from lorafleet.serving.catalogue.model_names import ModelNotFound
+from lorafleet.serving.experiments import ExperimentError
 from lorafleet.serving.generation.interface import ResidentAdapter, TokenGenerator, UnloadNotSupported
 from lorafleet.serving.settings import env_name
 
@@ -175,7 +176,82 @@ async def reload_adapters(request: Request, body: ReloadBody | None = None) -> d
     ]}
 
 
+class ExperimentBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: RegisteredName = Field(description="the registered adapter name whose champion and challenger split")
+    challenger_share: Annotated[float, Field(ge=0.0, le=1.0, strict=True)] = Field(
+        0.1, description="fraction of the NAME requests sent to the challenger")
+
+
+@router.get("/experiments")
+async def list_experiments(request: Request) -> dict[str, Any]:
+    backend = _admin(request)
+    cards = [await _experiment_card(backend, name) for name in backend.experiments.names()]
+    return {"object": "list", "data": [card for card in cards if card is not None]}
+
+
+@router.post("/experiments")
+async def start_experiment(body: ExperimentBody, request: Request) -> dict[str, Any]:
+    """Start an A/B split of NAME between its champion and challenger, or change the share of a running one."""
+    backend = _admin(request)
+    champion = await _call(backend.catalogue.resolve, body.model)
+    if champion.version is None:
+        raise ApiError(400, f"`{body.model}` is served from a local folder: experiments split registry versions "
+                       "(champion and challenger)", param="model")
+    challenger = await _call(backend.catalogue.resolve, f"{body.model}@challenger")
+    if challenger.version == champion.version:
+        raise ApiError(400, f"`{body.model}`'s challenger is its champion (v{champion.version}): register a new "
+                       "version first", param="model", code="nothing_to_compare")
+    backend.experiments.start(body.model, body.challenger_share)
+    return await _experiment_card(backend, body.model)
+
+
+@router.get("/experiments/{name}")
+async def read_experiment(name: str, request: Request) -> dict[str, Any]:
+    backend = _admin(request)
+    card = await _experiment_card(backend, _experiment_name(name))
+    if card is None:
+        raise ApiError(404, f"no experiment is running for {name!r}", param="name", code="experiment_not_found")
+    return card
+
+
+@router.delete("/experiments/{name}")
+async def stop_experiment(name: str, request: Request) -> dict[str, Any]:
+    """End the experiment: NAME goes back to its champion alone; the final statistics are returned."""
+    backend = _admin(request)
+    try:
+        experiment = backend.experiments.stop(_experiment_name(name))
+    except ExperimentError as error:
+        raise ApiError(error.status, str(error), param="name", code="experiment_not_found") from None
+    return {**experiment.as_dict(), "ended": True}
+
+
 # -- helpers ---------------------------------------------------------------------------------------
+
+
+def _experiment_name(name: str) -> str:
+    if not is_registered_name(name):
+        raise ApiError(400, f"name: must be {NAME_RULE}", param="name")
+    return name
+
+
+async def _experiment_card(backend: ServingBackend, name: str) -> dict[str, Any] | None:
+    """An experiment's statistics per arm, with each arm's engine adapter and speculation tau right now."""
+    experiment = backend.experiments.get(name)
+    if experiment is None:
+        return None
+    card = experiment.as_dict()
+    tau = (await asyncio.to_thread(backend.generator.stats)).spec_tau
+    for arm in card["arms"]:
+        try:
+            served = await asyncio.to_thread(backend.catalogue.resolve, f"{name}@{arm}")
+        except Exception as error:  # noqa: BLE001 - a card still shows the counts when an alias is gone
+            card["arms"][arm].update(serving=None, error=f"{type(error).__name__}: {error}")
+            continue
+        card["arms"][arm].update(serving=served.version, adapter=served.adapter,
+                                 spec_tau=tau.get(served.adapter or ""))
+    return card
 
 
 def _admin(request: Request) -> ServingBackend:

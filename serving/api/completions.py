@@ -16,9 +16,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from lorafleet.models.grammar import CompiledGrammar
 from lorafleet.serving.api.text_stream import TextAssembler
 from lorafleet.serving.backend import ServingBackend
 from lorafleet.serving.catalogue.adapters import ServedModel
+from lorafleet.serving.experiments import Assignment
 from lorafleet.serving.generation.interface import (
     GenerationFailed,
     GenerationRequest,
@@ -27,6 +29,8 @@ from lorafleet.serving.generation.interface import (
 )
 
 Kind = Literal["chat", "text"]
+SERVED_BY_HEADER = "x-lorafleet-served-by"
+ARM_HEADER = "x-lorafleet-experiment-arm"
 CLIENT_GONE = 499  # nginx's status for "the client closed the connection", used in metrics only
 
 
@@ -40,6 +44,8 @@ class Job:
     stop: list[str] = field(default_factory=list)
     include_usage: bool = False
     return_token_ids: bool = False
+    assignment: Assignment | None = None  # the A/B arm this request went to (serving/experiments.py)
+    grammar: CompiledGrammar | None = None  # response_format to enforce (models/grammar.py)
     id: str = ""
     created: int = 0
 
@@ -56,6 +62,26 @@ class Job:
     def metrics_model(self) -> str:
         return self.served.name or self.served.id
 
+    @property
+    def served_by(self) -> str:
+        """Which weights answered: `NAME@VERSION` for a registry version, else the served id (base model,
+        local folder) or `merged`."""
+        served = self.served
+        return f"{served.name}@{served.version}" if served.name and served.version is not None \
+            else served.name or served.id
+
+    @property
+    def system_fingerprint(self) -> str:
+        """OpenAI's field for "which backend configuration answered": here, which adapter version."""
+        return f"lorafleet:{self.served_by}"
+
+    def headers(self) -> dict[str, str]:
+        """Response headers naming the version (and the A/B arm) that served this request."""
+        headers = {SERVED_BY_HEADER: self.served_by}
+        if self.assignment is not None:
+            headers[ARM_HEADER] = self.assignment.arm
+        return headers
+
 
 @dataclass
 class Outcome:
@@ -68,7 +94,7 @@ class Outcome:
 
 def start(backend: ServingBackend, job: Job) -> TokenStream:
     request = GenerationRequest(
-        prompt_ids=tuple(job.prompt_ids), params=job.params, adapter=job.served.adapter
+        prompt_ids=tuple(job.prompt_ids), params=job.params, adapter=job.served.adapter, grammar=job.grammar
     )
     return backend.generator.submit(request)
 
@@ -118,6 +144,7 @@ async def complete(
             "object": "chat.completion",
             "created": job.created,
             "model": job.model,
+            "system_fingerprint": job.system_fingerprint,
             "choices": [choice],
         }
     else:
@@ -127,6 +154,7 @@ async def complete(
             "object": "text_completion",
             "created": job.created,
             "model": job.model,
+            "system_fingerprint": job.system_fingerprint,
             "choices": [choice],
         }
     if job.return_token_ids:
@@ -153,7 +181,8 @@ def _chunk(job: Job, delta: str | None, finish_reason: str | None, *, first: boo
     else:
         choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish_reason}
         obj = "text_completion"
-    return {"id": job.id, "object": obj, "created": job.created, "model": job.model, "choices": [choice]}
+    return {"id": job.id, "object": obj, "created": job.created, "model": job.model,
+            "system_fingerprint": job.system_fingerprint, "choices": [choice]}
 
 
 def sse(payload: dict[str, Any] | str) -> str:
@@ -188,6 +217,7 @@ async def stream_events(
                     "object": _chunk(job, None, None)["object"],
                     "created": job.created,
                     "model": job.model,
+                    "system_fingerprint": job.system_fingerprint,
                     "choices": [],
                     "usage": _usage(job, outcome),
                 }

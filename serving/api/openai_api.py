@@ -34,6 +34,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from lorafleet.models.grammar import CompiledGrammar, InvalidGrammar
 from lorafleet.models.prompting import encode_prompt
 from lorafleet.serving.api.auth import caller_of, install_access_control
 from lorafleet.serving.api.body_limit import BodyLimit
@@ -49,11 +50,13 @@ from lorafleet.serving.api.openai_schema import (
     UNSUPPORTED_ERROR,
     ChatCompletionRequest,
     CompletionRequest,
+    Feedback,
     MergedAdapters,
 )
 from lorafleet.serving.backend import ServingBackend
 from lorafleet.serving.catalogue.adapters import AdapterIncompatible, ServedModel, VersionNotAllowed
 from lorafleet.serving.catalogue.model_names import ModelNotFound
+from lorafleet.serving.experiments import Assignment, ExperimentError
 from lorafleet.serving.generation.interface import (
     GenerationFailed,
     GeneratorBusy,
@@ -121,6 +124,19 @@ def create_app(backend: ServingBackend | None = None) -> FastAPI:
     async def completions(body: CompletionRequest, request: Request):
         return await _run(request, "text", body)
 
+    @app.post("/v1/feedback")
+    async def feedback(body: Feedback, request: Request) -> dict[str, Any]:
+        """An online score for a response served in an A/B experiment (its `id`), counted in its arm."""
+        backend = require_backend(request)
+        try:
+            assignment = backend.experiments.feedback(body.id, body.score)
+        except ExperimentError as error:
+            raise ApiError(error.status, str(error), param="id" if error.status != 400 else "score",
+                           code="feedback_rejected") from None
+        if backend.metrics is not None:
+            backend.metrics.observe_feedback(experiment=assignment.experiment, arm=assignment.arm, score=body.score)
+        return {"object": "feedback", "id": body.id, "experiment": assignment.experiment, "arm": assignment.arm}
+
     return app
 
 
@@ -160,13 +176,17 @@ async def _run(request: Request, kind: str, body: ChatCompletionRequest | Comple
     try:
         admin = caller_of(request.scope).admin
         served = await _resolve(backend, body.model, any_version=admin)
+        assignment = None
         if body.merged_adapters is not None:
             served = await _resolve_merge(backend, body.merged_adapters, served, any_version=admin)
+        elif served.name is not None and body.model == served.name:  # the bare NAME: an experiment may route it
+            served, assignment = await _experiment_arm(backend, served, body.user)
         label = served.name or served.id
         pool = request.app.state.prepare_pool
         job = await asyncio.get_running_loop().run_in_executor(
             pool, functools.partial(_prepare, backend, kind, body, served)
         )
+        job.assignment = assignment
         try:
             stream = start(backend, job)
         except GeneratorBusy as error:
@@ -179,17 +199,19 @@ async def _run(request: Request, kind: str, body: ChatCompletionRequest | Comple
             return StreamingResponse(
                 _observed_stream(request, backend, job, stream, outcome, started),
                 media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache"},
+                headers={"Cache-Control": "no-cache", **job.headers()},
             )
         watcher = asyncio.create_task(cancel_on_disconnect(request, stream, outcome))
         try:
             result = await complete(backend, job, stream, outcome)
         except GenerationFailed as error:
+            _observe_arm(backend, job, 500, outcome.completion_tokens, started)
             raise ApiError(500, str(error), code="generation_failed") from None
         finally:
             watcher.cancel()
         _observe(backend, label, endpoint, outcome.status, outcome.completion_tokens, started)
-        return JSONResponse(result)
+        _observe_arm(backend, job, outcome.status, outcome.completion_tokens, started)
+        return JSONResponse(result, headers=job.headers())
     except ApiError as error:
         _observe(backend, label, endpoint, error.status, outcome.completion_tokens, started)
         raise
@@ -207,6 +229,7 @@ async def _observed_stream(
     finally:
         watcher.cancel()
         _observe(backend, job.metrics_model, job.endpoint, outcome.status, outcome.completion_tokens, started)
+        _observe_arm(backend, job, outcome.status, outcome.completion_tokens, started)
 
 
 def _observe(
@@ -229,6 +252,35 @@ async def _resolve(backend: ServingBackend, model: str, *, any_version: bool, pa
         raise ApiError(404, str(error), param=param, code="model_not_found") from None
     except AdapterIncompatible as error:
         raise ApiError(400, str(error), param=param, code="model_incompatible") from None
+
+
+def _observe_arm(backend: ServingBackend, job: Job, status: int, tokens: int, started: float) -> None:
+    """Count a request of an A/B experiment in its arm (statistics for the gate, Prometheus per arm)."""
+    if job.assignment is None:
+        return
+    seconds = time.monotonic() - started
+    backend.experiments.record(job.assignment, response_id=job.id, version=job.served.version, status=status,
+                               tokens=tokens, seconds=seconds)
+    if backend.metrics is not None:
+        backend.metrics.observe_arm(experiment=job.assignment.experiment, arm=job.assignment.arm,
+                                    version=job.served.version, status=status, tokens=tokens, seconds=seconds)
+
+
+async def _experiment_arm(backend: ServingBackend, champion: ServedModel,
+                          user: str | None) -> tuple[ServedModel, Assignment | None]:
+    """The arm of a running experiment for this request, resolved to its version; no experiment: unchanged.
+
+    A challenger that cannot be served any more (its alias removed since the experiment started) sends the
+    request to the champion, counted there: the experiment must not fail requests."""
+    assignment = backend.experiments.assign(champion.name or "", user)
+    if assignment is None or assignment.arm == "champion":
+        return champion, assignment
+    try:
+        return await _resolve(backend, f"{champion.name}@challenger", any_version=False), assignment
+    except ApiError as error:
+        log.warning("experiment %s: the challenger cannot be served (%s); answering with the champion",
+                    champion.name, error.message)
+        return champion, replace(assignment, arm="champion")
 
 
 MERGED_LABEL = "merged"  # metrics label of every per-request merge: recipes are client-chosen, labels bounded
@@ -284,7 +336,19 @@ def _prepare(
         stop=body.stop_strings(),
         include_usage=body.include_usage_chunk(),
         return_token_ids=body.return_token_ids,
+        grammar=_grammar(backend, body),
     )
+
+
+def _grammar(backend: ServingBackend, body: ChatCompletionRequest | CompletionRequest) -> CompiledGrammar | None:
+    """The request's response_format compiled (cached per schema); a 400 naming the field when it cannot be."""
+    response_format = body.constrained_format()
+    if response_format is None:
+        return None
+    try:
+        return backend.grammar_compiler().compile(response_format)
+    except InvalidGrammar as error:
+        raise ApiError(400, str(error), param="response_format", code="invalid_response_format") from None
 
 
 def _chat_prompt(backend: ServingBackend, body: ChatCompletionRequest, served: ServedModel) -> list[int]:

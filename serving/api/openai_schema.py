@@ -6,7 +6,7 @@ Three kinds of field:
   are strict (no `true`, `1.5` or `"5"`), floats are finite, `seed` fits the 64-bit range a torch
   generator accepts. Limits that depend on the server (`max_tokens` against the context and
   `max_tokens_limit`, token ids against the vocabulary) are checked by the API, which knows them.
-- **Refused** fields are features lorafleet does not implement (tools, structured output, logprobs,
+- **Refused** fields are features lorafleet does not implement (tools, vLLM's guided_* fields, logprobs,
   penalties, `n > 1`, ...). `UNSUPPORTED` lists them, each with its reason: a request that sets one to
   a value that changes the answer is refused with HTTP 400 naming it (`code: unsupported_parameter`),
   never answered as if it had not been asked. Values that change nothing (`tools: []`, penalties 0,
@@ -34,6 +34,7 @@ from lorafleet.models.merging import MAX_MERGED, MergeMethod, MergeRecipe, SignM
 from lorafleet.models.sampling_rules import SEED_MAX, SEED_MIN, TEMPERATURE_MAX
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
+MAX_USER_LENGTH = 1024  # `user` is hashed for A/B stickiness; a bounded id, not a document
 
 Temperature = Annotated[float, Field(ge=0.0, le=TEMPERATURE_MAX, strict=True, allow_inf_nan=False)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0, strict=True, allow_inf_nan=False)]
@@ -80,7 +81,7 @@ class Unsupported:
 
 
 _TOOLS = "tool and function calling is not implemented"
-_FORMAT = "structured output is not implemented: the model answers in plain text"
+_FORMAT = "use response_format (json_object or json_schema) for structured output"
 _LOGPROBS = "log-probabilities are not returned"
 _PENALTY = "repetition penalties are not implemented"
 
@@ -100,7 +101,6 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "parallel_tool_calls": Unsupported(_TOOLS, _absent_or(True), "true"),
     "functions": Unsupported(_TOOLS, _absent_or([]), "[]"),
     "function_call": Unsupported(_TOOLS, _absent_or("none", "auto"), '"none" or "auto"'),
-    "response_format": Unsupported(_FORMAT, _absent_or({"type": "text"}), '{"type": "text"}'),
     "modalities": Unsupported("only text output is generated", _absent_or(["text"]), '["text"]'),
     "audio": Unsupported("only text output is generated", _absent_or(), "null"),
     "prediction": Unsupported("predicted outputs are not implemented", _absent_or(), "null"),
@@ -220,6 +220,24 @@ class _Common(BaseModel):
     seed: Seed | None = None
     return_token_ids: StrictBool = False
     merged_adapters: MergedAdapters | None = None
+    # OpenAI's end-user id: an A/B experiment keeps each user on one arm (serving/experiments.py).
+    user: Annotated[str, Field(strict=True, max_length=MAX_USER_LENGTH)] | None = None
+    # {"type": "text" | "json_object" | "json_schema", "json_schema": {...}}: the schema itself is checked by
+    # the grammar compiler (models/grammar.py), which names the field at fault.
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _known_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and value.get("type") not in ("text", "json_object", "json_schema"):
+            raise ValueError("type must be 'text', 'json_object' or 'json_schema'")
+        return value
+
+    def constrained_format(self) -> dict[str, Any] | None:
+        """The response format to enforce, or None for plain text."""
+        if self.response_format is None or self.response_format.get("type") == "text":
+            return None
+        return self.response_format
 
     @model_validator(mode="before")
     @classmethod
@@ -271,3 +289,12 @@ class CompletionRequest(_Common):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+
+class Feedback(BaseModel):
+    """`POST /v1/feedback`: a score for one response (its `id`) of an A/B experiment (the online metric)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=128)
+    score: Annotated[float, Field(strict=True, allow_inf_nan=False)]

@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 import torch
 
+from lorafleet.models.grammar import GrammarMatcher, apply_masks, grammar_bitmask
 from lorafleet.models.sampling_rules import TOKEN_ID_MAX, InvalidRequest, cut_at_stop
 from lorafleet.models.speculative import verify
 from lorafleet.models.thread_tuning import ThreadTuner
@@ -104,6 +105,7 @@ class _Live:
     slot: int = 0  # LoRA slot (0 = base); valid while pinned
     pinned: bool = False
     drafts: list[int] = field(default_factory=list)
+    grammar: GrammarMatcher | None = None  # structured output: what the output may be (models/grammar.py)
 
 
 class Engine:
@@ -146,13 +148,19 @@ class Engine:
         self._live: dict[str, _Live] = {}
         self._seeds = itertools.count(1)
         self._unresolvable: dict[str, str] = {}  # request id -> why its adapter name no longer resolves
+        self._bitmasks: dict[int, torch.Tensor] = {}  # grammar mask buffers by (rows, width), reused per step
 
     # ----- the API ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                    adapter: str | None = None) -> None:
+                    adapter: str | None = None, grammar: GrammarMatcher | None = None) -> None:
         """Queue a request, all or nothing: every check runs and every object that can fail (the
         sequence, the RNG, the adapter lookup) is built before any state changes, so a refused request
-        (InvalidRequest, QueueFull, AdapterNotFound) leaves the engine exactly as it was."""
+        (InvalidRequest, QueueFull, AdapterNotFound) leaves the engine exactly as it was.
+
+        `grammar` (a fresh matcher of a compiled response format) constrains every token the request
+        samples, drafts included: its Turbo drafts are cut where the grammar stops accepting them, and
+        verification compares them with the target's masked choices, so constrained output is the same
+        with and without speculation."""
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id must be a non-empty string, got {type(request_id).__name__}")
         if request_id in self._live:
@@ -175,7 +183,7 @@ class Engine:
             self.adapters.request(adapter)  # AdapterNotFound now; otherwise starts loading on a miss
         # State changes from here on; nothing below refuses a request the checks above accepted.
         self.scheduler.add(seq)
-        self._live[request_id] = _Live(seq=seq, generator=generator)
+        self._live[request_id] = _Live(seq=seq, generator=generator, grammar=grammar)
         key = adapter or ""
         self.stats.requests_by_adapter[key] = self.stats.requests_by_adapter.get(key, 0) + 1
 
@@ -444,8 +452,10 @@ class Engine:
             raise NonFiniteValues(f"{self._what(seq)} produced non-finite values (NaN or Inf) for this request")
         k = seq.lookahead
         drafts = live.drafts[:k]
+        if live.grammar is not None:  # only the draft prefix the grammar accepts can be verified
+            logits, targets, drafts = self._constrain(live.grammar, logits, drafts)
         if live.generator is None:
-            accepted = next((j for j in range(k) if targets[j] != drafts[j]), k)
+            accepted = next((j for j in range(len(drafts)) if targets[j] != drafts[j]), len(drafts))
             emitted = targets[: accepted + 1]
         else:
             result = verify(torch.tensor([drafts], dtype=torch.long, device=self.device), logits.unsqueeze(0),
@@ -460,9 +470,22 @@ class Engine:
             self.stats.spec_tau_by_adapter[seq.adapter or ""] = self.policy.tau(seq.adapter)
         seq.num_computed += item.num_tokens + accepted  # x and the accepted drafts are in the cache
         output = self._emit(live, emitted)
+        if live.grammar is not None:
+            for token in output.new_token_ids:  # sampled under the masks: the grammar must take each one
+                if not live.grammar.accept(token):
+                    raise RuntimeError(f"the grammar refused token {token}, sampled under its own mask")
         if not output.finished:
             self.scheduler.after_step(seq, seq.num_computed)  # rolls back blocks past rejected drafts
         return output, accepted
+
+    def _constrain(self, grammar: GrammarMatcher, logits: torch.Tensor,
+                   drafts: list[int]) -> tuple[torch.Tensor, list[int], list[int]]:
+        """Mask a row's (k+1, V) logits with the grammar at each draft position; the draft prefix the
+        grammar accepts (n tokens) keeps n+1 masked rows and their greedy targets."""
+        bitmask = grammar_bitmask(self._bitmasks, len(drafts) + 1, grammar)
+        valid = grammar.fill_draft_masks(drafts, bitmask, 0)
+        masked = apply_masks(logits[: valid + 1].clone(), bitmask[: valid + 1])  # (n+1, V)
+        return masked, masked.argmax(dim=-1).tolist(), drafts[:valid]
 
     def _emit(self, live: _Live, tokens: list[int]) -> RequestOutput:
         """Append `tokens` up to the request's budget and first stop token; finish it if done."""
@@ -488,7 +511,10 @@ class Engine:
             return {}
         drafts, failures = draft_rows(states, [heads for _, heads in owners], self.model.logits, self.dtype)
         for (live, _), chain in zip(owners, drafts):
-            live.drafts = chain or []
+            chain = chain or []
+            if live.grammar is not None and chain:  # a draft the grammar refuses would only be rejected
+                chain = chain[: live.grammar.accepts_prefix(chain)]
+            live.drafts = chain
         return {owners[i][0].seq.request_id: f"the Turbo heads of {self._what(owners[i][0].seq)} failed: "
                                              f"{describe(error)}" for i, error in failures.items()}
 

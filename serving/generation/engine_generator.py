@@ -137,7 +137,8 @@ class EngineGenerator:
         request_id = f"req-{next(self._ids)}"
         with self._lock:
             try:
-                self.engine.add_request(request_id, list(request.prompt_ids), params, request.adapter)
+                self.engine.add_request(request_id, list(request.prompt_ids), params, request.adapter,
+                                        grammar=request.grammar.matcher() if request.grammar is not None else None)
             except QueueFull as error:
                 raise GeneratorBusy(f"{self.engine.num_waiting()} requests are waiting: {error}") from error
             except (TypeError, ValueError) as error:  # AdapterNotFound (a LookupError) passes through: 404
@@ -234,7 +235,8 @@ class EngineGenerator:
         with self._lock:
             return GeneratorStats(backend="engine", adapter_slots=self.cache.slots.num_slots,
                                   capacity_tokens=self.engine.scheduler.capacity_tokens,
-                                  waiting=self.engine.num_waiting(), running=self.engine.num_running())
+                                  waiting=self.engine.num_waiting(), running=self.engine.num_running(),
+                                  spec_tau=dict(self.engine.stats.spec_tau_by_adapter))
 
     def _resolve(self, name: str) -> ResolvedAdapter:
         plan = self._merges.get(name)

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from lorafleet.models.grammar import CompiledGrammar
 from lorafleet.models.merging import MergeRecipe
 from lorafleet.models.sampling_rules import (
     TEMPERATURE_MAX,
@@ -102,6 +103,7 @@ class GenerationRequest:
     prompt_ids: tuple[int, ...]
     params: SamplingParams
     adapter: str | None = None  # a name given to `TokenGenerator.load`; None = the bare base model
+    grammar: CompiledGrammar | None = None  # structured output (`response_format`), compiled by the API
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -198,6 +200,8 @@ class GeneratorStats:
     capacity_tokens: int | None  # prompt + completion tokens one request can ever hold; None: the model's limit
     waiting: int  # requests queued, not yet running
     running: int  # requests generating now
+    # The speculation policy's running tau per adapter name ("" = base); empty when the generator has none.
+    spec_tau: dict[str, float] = field(default_factory=dict)
 
 
 class AdapterLoader(Protocol):

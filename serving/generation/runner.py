@@ -221,6 +221,9 @@ class GenerationRunner:
 
         if request.adapter is not None and request.adapter not in self._adapters:
             raise UnknownAdapter(f"adapter {request.adapter!r} is not loaded (loaded: {sorted(self._adapters)})")
+        if request.grammar is not None:
+            raise RequestRejected("structured output (response_format json_object / json_schema) needs the engine "
+                                  "backend", param="response_format")
         stream = TokenStream(loop=asyncio.get_running_loop())
         row = _Row(
             request=request,
