@@ -1,7 +1,8 @@
 """`bench structured`: what a JSON schema costs and buys on the engine, for the base model and an adapter.
 
 The schema is derived from the task's own training answers (`schema_from_answers`: one object shape per
-key set seen, each key typed by the JSON types seen, no other keys), which is the schema a team would
+key set seen, each key typed by the JSON types seen, strings no longer than the longest seen, no other
+keys), which is the schema a team would
 write for its extraction task. On the same test rows, in one process, it reports per variant (base /
 adapter, without / with the schema): parse rate, field F1, and tokens/s of batched scoring on the engine;
 then batch-1 greedy decoding of the adapter without and with the schema (ms per token: the mask's cost per
@@ -34,18 +35,30 @@ def schema_from_answers(answers: Sequence[str]) -> dict[str, Any]:
     """A JSON schema every answer satisfies: `anyOf` one closed object shape per distinct key set."""
     # Keyed by the key set; properties keep the order the answers write them in, because the grammar makes
     # the model write them in declared order (sorted keys would force an order the adapter never learned).
+    # Strings are bounded by the longest value seen for their key: a schema states the field's range, and a
+    # model that does not know the task (the base) would otherwise fill a free string until max_tokens.
     shapes: dict[frozenset[str], dict[str, set[str]]] = {}
+    longest: dict[tuple[frozenset[str], str], int] = {}
     for answer in answers:
         value = json.loads(answer)
         if not isinstance(value, dict):
             raise ValueError("schema_from_answers: every answer must be a JSON object")  # noqa: TRY004 - bad data
-        types = shapes.setdefault(frozenset(value), {})
+        shape = frozenset(value)
+        types = shapes.setdefault(shape, {})
         for key, item in value.items():
             types.setdefault(key, set()).add(next(name for kind, name in _JSON_TYPES if isinstance(item, kind)))
+            if isinstance(item, str):
+                longest[(shape, key)] = max(longest.get((shape, key), 0), len(item))
+
+    def field(shape: frozenset[str], key: str, kinds: set[str]) -> dict[str, Any]:
+        spec: dict[str, Any] = {"type": min(kinds) if len(kinds) == 1 else sorted(kinds)}
+        if (shape, key) in longest:
+            spec["maxLength"] = longest[(shape, key)]
+        return spec
+
     variants = [{"type": "object", "additionalProperties": False, "required": list(types),
-                 "properties": {key: {"type": min(kinds) if len(kinds) == 1 else sorted(kinds)}
-                                for key, kinds in types.items()}}
-                for types in shapes.values()]
+                 "properties": {key: field(shape, key, kinds) for key, kinds in types.items()}}
+                for shape, types in shapes.items()]
     return variants[0] if len(variants) == 1 else {"anyOf": variants}
 
 

@@ -430,17 +430,21 @@ def bench_merge(
     max_tokens: Annotated[int, typer.Option(min=1, help="greedy tokens per completion")] = 32,
     rounds: Annotated[int, typer.Option(min=1, help="interleaved rounds (medians reported)")] = 3,
     base_model: Annotated[str, typer.Option(help="base model (without --url)")] = "smollm2-135m-instruct",
-    url: Annotated[str | None, typer.Option(help="a running server serving bench-000 and bench-001")] = None,
+    url: Annotated[str | None, typer.Option(help="a running server serving the two adapters")] = None,
+    adapters: Annotated[str | None, typer.Option(help="A,B: two registered adapters of one rank (default: random "
+                                                      "bench-000,bench-001)")] = None,
 ) -> None:
     """Per-request merges (linear, ties) vs one adapter on one server: tokens/s, first-request latency."""
     from lorafleet.flows.merge_bench import merge_bench
 
+    names = [name.strip() for name in adapters.split(",") if name.strip()] if adapters else None
     try:
         report = merge_bench(_settings(), url=url, base_model=base_model, requests=requests, clients=clients,
-                             max_tokens=max_tokens, rounds=rounds, console=console)
+                             max_tokens=max_tokens, rounds=rounds, adapters=names, console=console)
     except (ValueError, LookupError, httpx.HTTPError) as error:
         _fail(str(error))
-    console.print_json(data={key: report[key] for key in ("tokens_per_s", "ratio_to_single", "first_request_ms")})
+    console.print_json(data={key: report[key] for key in ("tokens_per_s", "ratio_to_single", "mean_completion_tokens",
+                                                           "first_request_ms")})
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(report, indent=2))
     console.print(f"wrote {json_out}")

@@ -183,6 +183,7 @@ def test_schema_from_answers_keeps_the_answers_key_order_and_shapes():
     person, order = schema["anyOf"]
     assert list(person["properties"]) == ["type", "name", "age"]  # written order, not sorted
     assert person["properties"]["age"]["type"] == ["integer", "null"]
+    assert person["properties"]["name"] == {"type": "string", "maxLength": 3}  # the longest name seen
     assert order["required"] == ["type", "item", "total"] and order["additionalProperties"] is False
     for answer in answers:
         jsonschema.validate(json.loads(answer), schema)
