@@ -445,9 +445,7 @@ def bench_merge(
         _fail(str(error))
     console.print_json(data={key: report[key] for key in ("tokens_per_s", "ratio_to_single", "mean_completion_tokens",
                                                            "first_request_ms")})
-    json_out.parent.mkdir(parents=True, exist_ok=True)
-    json_out.write_text(json.dumps(report, indent=2))
-    console.print(f"wrote {json_out}")
+    _write_json(report, json_out)
 
 
 @bench_app.command("structured")
@@ -488,9 +486,7 @@ def bench_experiment(
     except (ValueError, LookupError, httpx.HTTPError) as error:
         _fail(str(error))
     console.print_json(data=report)
-    json_out.parent.mkdir(parents=True, exist_ok=True)
-    json_out.write_text(json.dumps(report, indent=2))
-    console.print(f"wrote {json_out}")
+    _write_json(report, json_out)
 
 
 @bench_app.command("scoring")
@@ -590,6 +586,13 @@ def bench_serving(
         _fail(f"{url}: {error}")
     print_serving(report, console)
     write_json(report, json_out, console)
+
+
+def _write_json(report: dict, path: Path) -> None:
+    """A bench report that is a plain dict (the others have `to_dict`: flows/bench.write_json)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+    console.print(f"wrote {path}")
 
 
 def _fmt(value: float | None) -> str:

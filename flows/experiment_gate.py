@@ -70,7 +70,7 @@ def experiment_gate(name: str, servers: list[str], min_samples: int = 100, alpha
     logger.info("experiment %s: %s; %s", name, action, "; ".join(reasons))
     return {"name": name, "action": action, "promoted": promoted, "reasons": reasons,
             "p_value": decision.p_value, "latency_ratio": decision.latency_ratio,
-            "arms": {arm: vars(numbers) for arm, numbers in arms.items()}}
+            "arms": {arm: numbers.as_dict() for arm, numbers in arms.items()}}
 
 
 def _fmt(value: float | None) -> str:

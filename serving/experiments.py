@@ -27,8 +27,10 @@ import random
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from lorafleet.experiment_arms import ArmSums
 
 Arm = Literal["champion", "challenger"]
 ARMS: tuple[Arm, ...] = ("champion", "challenger")
@@ -45,42 +47,12 @@ class ExperimentError(ValueError):
 
 
 @dataclass
-class ArmStats:
-    """Sufficient statistics of one arm (sums, so replicas' arms add up)."""
-
-    version: int | None = None  # the registry version that served this arm most recently
-    requests: int = 0
-    errors: int = 0  # answered with a status >= 500
-    tokens: int = 0
-    seconds: float = 0.0  # wall time of successful requests
-    # Latency as seconds per generated token of each successful request (n, sum, sum of squares).
-    latency_n: int = 0
-    latency_sum: float = 0.0
-    latency_sumsq: float = 0.0
-    feedback_n: int = 0
-    feedback_sum: float = 0.0
-    feedback_sumsq: float = 0.0
-
-    @property
-    def seconds_per_token(self) -> float | None:
-        """Mean over requests of each request's seconds per token."""
-        return self.latency_sum / self.latency_n if self.latency_n else None
-
-    @property
-    def feedback_mean(self) -> float | None:
-        return self.feedback_sum / self.feedback_n if self.feedback_n else None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "seconds_per_token": self.seconds_per_token, "feedback_mean": self.feedback_mean}
-
-
-@dataclass
 class Experiment:
     name: str
     challenger_share: float
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     started_at: float = field(default_factory=time.time)
-    arms: dict[str, ArmStats] = field(default_factory=lambda: {arm: ArmStats() for arm in ARMS})
+    arms: dict[str, ArmSums] = field(default_factory=lambda: {arm: ArmSums() for arm in ARMS})
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "id": self.id, "challenger_share": self.challenger_share,
@@ -204,12 +176,12 @@ class ExperimentBook:
             self._responses[response_id] = None  # scored: kept so a second score is a 409, not a 404
             return assignment
 
-    def _arm(self, assignment: Assignment) -> ArmStats | None:
+    def _arm(self, assignment: Assignment) -> ArmSums | None:
         experiment = self._experiments.get(assignment.experiment)
         if experiment is None or experiment.id != assignment.experiment_id:
             return None
         return experiment.arms[assignment.arm]
 
 
-def _copy_arms(arms: dict[str, ArmStats]) -> dict[str, ArmStats]:
-    return {arm: ArmStats(**asdict(stats)) for arm, stats in arms.items()}
+def _copy_arms(arms: dict[str, ArmSums]) -> dict[str, ArmSums]:
+    return {arm: ArmSums.from_dict(stats.as_dict()) for arm, stats in arms.items()}

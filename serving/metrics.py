@@ -76,6 +76,7 @@ EXPERIMENT_REQUESTS = "lorafleet_experiment_requests"
 EXPERIMENT_TOKENS = "lorafleet_experiment_generated_tokens"
 EXPERIMENT_SECONDS = "lorafleet_experiment_request_duration_seconds"
 EXPERIMENT_FEEDBACK = "lorafleet_experiment_feedback_score"
+EXPERIMENT_SPEC_TAU = "lorafleet_experiment_spec_decode_tau"  # the arm's adapter's running tau
 
 BASE_LABEL = "base"  # the `adapter` label of requests on the bare base model (served adapters are NAME-vN)
 _GAUGE_MODE = "livemostrecent"
@@ -126,6 +127,10 @@ class ServingMetrics:
         self.experiment_feedback = Summary(EXPERIMENT_FEEDBACK, "online scores posted to /v1/feedback, by arm "
                                            "(_sum / _count is the arm's mean)", ["experiment", "arm"],
                                            registry=registry)
+        self.experiment_spec_tau = gauge(EXPERIMENT_SPEC_TAU, "the speculation policy's running tau of the adapter "
+                                         "serving each A/B arm (1 + accepted drafts per verification)",
+                                         ("experiment", "arm"))
+        self._arm_of_adapter: dict[str, tuple[str, str]] = {}  # engine adapter -> (experiment, arm) serving it
         self.batch_size = histogram(BATCH_SIZE, "requests per generation batch (engine: per step)",
                                     (1, 2, 4, 8, 16, 32, 64))
         self.spec_drafts = counter(SPEC_DRAFTS, "speculative verification steps (per row)")
@@ -196,7 +201,9 @@ class ServingMetrics:
         self.request_seconds.labels(endpoint=endpoint).observe(seconds)
 
     def observe_arm(self, *, experiment: str, arm: str, version: int | None, status: int, tokens: int,
-                    seconds: float) -> None:
+                    seconds: float, adapter: str | None = None) -> None:
+        if adapter is not None:  # the engine reports tau by adapter: remember which arm this one serves
+            self._arm_of_adapter[adapter] = (experiment, arm)
         self.experiment_requests.labels(experiment=experiment, arm=arm, version=str(version or ""),
                                         status=str(status)).inc()
         if tokens:
@@ -276,6 +283,9 @@ class ServingMetrics:
         self._decisions_last = decisions
         for adapter, tau in dict(stats.spec_tau_by_adapter).items():
             self.spec_tau.labels(adapter=adapter or BASE_LABEL).set(tau)
+            arm = self._arm_of_adapter.get(adapter)
+            if arm is not None:
+                self.experiment_spec_tau.labels(experiment=arm[0], arm=arm[1]).set(tau)
 
     def _observe_requests(self, report: Any) -> None:
         for seconds in report.ttft_s:

@@ -16,7 +16,8 @@ from typing import Any
 import httpx
 from mlflow import MlflowClient
 
-from lorafleet.tasks.experiment_decision import ArmNumbers, OnlineDecision, arm_numbers
+from lorafleet.experiment_arms import ArmSums
+from lorafleet.tasks.experiment_decision import OnlineDecision
 
 ADMIN_KEY_ENV = "LORAFLEET_ADMIN_KEY"  # the gate's bearer token for the servers' /admin endpoints
 ARMS = ("champion", "challenger")
@@ -32,14 +33,14 @@ def _headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
-def read_arms(servers: Sequence[str], name: str) -> dict[str, ArmNumbers]:
+def read_arms(servers: Sequence[str], name: str) -> dict[str, ArmSums]:
     """Each arm summed over `servers`; raises ExperimentUnavailable naming the server that failed."""
-    totals: dict[str, ArmNumbers] = {}
+    totals: dict[str, ArmSums] = {}
     versions: dict[str, set[int]] = {arm: set() for arm in ARMS}
     for server in servers:
         card = _call("GET", server, f"/admin/experiments/{name}")
         for arm in ARMS:
-            numbers = arm_numbers(card["arms"][arm])
+            numbers = ArmSums.from_dict(card["arms"][arm])
             if numbers.version is not None:
                 versions[arm].add(numbers.version)
             totals[arm] = totals[arm] + numbers if arm in totals else numbers
@@ -63,7 +64,7 @@ def end_experiment(servers: Sequence[str], name: str, *, reload: bool) -> list[s
     return problems
 
 
-def log_online_summary(client: MlflowClient, run_id: str, arms: dict[str, ArmNumbers],
+def log_online_summary(client: MlflowClient, run_id: str, arms: dict[str, ArmSums],
                        decision: OnlineDecision) -> None:
     """Per-arm figures as metrics of the challenger's run, one step per gate reading (seconds since epoch)."""
     from lorafleet.tasks.tracking import RunLogger

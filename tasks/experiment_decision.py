@@ -23,6 +23,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from lorafleet.experiment_arms import ArmSums
+
 Action = Literal["promote", "end", "continue"]
 
 
@@ -39,42 +41,6 @@ class OnlineGateSettings(BaseModel):
 
 
 @dataclass(frozen=True)
-class ArmNumbers:
-    """One arm's sums, as `serving/experiments.ArmStats` reports them (summed over replicas)."""
-
-    version: int | None
-    requests: int = 0
-    errors: int = 0
-    feedback_n: int = 0
-    feedback_sum: float = 0.0
-    feedback_sumsq: float = 0.0
-    latency_n: int = 0
-    latency_sum: float = 0.0
-    latency_sumsq: float = 0.0
-
-    @property
-    def feedback_mean(self) -> float | None:
-        return self.feedback_sum / self.feedback_n if self.feedback_n else None
-
-    @property
-    def feedback_var(self) -> float | None:
-        return _variance(self.feedback_n, self.feedback_sum, self.feedback_sumsq)
-
-    @property
-    def seconds_per_token(self) -> float | None:
-        return self.latency_sum / self.latency_n if self.latency_n else None
-
-    def __add__(self, other: ArmNumbers) -> ArmNumbers:
-        """Two replicas' counts of the same arm."""
-        return ArmNumbers(version=self.version if self.version is not None else other.version,
-                          **{name: getattr(self, name) + getattr(other, name) for name in _SUMS})
-
-
-_SUMS = ("requests", "errors", "feedback_n", "feedback_sum", "feedback_sumsq", "latency_n", "latency_sum",
-         "latency_sumsq")
-
-
-@dataclass(frozen=True)
 class OnlineDecision:
     action: Action
     reasons: list[str] = field(default_factory=list)
@@ -83,12 +49,7 @@ class OnlineDecision:
     latency_ratio: float | None = None  # challenger / champion mean seconds per token
 
 
-def arm_numbers(stats: dict) -> ArmNumbers:
-    """An arm as the admin API's JSON gives it."""
-    return ArmNumbers(version=stats.get("version"), **{name: stats.get(name, 0) for name in _SUMS})
-
-
-def decide(champion: ArmNumbers, challenger: ArmNumbers, settings: OnlineGateSettings) -> OnlineDecision:
+def decide(champion: ArmSums, challenger: ArmSums, settings: OnlineGateSettings) -> OnlineDecision:
     """Apply the rule in the module docstring."""
     counts = f"feedback n = {champion.feedback_n} (champion) / {challenger.feedback_n} (challenger)"
     if min(champion.feedback_n, challenger.feedback_n) < settings.min_samples:
@@ -116,7 +77,7 @@ def decide(champion: ArmNumbers, challenger: ArmNumbers, settings: OnlineGateSet
     return OnlineDecision("continue", [counts, means, "not significant yet"], **decided)
 
 
-def welch_p_greater(a: ArmNumbers, b: ArmNumbers) -> float:
+def welch_p_greater(a: ArmSums, b: ArmSums) -> float:
     """One-sided p-value of Welch's t-test for mean(a) > mean(b) (scipy's, from the sums)."""
     from scipy.stats import ttest_ind_from_stats
 
@@ -126,9 +87,3 @@ def welch_p_greater(a: ArmNumbers, b: ArmNumbers) -> float:
     result = ttest_ind_from_stats(a.feedback_mean, math.sqrt(var_a), a.feedback_n, b.feedback_mean,
                                   math.sqrt(var_b), b.feedback_n, equal_var=False, alternative="greater")
     return float(result.pvalue)
-
-
-def _variance(n: int, total: float, total_sq: float) -> float | None:
-    if n < 2:
-        return None
-    return max((total_sq - total * total / n) / (n - 1), 0.0)

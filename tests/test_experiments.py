@@ -6,8 +6,9 @@ import random
 
 import pytest
 
+from lorafleet.experiment_arms import ArmSums
 from lorafleet.serving.experiments import ExperimentBook, ExperimentError
-from lorafleet.tasks.experiment_decision import ArmNumbers, OnlineGateSettings, arm_numbers, decide
+from lorafleet.tasks.experiment_decision import OnlineGateSettings, decide
 
 
 def test_split_matches_the_share_over_10000_requests():
@@ -72,8 +73,8 @@ def test_feedback_for_an_ended_experiment_and_forgotten_ids_is_refused():
         book.start("viggo", 1.5)
 
 
-def arm(version: int, scores: list[float], seconds_per_token: float = 0.02) -> ArmNumbers:
-    return ArmNumbers(version=version, requests=len(scores), feedback_n=len(scores), feedback_sum=sum(scores),
+def arm(version: int, scores: list[float], seconds_per_token: float = 0.02) -> ArmSums:
+    return ArmSums(version=version, requests=len(scores), feedback_n=len(scores), feedback_sum=sum(scores),
                       feedback_sumsq=sum(s * s for s in scores), latency_n=len(scores),
                       latency_sum=seconds_per_token * len(scores),
                       latency_sumsq=seconds_per_token ** 2 * len(scores))
@@ -111,4 +112,4 @@ def test_replicas_add_up_to_one_arm():
     a, b = arm(2, scores(0.6, 50, 1)), arm(2, scores(0.6, 70, 2))
     total = a + b
     assert total.feedback_n == 120 and total.feedback_sum == pytest.approx(a.feedback_sum + b.feedback_sum)
-    assert arm_numbers({"version": 2, "feedback_n": 3, "feedback_sum": 1.5, "extra": 1}).feedback_mean == 0.5
+    assert ArmSums.from_dict({"version": 2, "feedback_n": 3, "feedback_sum": 1.5, "extra": 1}).feedback_mean == 0.5

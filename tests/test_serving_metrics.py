@@ -241,6 +241,19 @@ def test_speculative_metrics_with_a_turbo_adapter(serve):
     assert served.value("lorafleet_generation_tokens_total", adapter="turbo") == 40
 
 
+def test_an_ab_arms_speculation_tau_is_published_per_arm(serve):
+    """Per-arm speculative acceptance: the arm's adapter's running tau, under the experiment's labels."""
+    served = serve(["turbo"], speculation="on")
+    served.metrics.observe_arm(experiment="turbo", arm="challenger", version=2, status=200, tokens=3, seconds=0.1,
+                               adapter="turbo")
+    asyncio.run(served.generate("turbo", PROMPTS[0], 20))
+    tau = served.generator.engine.stats.spec_tau_by_adapter["turbo"]
+    assert served.value("lorafleet_experiment_spec_decode_tau", experiment="turbo", arm="challenger") == \
+        pytest.approx(tau) and tau >= 1.0
+    assert served.value("lorafleet_experiment_requests_total", experiment="turbo", arm="challenger", version="2",
+                        status="200") == 1
+
+
 def test_prefix_cache_queries_and_hits_are_counted_in_tokens(serve):
     served = serve(["a0"], block_size=4)
     prompt = tuple(range(10, 30))  # 20 tokens: 4 full blocks can be reused (one token is always fed)

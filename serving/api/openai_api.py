@@ -263,7 +263,8 @@ def _observe_arm(backend: ServingBackend, job: Job, status: int, tokens: int, st
                                tokens=tokens, seconds=seconds)
     if backend.metrics is not None:
         backend.metrics.observe_arm(experiment=job.assignment.experiment, arm=job.assignment.arm,
-                                    version=job.served.version, status=status, tokens=tokens, seconds=seconds)
+                                    version=job.served.version, status=status, tokens=tokens, seconds=seconds,
+                                    adapter=job.served.adapter)
 
 
 async def _experiment_arm(backend: ServingBackend, champion: ServedModel,
