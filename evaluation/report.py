@@ -15,6 +15,8 @@ from typing import Literal
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from lorafleet.models.lora_weights import LORA_MODULES
+
 Row = tuple[str, Mapping[str, float]]
 Direction = Literal["higher", "lower", "none"]
 
@@ -25,8 +27,6 @@ _LOWER_WORDS = frozenset({"loss", "latency", "ms", "seconds", "time", "runtime",
 _NEUTRAL_WORDS = frozenset({"n", "count", "params", "parameters", "examples", "requests", "step", "epoch"})
 _NEUTRAL_NAMES = frozenset({"mean_new_tokens", "generated_tokens"})
 _LAYER = re.compile(r"layers\.(\d+)\.")
-# a Llama block's projections in the order they run: the rank heatmap's columns
-_MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def column_direction(name: str) -> Direction:
@@ -171,7 +171,7 @@ def rank_grid(rank_pattern: Mapping[str, int]) -> tuple[list[str], list[str], li
     layers = sorted({layer for layer, _ in cells},
                     key=lambda x: (not x.isdigit(), int(x) if x.isdigit() else 0, x))
     modules = sorted({module for _, module in cells},
-                     key=lambda m: (_MODULE_ORDER.index(m) if m in _MODULE_ORDER else len(_MODULE_ORDER), m))
+                     key=lambda m: (LORA_MODULES.index(m) if m in LORA_MODULES else len(LORA_MODULES), m))
     return layers, modules, [[cells.get((layer, module)) for module in modules] for layer in layers]
 
 

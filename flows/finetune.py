@@ -25,6 +25,7 @@ from lorafleet.config import FinetuneConfig, load_config, parse_config
 from lorafleet.settings import Settings
 from lorafleet.tasks import device_slots, locks, steps, tracking
 from lorafleet.tasks.device_slots import SlotSettings
+from lorafleet.tasks.merge import pin_parents
 from lorafleet.tasks.train import training_key
 
 
@@ -70,6 +71,8 @@ def run_finetune(spec: FinetuneConfig, settings: Settings, slots: SlotSettings) 
 
 def _run_locked(spec: FinetuneConfig, settings: Settings, devices: tuple[str, ...] = ()) -> dict[str, Any]:
     logger = get_run_logger()
+    if spec.method == "merge":  # one resolution of the parents' aliases for the key and the merge alike
+        spec = pin_parents(spec, settings)
     prepared = steps.prepare_data(spec, settings)
     if not prepared.path.exists():  # the Prefect cache points at a folder someone deleted
         prepared = steps.prepare_data.with_options(refresh_cache=True)(spec, settings)

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Literal, Protocol, get_args
 
 import torch
 
+from .lora_weights import ATTENTION_MODULES, LORA_MODULES
+
 if TYPE_CHECKING:
     from .adapter_dir import AdapterManifest
 
@@ -37,9 +39,8 @@ MERGE_METHODS: tuple[str, ...] = get_args(MergeMethod)
 DENSITY_METHODS = frozenset({"ties", "dare_linear", "dare_ties"})  # methods that prune to `density`
 SAME_RANK_METHODS = frozenset({"linear", "ties", "dare_linear", "dare_ties"})
 SignMethod = Literal["total", "frequency"]
-# The order PEFT visits a Llama layer's projections in (`named_modules`): DARE draws its random masks
-# module by module, so this order is part of what a seed means.
-MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# `LORA_MODULES` is the order PEFT visits a Llama layer's projections in (`named_modules`): DARE draws its
+# random masks module by module, so this order is part of what a seed means.
 MAX_MERGED = 16  # parents of one merge: more is a mistake (and a request-sized amount of work)
 
 Key = tuple[int, str]  # (layer, module)
@@ -122,6 +123,17 @@ def merged_rank(ranks: Sequence[int], method: str) -> int:
     return max(ranks)
 
 
+def mergeable_rank(peft_config: object, where: str) -> int:
+    """A parent's rank from its `adapter_config.json`, refusing (ValueError naming `where`) what is not merged:
+    no valid rank, or rsLoRA (PEFT's merged config keeps `use_rslora` and would rescale the result by sqrt(r))."""
+    rank = peft_config.get("r") if isinstance(peft_config, dict) else None
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"{where}: its adapter_config.json has no valid rank r")
+    if peft_config.get("use_rslora"):
+        raise ValueError(f"{where}: rsLoRA adapters are not merged (PEFT's merge would rescale the result by sqrt(r))")
+    return rank
+
+
 def merge_lora(parents: Sequence[LoraTensors], recipe: MergeRecipe) -> MergedLora:
     """One adapter from `parents` weighted by `recipe.weights` (PEFT's `add_weighted_adapter` arithmetic)."""
     if len(parents) != len(recipe.weights):
@@ -143,7 +155,7 @@ def merge_lora(parents: Sequence[LoraTensors], recipe: MergeRecipe) -> MergedLor
 
 def _module_position(key: Key) -> tuple[int, int]:
     layer, module = key
-    return layer, MODULE_ORDER.index(module) if module in MODULE_ORDER else len(MODULE_ORDER)
+    return layer, LORA_MODULES.index(module) if module in LORA_MODULES else len(LORA_MODULES)
 
 
 def _merge_module(present: list[tuple[torch.Tensor, torch.Tensor, float, float]], recipe: MergeRecipe,
@@ -189,7 +201,7 @@ def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
 
 def peft_key(layer: int, module: str, which: str) -> str:
     """PEFT's tensor name for a Llama projection's LoRA matrix (`which`: "A" or "B")."""
-    group = "self_attn" if module in MODULE_ORDER[:4] else "mlp"
+    group = "self_attn" if module in ATTENTION_MODULES else "mlp"
     return f"base_model.model.model.layers.{layer}.{group}.{module}.lora_{which}.weight"
 
 
@@ -198,7 +210,7 @@ def peft_config_of(merged: MergedLora, template: Mapping[str, object]) -> dict[s
     (lora_alpha = r, so scaling 1; the union of target modules; no per-module patterns)."""
     config = dict(template)
     config.update(r=merged.rank, lora_alpha=merged.rank, use_rslora=False, rank_pattern={}, alpha_pattern={},
-                  target_modules=sorted(merged.target_modules, key=MODULE_ORDER.index), lora_dropout=0.0)
+                  target_modules=sorted(merged.target_modules, key=LORA_MODULES.index), lora_dropout=0.0)
     return config
 
 

@@ -30,7 +30,7 @@ from lorafleet.models.adapter_dir import (
 from lorafleet.models.base import load_tokenizer, resolve_base_model, tokenizer_fingerprint
 from lorafleet.models.cache import sha256_file
 from lorafleet.models.lora_weights import ProjectionShape, read_peft_adapter
-from lorafleet.models.merging import merge_lora, peft_config_of, save_merged_adapter
+from lorafleet.models.merging import merge_lora, mergeable_rank, peft_config_of, save_merged_adapter
 from lorafleet.settings import Settings
 from lorafleet.tasks.adapter_sources import resolve_model_reference
 from lorafleet.tasks.data.prepare import PreparedData
@@ -54,6 +54,15 @@ def pinned_parents(config: FinetuneConfig, settings: Settings) -> list[tuple[str
             raise MergeRefused(f"merge.adapters.{index} ({parent.adapter!r}): {error}") from error
         parents.append((pinned, folder, parent.weight))
     return parents
+
+
+def pin_parents(config: FinetuneConfig, settings: Settings) -> FinetuneConfig:
+    """The config with each parent replaced by its pinned reference (`models:/NAME/VERSION` or a resolved
+    folder), so the training key and the merge read the same versions even if an alias moves meanwhile."""
+    assert config.merge is not None
+    pinned = [parent.model_copy(update={"adapter": reference})
+              for parent, (reference, _, _) in zip(config.merge.adapters, pinned_parents(config, settings), strict=True)]
+    return config.model_copy(update={"merge": config.merge.model_copy(update={"adapters": pinned})})
 
 
 def merge_key_parts(config: FinetuneConfig, settings: Settings) -> list[str]:
@@ -83,9 +92,10 @@ def merge_from_config(config: FinetuneConfig, prepared: PreparedData, settings: 
                                f"{manifest.base_model.revision}), not on {resolved.model_id} (revision "
                                f"{resolved.revision})")
         peft_config = json.loads(read_adapter_text(folder, PEFT_CONFIG_FILE))
-        if peft_config.get("use_rslora"):
-            raise MergeRefused(f"{where}: rsLoRA adapters are not merged (PEFT's merge would rescale the result "
-                               f"by sqrt(r))")
+        try:
+            mergeable_rank(peft_config, where)
+        except ValueError as error:
+            raise MergeRefused(str(error)) from error
         try:
             parents.append(read_peft_adapter(folder, shape))
         except (ValueError, OSError) as error:

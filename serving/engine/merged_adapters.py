@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from lorafleet.models.adapter_dir import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, read_adapter_text
 from lorafleet.models.lora_weights import LoraWeights, check_weights
-from lorafleet.models.merging import MergeRecipe, merge_lora, merged_rank
+from lorafleet.models.merging import MergeRecipe, merge_lora, mergeable_rank, merged_rank
 
 if TYPE_CHECKING:
     from lorafleet.serving.engine.adapter_cache import LoadedAdapter
@@ -47,12 +47,7 @@ def check_merge(plan: MergePlan, *, max_rank: int) -> int:
             config = json.loads(read_adapter_text(folder, PEFT_CONFIG_FILE))
         except (OSError, ValueError) as error:
             raise ValueError(f"ids.{index}: its {PEFT_CONFIG_FILE} cannot be read ({type(error).__name__})") from None
-        rank = config.get("r") if isinstance(config, dict) else None
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"ids.{index}: its {PEFT_CONFIG_FILE} has no valid rank r")
-        if config.get("use_rslora"):
-            raise ValueError(f"ids.{index}: rsLoRA adapters are not merged (as `lorafleet merge` does not)")
-        ranks.append(rank)
+        ranks.append(mergeable_rank(config, f"ids.{index}"))
     rank = merged_rank(ranks, plan.recipe.effective_method)
     if rank > max_rank:
         raise ValueError(f"the merged adapter would have rank {rank} ({plan.recipe.method} of ranks {ranks}); this "
